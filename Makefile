@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: install
+	$(BIN)/python demo/build_catalog.py data/demo
+	$(BIN)/catalog-embed run --config configs/demo.yaml
+	@echo; echo "== items most like the photo 'chelsea' (text 0.5, image 0.4, color 0.1) =="
+	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) lancedb data .pytest_cache

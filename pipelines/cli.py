@@ -1,0 +1,111 @@
+"""The `catalog-embed` command line.
+
+Exit codes: 0 success; 1 the run failed (nothing committed); 2 bad usage or bad config (nothing done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+from pipelines.config import ConfigError
+
+EXAMPLES = """\
+examples:
+  catalog-embed run --config configs/demo.yaml
+  catalog-embed run --config configs/demo.yaml --direct_num_workers=2 --direct_running_mode=multi_processing
+  catalog-embed run --config configs/food101.yaml --runner=DataflowRunner --project=P --region=R \\
+      --temp_location=gs://B/tmp --sdk_container_image=IMAGE
+  catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
+  catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="catalog-embed",
+        description="Embed a product or image catalog into a versioned LanceDB table, and search it.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the embedding job for a config",
+        description="Run the nightly job. Arguments it does not know are Beam pipeline options "
+                    "(--runner, --direct_num_workers, --project, ...); the default runner is DirectRunner.")
+    run.add_argument("--config", required=True, help="the job's YAML config (see configs/)")
+    run.add_argument("--run-id", help="a name for this run (default: the UTC time); tags the table version")
+
+    query = commands.add_parser("query", help="find similar items in a table",
+                                description="Search a table; scores are higher for more similar items.")
+    query.add_argument("--uri", required=True, help="the LanceDB folder or gs://, s3:// prefix")
+    query.add_argument("--table", required=True, help="the table name (output.table of the config)")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--like", metavar="ID", help="items similar to this stored item (combined vector)")
+    what.add_argument("--text", metavar="TEXT", help="items whose text matches these words")
+    what.add_argument("--image", metavar="PATH", help="items whose image looks like this picture")
+    query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    query.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "run" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return {"run": _run, "query": _query}[args.command](args, extra)
+    except ConfigError as err:
+        print(f"catalog-embed: config error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipelines.config import load_config
+    from pipelines.nightly import run_job
+    from pipelines.report import print_run_summary
+
+    config = load_config(args.config)
+    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        run = run_job(config, run_id, beam_args)
+    except Exception as err:  # noqa: BLE001 - any failure of the run is reported and exits 1
+        logging.getLogger("catalog_embed").exception("run %s failed", run_id)
+        print(f"catalog-embed: run {run_id} failed, nothing committed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print_run_summary(run)
+    return 0
+
+
+def _query(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines import query as q
+    from pipelines.report import print_results
+
+    if args.k < 1:
+        print("catalog-embed: -k must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        table = q.open_table(args.uri, args.table)
+        if args.like is not None:
+            results = q.like(table, args.like, args.k)
+        elif args.text is not None:
+            results = q.by_text(table, args.text, args.k)
+        else:
+            results = q.by_image(table, args.image, args.k)
+    except (q.QueryError, FileNotFoundError) as err:
+        print(f"catalog-embed: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, default=str))
+    else:
+        print_results(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The job's YAML configuration, parsed into typed, validated objects.
+
+Every problem in a config is a `ConfigError` raised before any work starts; the command line turns
+it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
+ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line, fit for a terminal."""
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    format: str
+    path: str
+    id_field: str = "id"
+    text_fields: tuple[str, ...] = ()
+    image_field: str = "image"
+    label_field: str | None = None
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One encoder: `name` is the config key and the table column prefix (`<name>_vec`)."""
+
+    name: str
+    kind: str
+    model: str | None = None
+    weight: float = 1.0
+    weights_file: str | None = None
+    pretrained: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_image(self) -> bool:
+        return self.kind in ("cnn", "color", "open-clip", "conse")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str
+    table: str
+    write_batch_rows: int = 4096
+
+
+@dataclass(frozen=True)
+class Config:
+    catalog: CatalogConfig
+    encoders: tuple[EncoderConfig, ...]
+    output: OutputConfig
+    source_path: str = ""
+
+    def encoder(self, name: str) -> EncoderConfig:
+        return next(e for e in self.encoders if e.name == name)
+
+    def normalised_weights(self) -> dict[str, float]:
+        total = sum(e.weight for e in self.encoders)
+        return {e.name: e.weight / total for e in self.encoders}
+
+    def passthrough_columns(self) -> tuple[str, ...]:
+        """Catalog fields copied into the table, text fields first, without duplicates."""
+        return tuple(dict.fromkeys(self.catalog.text_fields + self.catalog.fields))
+
+    def config_hash(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "source_path"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a YAML config. Relative paths in it are relative to the working directory."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping with catalog, encoders and output")
+    return parse_config(raw, source_path=path)
+
+
+def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
+    unknown = set(raw) - {"catalog", "encoders", "output"}
+    if unknown:
+        raise ConfigError(f"unknown top-level config keys: {', '.join(sorted(unknown))}")
+    config = Config(
+        catalog=_parse_catalog(_section(raw, "catalog")),
+        encoders=_parse_encoders(_section(raw, "encoders")),
+        output=_parse_output(_section(raw, "output")),
+        source_path=source_path,
+    )
+    _check_encoders_fit_catalog(config)
+    return config
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"config section '{name}' is missing or empty")
+    return value
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"catalog.{key} must be a list of field names")
+    return tuple(value)
+
+
+def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
+    fmt = raw.get("format")
+    if fmt not in CATALOG_FORMATS:
+        raise ConfigError(f"catalog.format '{fmt}' is unknown; use one of: {', '.join(CATALOG_FORMATS)}")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError("catalog.path is required")
+    if "://" not in path and not os.path.exists(path):
+        raise ConfigError(f"catalog.path does not exist: {path}")
+    allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"unknown catalog keys: {', '.join(sorted(unknown))}")
+    return CatalogConfig(
+        format=fmt,
+        path=path,
+        id_field=raw.get("id_field", "id"),
+        text_fields=_strings(raw.get("text_fields"), "text_fields"),
+        image_field=raw.get("image_field", "image"),
+        label_field=raw.get("label_field"),
+        fields=_strings(raw.get("fields"), "fields"),
+    )
+
+
+def _parse_encoders(raw: dict[str, Any]) -> tuple[EncoderConfig, ...]:
+    encoders = tuple(_parse_encoder(name, spec) for name, spec in raw.items())
+    if sum(e.weight for e in encoders) <= 0:
+        raise ConfigError("encoder weights are all zero; give at least one encoder a weight > 0")
+    return encoders
+
+
+def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"encoders.{name} must be a mapping with at least 'kind'")
+    if not name.isidentifier():
+        raise ConfigError(f"encoder name '{name}' must be a plain identifier (it names a column)")
+    kind = raw.get("kind")
+    if kind not in ENCODER_KINDS:
+        raise ConfigError(f"encoders.{name}.kind '{kind}' is unknown; use one of: {', '.join(ENCODER_KINDS)}")
+    weight = raw.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"encoders.{name}.weight must be a number >= 0, got {weight!r}")
+    batch_size = raw.get("batch_size", 32)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"encoders.{name}.batch_size must be a positive integer, got {batch_size!r}")
+    device = raw.get("device", "auto")
+    if device not in DEVICES:
+        raise ConfigError(f"encoders.{name}.device '{device}' is unknown; use one of: {', '.join(DEVICES)}")
+    known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device"}
+    return EncoderConfig(
+        name=name,
+        kind=kind,
+        model=raw.get("model"),
+        weight=float(weight),
+        weights_file=raw.get("weights_file"),
+        pretrained=raw.get("pretrained"),
+        batch_size=batch_size,
+        device=device,
+        options={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _parse_output(raw: dict[str, Any]) -> OutputConfig:
+    for key in ("uri", "table"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"output.{key} is required")
+    batch_rows = raw.get("write_batch_rows", 4096)
+    if not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ConfigError(f"output.write_batch_rows must be a positive integer, got {batch_rows!r}")
+    return OutputConfig(uri=raw["uri"], table=raw["table"], write_batch_rows=batch_rows)
+
+
+def _check_encoders_fit_catalog(config: Config) -> None:
+    for enc in config.encoders:
+        if enc.kind == "sentence-transformers" and not config.catalog.text_fields:
+            raise ConfigError(f"encoders.{enc.name} encodes text but catalog.text_fields is empty")

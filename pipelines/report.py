@@ -1,0 +1,41 @@
+"""What the command line prints: run summaries and result tables for a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def print_run_summary(run: dict) -> None:
+    seconds = (run["ended_at"] - run["started_at"]).total_seconds()
+    rate = run["read"] / seconds if seconds > 0 else 0.0
+    print(f"run {run['run_id']}: {run['status']}, table version {run['table_version']}, "
+          f"{seconds:.1f}s ({rate:.1f} items/s)")
+    print(f"  read {run['read']} = written {run['written']} + unchanged {run['unchanged']} "
+          f"+ rejected {run['rejected']};  deleted {run['deleted']}")
+    if run["encoded"]:
+        print("  encoded (forward passes): " + ", ".join(f"{k} {v}" for k, v in sorted(run["encoded"].items())))
+    for key, count in run["rejects_by"].items():
+        print(f"  rejected at {key}: {count}")
+    if run["message"]:
+        print(f"  {run['message']}")
+
+
+def print_results(results: Sequence[dict]) -> None:
+    if not results:
+        print("no results")
+        return
+    columns = [c for c in results[0] if c != "image_uri"] + ["image_uri"]
+    cells = [[_cell(row.get(c)) for c in columns] for row in results]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    text = str(value)
+    return text if len(text) <= 48 else text[:45] + "..."

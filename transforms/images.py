@@ -1,0 +1,54 @@
+"""Decode image bytes into a normalised RGB picture, whatever the file was.
+
+Phone photos carry their rotation in EXIF; palette, grey, CMYK, 16-bit and alpha images each need
+their own conversion to look right in RGB; animated files contribute their first frame. Oversized
+images are refused before their pixels are decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than the configured limit."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes to an upright RGB image. Raises on empty, truncated, unknown or oversized files."""
+    if not data:
+        raise ValueError("the image file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow warns, then raises, on bombs; we check the size ourselves with a clear message.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels}")
+            image.seek(0)
+            image.load()
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits by the type's range instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels go on white, as catalog photos are shown.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")

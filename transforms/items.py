@@ -1,0 +1,66 @@
+"""The item that flows through the pipeline, and the reject that replaces it when a stage fails.
+
+An item is a plain dict so that every Beam runner can pickle it cheaply:
+
+    id, label, text, image_uri, fields   what the catalog row says
+    image_bytes                          the image file, read once by the load stage
+    fingerprints {encoder: hex}          what each encoder's input was (see fingerprint.py)
+    vectors {encoder: ndarray}           filled by the encode stages
+
+A reject is a dict with the columns of the `<table>_rejects` table.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from typing import Any
+
+from pipelines.config import CatalogConfig
+
+REJECTS = "rejects"
+ITEMS = "items"
+
+
+def make_reject(item_id: Any, stage: str, error: str, message: str, input_ref: str | None) -> dict:
+    return {
+        "id": None if item_id is None else str(item_id),
+        "stage": stage,
+        "error": error,
+        "message": message[:1000],
+        "input_ref": input_ref,
+    }
+
+
+def reject_from_exception(item: dict, stage: str, err: BaseException) -> dict:
+    return make_reject(item.get("id"), stage, type(err).__name__, str(err), item.get("source"))
+
+
+def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], base_dir: str) -> dict:
+    """Turn a reader's uniform row (id, image, label and the catalog's own fields) into an item."""
+    image = _clean(row.get("image"))
+    return {
+        "id": str(row["id"]).strip(),
+        "label": _clean(row.get("label")),
+        "text": ". ".join(t for t in (_clean(row.get(f)) for f in catalog.text_fields) if t),
+        "image_uri": resolve_image_uri(image, base_dir) if image else None,
+        "fields": {name: _clean(row.get(name)) for name in passthrough},
+        "source": row.get("_source"),
+        "fingerprints": {},
+        "vectors": {},
+    }
+
+
+def resolve_image_uri(image: str, base_dir: str) -> str:
+    """Absolute paths and URIs stay as they are; relative ones resolve under the catalog folder."""
+    if "://" in image or image.startswith("/"):
+        return image
+    return posixpath.normpath(posixpath.join(base_dir, image))
+
+
+def _clean(value: Any) -> str | None:
+    """Catalog values are stored as strings; missing values (None, NaN, '') become None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None

@@ -1,0 +1,154 @@
+"""The Lance sink: workers write fragments, one commit step makes the run's table version.
+
+This is the distributed-write pattern of Lance (as Ray Data and Daft use it): data files are written
+in parallel and stay invisible until a single commit references them. The commit replaces rows by
+id in the same transaction (deletion vectors on the old fragments plus the new fragments), so a
+run is exactly one new version, and a failure before it leaves the table as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+import apache_beam as beam
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.metrics import Metrics
+from lance.fragment import FragmentMetadata, write_fragments
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = b"catalog_embed"
+RESERVED_COLUMNS = ("id", "label", "image_uri", "vector", "run_id", "embedded_at")
+
+
+def dataset_uri(db_uri: str, table: str) -> str:
+    """Where LanceDB keeps a table: `<db uri>/<table>.lance`, on local disk or an object store."""
+    return f"{db_uri.rstrip('/')}/{table}.lance"
+
+
+def table_schema(passthrough: Sequence[str], encoders: Sequence[dict], table_meta: dict) -> pa.Schema:
+    """The table's explicit schema. `encoders` are dicts with at least `name` and `dim`."""
+    columns = [pa.field("id", pa.string(), nullable=False)]
+    columns += [pa.field(name, pa.string()) for name in passthrough if name not in RESERVED_COLUMNS]
+    columns += [pa.field("label", pa.string()), pa.field("image_uri", pa.string())]
+    columns += [pa.field(f"{e['name']}_vec", pa.list_(pa.float32(), e["dim"])) for e in encoders]
+    columns.append(pa.field("vector", pa.list_(pa.float32(), sum(e["dim"] for e in encoders))))
+    columns += [pa.field(f"{e['name']}_fp", pa.string()) for e in encoders]
+    columns += [pa.field("run_id", pa.string()), pa.field("embedded_at", pa.timestamp("us", tz="UTC"))]
+    return pa.schema(columns, metadata={METADATA_KEY: json.dumps(table_meta, sort_keys=True).encode()})
+
+
+def table_metadata(schema: pa.Schema) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.Table:
+    now = datetime.now(timezone.utc)
+    columns = {}
+    for field in schema:
+        name = field.name
+        if pa.types.is_fixed_size_list(field.type):
+            key = "vector" if name == "vector" else name[: -len("_vec")]
+            flat = np.concatenate([item["vectors"][key] for item in items]).astype(np.float32)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
+        elif name.endswith("_fp"):
+            columns[name] = pa.array([item["fingerprints"][name[:-3]] for item in items], pa.string())
+        elif name == "run_id":
+            columns[name] = pa.array([run_id] * len(items), pa.string())
+        elif name == "embedded_at":
+            columns[name] = pa.array([now] * len(items), field.type)
+        elif name in ("id", "label", "image_uri"):
+            columns[name] = pa.array([item[name] for item in items], pa.string())
+        else:
+            columns[name] = pa.array([item["fields"].get(name) for item in items], pa.string())
+    return pa.table(columns, schema=schema)
+
+
+class WriteFragments(beam.DoFn):
+    """Write a batch of items as Lance fragments; emit their metadata for the commit step."""
+
+    def __init__(self, uri: str, schema: pa.Schema, run_id: str):
+        self._uri = uri
+        self._schema = schema
+        self._run_id = run_id
+        self._written = Metrics.counter("catalog_embed", "items_written")
+
+    def process(self, items: list[dict]):
+        fragments = write_fragments(items_to_arrow(items, self._schema, self._run_id), self._uri, schema=self._schema)
+        self._written.inc(len(items))
+        encoded: dict[str, int] = {}
+        for item in items:
+            for name in item.get("encoded", ()):
+                encoded[name] = encoded.get(name, 0) + 1
+        yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "ids": [item["id"] for item in items],
+               "encoded": encoded}
+
+
+def open_dataset(uri: str, version: int | str | None = None) -> lance.LanceDataset | None:
+    try:
+        return lance.dataset(uri, version=version)
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+
+
+def run_tag(run_id: str) -> str:
+    return f"run-{run_id}"
+
+
+def commit_run(uri: str, schema: pa.Schema, written: Iterable[dict], delete_ids: Iterable[str],
+               run_id: str, read_version: int | None) -> int:
+    """Commit the run's fragments and deletions as one new version, tag it, and return the version.
+
+    Replaces every row whose id is written again. Re-committing a run that already committed (a
+    retried bundle) changes nothing and returns its version.
+    """
+    fragments = [FragmentMetadata.from_json(raw) for batch in written for raw in batch["fragments"]]
+    replaced = {item_id for batch in written for item_id in batch["ids"]} | set(delete_ids)
+    dataset = open_dataset(uri)
+    if dataset is not None and run_tag(run_id) in dataset.tags.list():
+        return dataset.tags.list()[run_tag(run_id)]["version"]
+    message = json.dumps({"run_id": run_id, "rows": sum(len(b["ids"]) for b in written)})
+    if dataset is None or dataset.schema != schema:
+        operation = lance.LanceOperation.Overwrite(schema, fragments)
+    else:
+        removed, updated = _deletions(dataset, replaced)
+        operation = lance.LanceOperation.Update(
+            removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
+    committed = lance.LanceDataset.commit(
+        uri, operation, read_version=read_version if dataset is not None else None,
+        commit_message=message, max_retries=0)
+    committed.tags.create(run_tag(run_id), committed.version)
+    log.info("committed %s as version %d", uri, committed.version)
+    return committed.version
+
+
+def _deletions(dataset: lance.LanceDataset, ids: set[str]) -> tuple[list[int], list[FragmentMetadata]]:
+    """Deletion vectors for the rows with these ids, per fragment, written but not committed."""
+    if not ids:
+        return [], []
+    ids_array = pa.array(sorted(ids), pa.string())
+    rows = dataset.to_table(columns=["id"], with_row_address=True, filter=None)
+    hits = rows.filter(pc.is_in(rows["id"], value_set=ids_array))
+    by_fragment: dict[int, list[str]] = {}
+    for item_id, address in zip(hits["id"].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
+        by_fragment.setdefault(address >> 32, []).append(item_id)
+    removed, updated = [], []
+    for fragment_id, fragment_ids in by_fragment.items():
+        predicate = "id IN (" + ", ".join(_sql_string(i) for i in fragment_ids) + ")"
+        result = dataset.get_fragment(fragment_id).delete(predicate)
+        if result is None:
+            removed.append(fragment_id)
+        else:
+            updated.append(result)
+    return removed, updated
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

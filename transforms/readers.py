@@ -1,0 +1,209 @@
+"""Catalog readers: each real layout becomes a PCollection of items, split across workers.
+
+Every reader turns its layout into uniform rows (`id`, `image`, `label` and the catalog's own
+fields); `make_item` then does the rest the same way for all. The reads are splittable (line-based
+text files, Parquet row groups, matched files), and a reshuffle spreads the items over workers
+before the heavy stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import posixpath
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.config import CatalogConfig
+from transforms.items import ITEMS, REJECTS, make_item, make_reject
+
+FASHION_COLUMNS = (
+    "id", "gender", "masterCategory", "subCategory", "articleType",
+    "baseColour", "season", "year", "usage", "productDisplayName",
+)
+
+
+def read_small_text(path: str) -> str:
+    """Read a small metadata file (a header line, a class list) at graph construction time."""
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
+
+
+def csv_header(path: str) -> list[str]:
+    with FileSystems.open(path) as handle:
+        first = handle.readline().decode("utf-8-sig")
+    return next(csv.reader([first]))
+
+
+class ParseCsvLine(beam.DoFn):
+    """One CSV line to a row. Extra cells are joined into `overflow_column` when the layout is known
+    to have unquoted commas there (Kaggle's styles.csv); otherwise a wrong cell count is a reject."""
+
+    def __init__(self, header: list[str], source: str, overflow_column: str | None = None):
+        self._header = header
+        self._source = source
+        self._overflow = overflow_column
+
+    def process(self, line: str):
+        if not line.strip():
+            return
+        cells = next(csv.reader([line]))
+        width = len(self._header)
+        if len(cells) > width and self._overflow == self._header[-1]:
+            cells = cells[: width - 1] + [",".join(cells[width - 1 :])]
+        if len(cells) != width:
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
+                cells[0] if cells else None, "read", "MalformedRow",
+                f"expected {width} cells, found {len(cells)}", f"{self._source}: {line[:200]}"))
+            return
+        yield dict(zip(self._header, cells, strict=True), _source=self._source)
+
+
+class ParseJsonLine(beam.DoFn):
+    def __init__(self, source: str):
+        self._source = source
+
+    def process(self, line: str):
+        if not line.strip():
+            return
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
+                None, "read", "MalformedRow", f"invalid JSON: {err}", f"{self._source}: {line[:200]}"))
+            return
+        if not isinstance(row, dict):
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
+                None, "read", "MalformedRow", "a JSONL line must be an object", f"{self._source}: {line[:200]}"))
+            return
+        yield dict(row, _source=self._source)
+
+
+class ReadCatalog(beam.PTransform):
+    """Read a catalog in any supported layout. Outputs tagged `items` and `rejects`."""
+
+    def __init__(self, catalog: CatalogConfig, passthrough: tuple[str, ...]):
+        super().__init__()
+        self._catalog = catalog
+        self._passthrough = passthrough
+
+    def expand(self, pbegin):
+        read = {
+            "manifest": self._read_manifest,
+            "food101": self._read_food101,
+            "fashion": self._read_fashion,
+            "digikala": self._read_digikala,
+        }[self._catalog.format]
+        rows, rejects = read(pbegin)
+        base_dir = self._base_dir()
+        items = (
+            rows
+            | "Rows to items" >> beam.ParDo(RowToItem(self._catalog, self._passthrough, base_dir))
+            .with_outputs(REJECTS, main=ITEMS)
+        )
+        all_rejects = (rejects, items[REJECTS]) | "Read rejects" >> beam.Flatten()
+        spread = items[ITEMS] | "Spread over workers" >> beam.Reshuffle()
+        return {ITEMS: spread, REJECTS: all_rejects}
+
+    def _base_dir(self) -> str:
+        path = self._catalog.path.rstrip("/")
+        if "://" not in path:
+            path = os.path.abspath(path)
+        return posixpath.dirname(path) if self._catalog.format == "manifest" else path
+
+    def _read_lines(self, pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool):
+        parsed = (
+            pbegin
+            | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0)
+            | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
+        )
+        return parsed[ITEMS], parsed[REJECTS]
+
+    def _read_manifest(self, pbegin):
+        path = self._catalog.path
+        ext = path.lower().rsplit(".", 1)[-1]
+        if ext == "parquet":
+            rows = (
+                pbegin
+                | "Read parquet" >> beam.io.ReadFromParquet(path)
+                | "Tag source" >> beam.Map(lambda row, src: dict(row, _source=src), path)
+            )
+            rejects = pbegin | "No parse rejects" >> beam.Create([])
+        elif ext in ("jsonl", "json", "ndjson"):
+            rows, rejects = self._read_lines(pbegin, path, ParseJsonLine(path), "manifest", False)
+        else:
+            rows, rejects = self._read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), "manifest", True)
+        names = {"id": self._catalog.id_field, "image": self._catalog.image_field,
+                 "label": self._catalog.label_field}
+        return rows | "Manifest columns" >> beam.Map(_rename_manifest_columns, names), rejects
+
+    def _read_food101(self, pbegin):
+        root = self._catalog.path.rstrip("/")
+        classes = read_small_text(f"{root}/meta/classes.txt").split()
+        names = [line.strip() for line in read_small_text(f"{root}/meta/labels.txt").splitlines() if line.strip()]
+        human = dict(zip(classes, names, strict=True))
+        splits = []
+        for split in ("train", "test"):
+            lines = pbegin | f"Read {split} split" >> beam.io.ReadFromText(f"{root}/meta/{split}.txt")
+            splits.append(lines | f"Parse {split} split" >> beam.FlatMap(_food101_row, split, human, root))
+        rows = splits | "Both splits" >> beam.Flatten()
+        return rows, pbegin | "No food101 rejects" >> beam.Create([])
+
+    def _read_fashion(self, pbegin):
+        path = f"{self._catalog.path.rstrip('/')}/styles.csv"
+        header = csv_header(path)
+        parse = ParseCsvLine(header, path, overflow_column="productDisplayName")
+        rows, rejects = self._read_lines(pbegin, path, parse, "styles.csv", True)
+        return rows | "Fashion image paths" >> beam.Map(_fashion_row, self._catalog.label_field), rejects
+
+    def _read_digikala(self, pbegin):
+        root = self._catalog.path.rstrip("/")
+        rows = (
+            pbegin
+            | "Match color folders" >> fileio.MatchFiles(f"{root}/*/*")
+            | "Digikala rows" >> beam.Map(lambda meta: _digikala_row(meta.path))
+        )
+        return rows, pbegin | "No digikala rejects" >> beam.Create([])
+
+
+class RowToItem(beam.DoFn):
+    def __init__(self, catalog: CatalogConfig, passthrough: tuple[str, ...], base_dir: str):
+        self._catalog = catalog
+        self._passthrough = passthrough
+        self._base_dir = base_dir
+
+    def process(self, row: dict):
+        if row.get("id") in (None, ""):
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
+                None, "read", "MissingId", "the row has no id", row.get("_source")))
+            return
+        yield make_item(row, self._catalog, self._passthrough, self._base_dir)
+
+
+def _rename_manifest_columns(row: dict, names: dict) -> dict:
+    out = dict(row)
+    for uniform, column in names.items():
+        out[uniform] = row.get(column) if column else None
+    return out
+
+
+def _food101_row(line: str, split: str, human: dict, root: str):
+    item_id = line.strip()
+    if not item_id:
+        return
+    label = item_id.split("/", 1)[0]
+    yield {"id": item_id, "label": label, "name": human.get(label, label.replace("_", " ")),
+           "split": split, "image": f"images/{item_id}.jpg", "_source": f"{root}/meta/{split}.txt"}
+
+
+def _fashion_row(row: dict, label_field: str | None) -> dict:
+    return dict(row, image=f"images/{row['id'].strip()}.jpg", label=row.get(label_field) if label_field else None)
+
+
+def _digikala_row(path: str) -> dict:
+    color = posixpath.basename(posixpath.dirname(path))
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    return {"id": f"{color}/{stem}", "label": color, "color": color, "image": path, "_source": path}
