@@ -12,6 +12,7 @@ import sys
 from datetime import datetime, timezone
 
 from pipelines.config import ConfigError
+from pipelines.query import QueryError
 
 EXAMPLES = """\
 examples:
@@ -21,6 +22,9 @@ examples:
       --temp_location=gs://B/tmp --sdk_container_image=IMAGE
   catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
   catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
+  catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z
+  catalog-embed versions --uri ./lancedb --table demo
+  catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z
 """
 
 
@@ -40,15 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="find similar items in a table",
                                 description="Search a table; scores are higher for more similar items.")
-    query.add_argument("--uri", required=True, help="the LanceDB folder or gs://, s3:// prefix")
-    query.add_argument("--table", required=True, help="the table name (output.table of the config)")
+    _table_arguments(query)
     what = query.add_mutually_exclusive_group(required=True)
     what.add_argument("--like", metavar="ID", help="items similar to this stored item (combined vector)")
     what.add_argument("--text", metavar="TEXT", help="items whose text matches these words")
     what.add_argument("--image", metavar="PATH", help="items whose image looks like this picture")
     query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    at = query.add_mutually_exclusive_group()
+    at.add_argument("--version", type=int, help="search the table as it was at this version")
+    at.add_argument("--tag", help="search the table as it was at this tag (each run tags run-<run id>)")
     query.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+
+    versions = commands.add_parser("versions", help="list a table's versions, tags and runs")
+    _table_arguments(versions)
+    versions.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    rollback = commands.add_parser(
+        "rollback", help="restore an earlier version as the table's new latest version",
+        description="Restore the content of an earlier version (a number or a tag such as run-ID) as a new "
+                    "version. Nothing is lost: the versions after it stay in the history.")
+    _table_arguments(rollback)
+    rollback.add_argument("--to", required=True, metavar="TAG_OR_VERSION", help="the version number or tag")
     return parser
+
+
+def _table_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--uri", required=True, help="the LanceDB folder or gs://, s3:// prefix")
+    parser.add_argument("--table", required=True, help="the table name (output.table of the config)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return {"run": _run, "query": _query}[args.command](args, extra)
+        return {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback}[args.command](args, extra)
     except ConfigError as err:
         print(f"catalog-embed: config error: {err}", file=sys.stderr)
+        return 2
+    except (QueryError, FileNotFoundError) as err:
+        print(f"catalog-embed: {err}", file=sys.stderr)
         return 2
 
 
@@ -89,21 +114,37 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.k < 1:
         print("catalog-embed: -k must be at least 1", file=sys.stderr)
         return 2
-    try:
-        table = q.open_table(args.uri, args.table)
-        if args.like is not None:
-            results = q.like(table, args.like, args.k)
-        elif args.text is not None:
-            results = q.by_text(table, args.text, args.k)
-        else:
-            results = q.by_image(table, args.image, args.k)
-    except (q.QueryError, FileNotFoundError) as err:
-        print(f"catalog-embed: {err}", file=sys.stderr)
-        return 2
+    table = q.open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    if args.like is not None:
+        results = q.like(table, args.like, args.k)
+    elif args.text is not None:
+        results = q.by_text(table, args.text, args.k)
+    else:
+        results = q.by_image(table, args.image, args.k)
     if args.json:
         print(json.dumps(results, default=str))
     else:
         print_results(results)
+    return 0
+
+
+def _versions(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.report import print_history
+    from pipelines.versions import history
+
+    found = history(args.uri, args.table)
+    if args.json:
+        print(json.dumps(found, default=str))
+    else:
+        print_history(found)
+    return 0
+
+
+def _rollback(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.versions import rollback
+
+    version = rollback(args.uri, args.table, args.to)
+    print(f"restored {args.table} to {args.to}: now version {version}")
     return 0
 
 

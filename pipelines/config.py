@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -58,6 +58,10 @@ class OutputConfig:
     uri: str
     table: str
     write_batch_rows: int = 4096
+    on_missing: str = "delete"
+    retain_days: float = 30.0
+    index_min_rows: int = 10_000
+    compact: bool = True
 
 
 @dataclass(frozen=True)
@@ -194,10 +198,17 @@ def _parse_output(raw: dict[str, Any]) -> OutputConfig:
     for key in ("uri", "table"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"output.{key} is required")
-    batch_rows = raw.get("write_batch_rows", 4096)
-    if not isinstance(batch_rows, int) or batch_rows < 1:
-        raise ConfigError(f"output.write_batch_rows must be a positive integer, got {batch_rows!r}")
-    return OutputConfig(uri=raw["uri"], table=raw["table"], write_batch_rows=batch_rows)
+    unknown = set(raw) - {f.name for f in fields(OutputConfig)}
+    if unknown:
+        raise ConfigError(f"unknown output keys: {', '.join(sorted(unknown))}")
+    for key in ("write_batch_rows", "index_min_rows"):
+        if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
+            raise ConfigError(f"output.{key} must be a positive integer, got {raw[key]!r}")
+    if raw.get("on_missing", "delete") not in ("delete", "keep"):
+        raise ConfigError(f"output.on_missing must be 'delete' or 'keep', got {raw['on_missing']!r}")
+    if not isinstance(raw.get("retain_days", 30.0), (int, float)) or raw.get("retain_days", 30.0) < 0:
+        raise ConfigError(f"output.retain_days must be a number of days >= 0, got {raw['retain_days']!r}")
+    return OutputConfig(**raw)
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

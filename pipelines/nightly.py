@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.config import Config
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
+from transforms.compare import DELETES, UNCHANGED, ReadTableRows, compare_with_table
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import LoadInputs
 from transforms.inference import EncodeWith
@@ -53,9 +54,12 @@ def plan_job(config: Config, run_id: str) -> JobPlan:
     uri = dataset_uri(config.output.uri, config.output.table)
     current = open_dataset(uri)
     context = RunContext(
-        db_uri=config.output.uri, table=config.output.table, dataset_uri=uri, run_id=run_id,
-        config_hash=config.config_hash(), encoder_ids={e.name: e.encoder_id for e in encoders},
-        read_version=current.version if current is not None else None, started_at=utc_now(),
+        output=config.output, dataset_uri=uri, run_id=run_id, config_hash=config.config_hash(),
+        encoder_ids={e.name: e.encoder_id for e in encoders},
+        read_version=current.version if current is not None else None,
+        # Another encoder set or weighting changes the schema: every row is rewritten.
+        overwrite=current is not None and not current.schema.equals(schema, check_metadata=True),
+        started_at=utc_now(),
     )
     return JobPlan(config, encoders, schema, context)
 
@@ -69,7 +73,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "Load inputs" >> beam.ParDo(LoadInputs({e.name: (e.encoder_id, e.modality) for e in plan.encoders}))
         .with_outputs(REJECTS, main=ITEMS)
     )
-    items, rejects = loaded[ITEMS], [read[REJECTS], loaded[REJECTS]]
+    compared = compare_with_table(loaded[ITEMS], _stored_rows(pipeline, plan), plan.context.output.on_missing
+                                  == "delete", plan.context.overwrite)
+    items, rejects = compared[ITEMS], [read[REJECTS], loaded[REJECTS], compared[REJECTS]]
     for encoder in plan.encoders:
         encoded = items | f"Encode {encoder.name}" >> EncodeWith(encoder)
         items = encoded[ITEMS] | f"Count {encoder.name}" >> beam.ParDo(LogProgress(f"encoded_{encoder.name}"))
@@ -78,16 +84,31 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     written = (
         items
         | "Combine" >> beam.Map(_with_combined_vector, weights, order)
-        | "Batch rows" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.output.write_batch_rows)
-        | "Write fragments" >> beam.ParDo(WriteFragments(plan.context.dataset_uri, plan.schema, plan.context.run_id))
+        # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
+        | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
+                                             max_batch_size=config.output.write_batch_rows)
+        | "Write fragments" >> beam.ParDo(WriteFragments(
+            plan.context.dataset_uri, plan.schema, plan.context.run_id, plan.context.overwrite))
     )
     all_rejects = rejects | "All rejects" >> beam.Flatten() | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
+    unchanged = compared[UNCHANGED] | "Count unchanged" >> beam.combiners.Count.Globally()
     (
         pipeline
         | "Once" >> beam.Create([None])
-        | "Commit" >> beam.ParDo(CommitRun(plan.context, plan.schema),
-                                 written=beam.pvalue.AsList(written), rejects=beam.pvalue.AsList(all_rejects))
+        | "Commit" >> beam.ParDo(
+            CommitRun(plan.context, plan.schema), written=beam.pvalue.AsList(written),
+            rejects=beam.pvalue.AsList(all_rejects), deletes=beam.pvalue.AsList(compared[DELETES]),
+            unchanged=beam.pvalue.AsList(unchanged))
     )
+
+
+def _stored_rows(pipeline: beam.Pipeline, plan: JobPlan):
+    """The table's rows at the version the run started from (none on the first run)."""
+    if plan.context.read_version is None:
+        return pipeline | "No stored rows" >> beam.Create([])
+    return pipeline | "Read table" >> ReadTableRows(
+        plan.context.dataset_uri, plan.context.read_version, [e.name for e in plan.encoders],
+        list(plan.config.passthrough_columns()))
 
 
 def run_job(config: Config, run_id: str, beam_args: Sequence[str]) -> dict:

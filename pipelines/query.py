@@ -43,11 +43,17 @@ class Table:
         raise QueryError(f"the table has no {modality} encoder")
 
 
-def open_table(uri: str, name: str) -> Table:
+def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
+    """Open a table, at its latest version or at a version number or tag (time travel)."""
     db = lancedb.connect(uri)
     if name not in db.table_names():
         raise QueryError(f"no table '{name}' under {uri}")
     handle = db.open_table(name)
+    if version is not None:
+        try:
+            handle.checkout(version)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise QueryError(f"table '{name}' has no version or tag {version!r}") from err
     meta = table_metadata(handle.schema)
     if not meta:
         raise QueryError(f"table '{name}' was not written by catalog-embed (no encoder metadata)")

@@ -24,7 +24,7 @@ def print_results(results: Sequence[dict]) -> None:
     if not results:
         print("no results")
         return
-    columns = [c for c in results[0] if c != "image_uri"] + ["image_uri"]
+    columns = [c for c in results[0] if c != "image_uri"] + (["image_uri"] if "image_uri" in results[0] else [])
     cells = [[_cell(row.get(c)) for c in columns] for row in results]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
@@ -39,3 +39,15 @@ def _cell(value) -> str:
         return f"{value:.4f}"
     text = str(value)
     return text if len(text) <= 48 else text[:45] + "..."
+
+
+def print_history(found: dict) -> None:
+    print(f"latest version: {found['latest']}")
+    print_results([{"version": v["version"], "timestamp": str(v["timestamp"])[:19], "rows": v["rows"],
+                    "tags": ", ".join(v["tags"])} for v in found["versions"]])
+    if found["runs"]:
+        print()
+        print_results([{"run_id": r["run_id"], "status": r["status"], "version": r["table_version"],
+                        "read": r["read"], "written": r["written"], "unchanged": r["unchanged"],
+                        "deleted": r["deleted"], "rejected": r["rejected"],
+                        "started": str(r["started_at"])[:19]} for r in found["runs"]])

@@ -1,18 +1,21 @@
 """The commit stage: one worker, once per run, after every fragment is written.
 
-It turns the run into one table version and records the run. It runs as a DoFn over a single
-element with the written fragments and the rejects as side inputs, so it is part of the pipeline on
-every runner, and a failure anywhere upstream means it never runs.
+It turns the run into one table version, keeps the table in shape and records the run. It runs as
+a DoFn over a single element with everything upstream as side inputs, so it is part of the pipeline
+on every runner, and a failure anywhere upstream means it never runs.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import apache_beam as beam
 
+from pipelines.config import OutputConfig
 from transforms.lance_sink import commit_run
+from transforms.maintain import maintain
 from transforms.run_log import record_rejects, record_run, rejects_by, utc_now
 
 log = logging.getLogger(__name__)
@@ -22,14 +25,14 @@ log = logging.getLogger(__name__)
 class RunContext:
     """What the commit needs to know about the run, fixed when the pipeline is built."""
 
-    db_uri: str
-    table: str
+    output: OutputConfig
     dataset_uri: str
     run_id: str
     config_hash: str
     encoder_ids: dict
     read_version: int | None
-    started_at: object
+    overwrite: bool
+    started_at: datetime
 
 
 class CommitRun(beam.DoFn):
@@ -37,21 +40,28 @@ class CommitRun(beam.DoFn):
         self._context = context
         self._schema = schema
 
-    def process(self, _trigger, written: list[dict], rejects: list[dict]):
+    def process(self, _trigger, written: list[dict], rejects: list[dict], deletes: list[str], unchanged: list[int]):
+        ctx = self._context
+        version = commit_run(ctx.dataset_uri, self._schema, written, deletes, ctx.run_id, ctx.read_version,
+                             ctx.overwrite)
+        if version != ctx.read_version:
+            maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows, ctx.output.compact)
+        record_rejects(ctx.output.uri, ctx.output.table, rejects, ctx.run_id)
+        run = self._summary(written, rejects, len(deletes), sum(unchanged), version)
+        record_run(ctx.output.uri, ctx.output.table, run)
+        yield run
+
+    def _summary(self, written: list[dict], rejects: list[dict], deleted: int, unchanged: int, version: int) -> dict:
         ctx = self._context
         written_rows = sum(len(batch["ids"]) for batch in written)
-        version = commit_run(ctx.dataset_uri, self._schema, written, (), ctx.run_id, ctx.read_version)
-        record_rejects(ctx.db_uri, ctx.table, rejects, ctx.run_id)
-        encoded: dict[str, int] = {}
+        encoded = {name: 0 for name in ctx.encoder_ids}
         for batch in written:
             for name, count in batch["encoded"].items():
-                encoded[name] = encoded.get(name, 0) + count
-        run = {
-            "run_id": ctx.run_id, "status": "committed", "message": "",
-            "config_hash": ctx.config_hash, "encoder_ids": ctx.encoder_ids,
-            "read": written_rows + len(rejects), "written": written_rows, "unchanged": 0, "deleted": 0,
-            "rejected": len(rejects), "encoded": encoded, "rejects_by": rejects_by(rejects),
+                encoded[name] += count
+        return {
+            "run_id": ctx.run_id, "status": "committed" if version != ctx.read_version else "unchanged",
+            "message": "", "config_hash": ctx.config_hash, "encoder_ids": ctx.encoder_ids,
+            "read": written_rows + unchanged + len(rejects), "written": written_rows, "unchanged": unchanged,
+            "deleted": deleted, "rejected": len(rejects), "encoded": encoded, "rejects_by": rejects_by(rejects),
             "table_version": version, "started_at": ctx.started_at, "ended_at": utc_now(),
         }
-        record_run(ctx.db_uri, ctx.table, run)
-        yield run

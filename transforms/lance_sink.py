@@ -8,6 +8,7 @@ run is exactly one new version, and a failure before it leaves the table as it w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -74,14 +75,17 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.
 class WriteFragments(beam.DoFn):
     """Write a batch of items as Lance fragments; emit their metadata for the commit step."""
 
-    def __init__(self, uri: str, schema: pa.Schema, run_id: str):
+    def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool):
         self._uri = uri
         self._schema = schema
         self._run_id = run_id
+        # Fragments for a new schema are checked against it, not against the table's current one.
+        self._mode = "overwrite" if overwrite else "append"
         self._written = Metrics.counter("catalog_embed", "items_written")
 
     def process(self, items: list[dict]):
-        fragments = write_fragments(items_to_arrow(items, self._schema, self._run_id), self._uri, schema=self._schema)
+        table = items_to_arrow(items, self._schema, self._run_id)
+        fragments = write_fragments(table, self._uri, schema=self._schema, mode=self._mode)
         self._written.inc(len(items))
         encoded: dict[str, int] = {}
         for item in items:
@@ -102,31 +106,73 @@ def run_tag(run_id: str) -> str:
     return f"run-{run_id}"
 
 
+class ConcurrentRunError(RuntimeError):
+    """Another run committed to the table after this run read it; this run commits nothing."""
+
+
 def commit_run(uri: str, schema: pa.Schema, written: Iterable[dict], delete_ids: Iterable[str],
-               run_id: str, read_version: int | None) -> int:
+               run_id: str, read_version: int | None, overwrite: bool) -> int:
     """Commit the run's fragments and deletions as one new version, tag it, and return the version.
 
-    Replaces every row whose id is written again. Re-committing a run that already committed (a
-    retried bundle) changes nothing and returns its version.
+    Rows whose id is written again are replaced; `delete_ids` are removed; `overwrite` replaces the
+    whole table (its schema changed). A run with nothing to change tags the current version and
+    creates none. Re-committing a run that already committed (a retried bundle) changes nothing.
     """
-    fragments = [FragmentMetadata.from_json(raw) for batch in written for raw in batch["fragments"]]
-    replaced = {item_id for batch in written for item_id in batch["ids"]} | set(delete_ids)
+    written = list(written)
+    delete_ids = set(delete_ids)
     dataset = open_dataset(uri)
+    current = dataset.version if dataset is not None else None
     if dataset is not None and run_tag(run_id) in dataset.tags.list():
         return dataset.tags.list()[run_tag(run_id)]["version"]
-    message = json.dumps({"run_id": run_id, "rows": sum(len(b["ids"]) for b in written)})
-    if dataset is None or dataset.schema != schema:
+    if current != read_version:
+        raise _moved(uri, read_version, current)
+    if dataset is not None and not overwrite and not written and not delete_ids:
+        dataset.tags.create(run_tag(run_id), current)
+        return current
+    fragments = [FragmentMetadata.from_json(raw) for batch in written for raw in batch["fragments"]]
+    if dataset is None or overwrite:
         operation = lance.LanceOperation.Overwrite(schema, fragments)
     else:
+        replaced = {item_id for batch in written for item_id in batch["ids"]} | delete_ids
         removed, updated = _deletions(dataset, replaced)
         operation = lance.LanceOperation.Update(
             removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
-    committed = lance.LanceDataset.commit(
-        uri, operation, read_version=read_version if dataset is not None else None,
-        commit_message=message, max_retries=0)
+    message = json.dumps({"run_id": run_id, "written": sum(len(b["ids"]) for b in written),
+                          "deleted": len(delete_ids)})
+    try:
+        committed = lance.LanceDataset.commit(
+            uri, operation, read_version=read_version, commit_message=message, max_retries=0,
+            commit_lock=_expect_version(read_version))
+    except OSError as err:
+        if "table moved" in str(err):
+            raise _moved(uri, read_version, open_dataset(uri).version) from err
+        raise
     committed.tags.create(run_tag(run_id), committed.version)
     log.info("committed %s as version %d", uri, committed.version)
     return committed.version
+
+
+def _expect_version(read_version: int | None):
+    """A commit lock that lets the commit through only if it creates the version after ours.
+
+    Lance would otherwise rebase a commit made from a stale version over a newer one, and two runs
+    adding the same new id would both land. Checked inside the commit, this leaves no window.
+    """
+    expected = (read_version or 0) + 1
+
+    @contextlib.contextmanager
+    def lock(version: int):
+        if version != expected:
+            raise RuntimeError(f"table moved: this run would create version {version}, not {expected}")
+        yield
+
+    return lock
+
+
+def _moved(uri: str, read_version: int | None, current: int | None) -> ConcurrentRunError:
+    return ConcurrentRunError(
+        f"{uri} changed during this run (read at version {read_version}, now {current}): another run "
+        "committed first. Nothing was committed; run again to embed against the new version.")
 
 
 def _deletions(dataset: lance.LanceDataset, ids: set[str]) -> tuple[list[int], list[FragmentMetadata]]:

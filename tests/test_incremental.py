@@ -1,0 +1,212 @@
+"""Nightly runs: only changes are embedded, each run is one atomic version, old versions stay readable."""
+
+from __future__ import annotations
+
+import csv
+
+import apache_beam as beam
+import lance
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.nightly import build_pipeline, plan_job
+from pipelines.query import open_table
+from tests.conftest import PHOTOS, copy_photo, make_config, read_table, run
+from transforms.lance_sink import ConcurrentRunError, dataset_uri
+
+ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
+CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
+
+
+def _write_catalog(folder, rows):
+    with (folder / "catalog.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "caption", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    folder = tmp_path / "catalog"
+    rows = []
+    for i, (caption, name) in enumerate(zip(CAPTIONS, PHOTOS, strict=False)):
+        copy_photo(name, folder / "images" / f"{i}.png")
+        rows.append({"id": f"item-{i}", "caption": caption, "image": f"images/{i}.png"})
+    _write_catalog(folder, rows)
+    config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
+                                    "text_fields": ["caption"]}, ENCODERS)
+    return config, folder, rows
+
+
+def _latest(config) -> int:
+    return lance.dataset(dataset_uri(config.output.uri, config.output.table)).version
+
+
+def _vectors(table, column) -> dict:
+    return {r["id"]: np.asarray(r[column]) for r in table.to_pylist()}
+
+
+def test_unchanged_catalog_encodes_nothing_and_adds_no_version(catalog):
+    config, _, rows = catalog
+    first = run(config, "r1")
+    version = _latest(config)
+    second = run(config, "r2")
+    assert first["encoded"] == {"text": len(rows), "color": len(rows)}
+    assert second["encoded"] == {"text": 0, "color": 0}
+    assert (second["written"], second["unchanged"], second["status"]) == (0, len(rows), "unchanged")
+    assert _latest(config) == version
+
+
+def test_changes_are_encoded_exactly_and_old_versions_stay_readable(catalog):
+    config, folder, rows = catalog
+    run(config, "r1")
+    before = read_table(config)
+    rows[0]["caption"] = "a sleepy ginger cat on a chair"        # edited caption
+    copy_photo(PHOTOS[7], folder / "images" / "1.png")           # replaced image
+    copy_photo(PHOTOS[6], folder / "images" / "new.png")
+    rows.append({"id": "item-new", "caption": "a motorcycle", "image": "images/new.png"})  # added
+    removed = rows.pop(2)                                        # removed
+    _write_catalog(folder, rows)
+
+    summary = run(config, "r2")
+    assert summary["encoded"] == {"text": 2, "color": 2}
+    assert (summary["written"], summary["deleted"], summary["unchanged"]) == (3, 1, 3)
+    assert summary["read"] == summary["written"] + summary["unchanged"] + summary["rejected"]
+    after = read_table(config)
+    assert sorted(after["id"].to_pylist()) == sorted(r["id"] for r in rows)
+    old_text, new_text = _vectors(before, "text_vec"), _vectors(after, "text_vec")
+    old_color, new_color = _vectors(before, "color_vec"), _vectors(after, "color_vec")
+    assert not np.allclose(old_text["item-0"], new_text["item-0"])
+    np.testing.assert_array_equal(old_color["item-0"], new_color["item-0"])   # image unchanged: reused
+    np.testing.assert_array_equal(old_text["item-1"], new_text["item-1"])
+    assert not np.allclose(old_color["item-1"], new_color["item-1"])
+
+    old = open_table(config.output.uri, config.output.table, "run-r1").handle.to_arrow()
+    assert removed["id"] in old["id"].to_pylist()
+    np.testing.assert_array_equal(_vectors(old.sort_by("id"), "text_vec")["item-0"], old_text["item-0"])
+
+
+def test_failure_before_commit_leaves_the_table_and_a_rerun_completes(catalog, monkeypatch):
+    config, folder, rows = catalog
+    run(config, "r1")
+    version = _latest(config)
+    rows[0]["caption"] = "changed"
+    _write_catalog(folder, rows)
+
+    def broken_commit(*args, **kwargs):
+        raise RuntimeError("injected failure just before the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lance.LanceDataset, "commit", broken_commit)
+        with pytest.raises(Exception, match="injected failure"):
+            run(config, "r2")
+    assert _latest(config) == version
+    assert run(config, "r2")["written"] == 1
+
+
+def test_failure_in_a_worker_leaves_the_table_and_a_rerun_completes(catalog, monkeypatch):
+    config, folder, rows = catalog
+    run(config, "r1")
+    version = _latest(config)
+    before = read_table(config)
+    rows[1]["caption"] = "changed"
+    _write_catalog(folder, rows)
+
+    def broken_write(*args, **kwargs):
+        raise OSError("injected failure while a worker writes its fragment")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("transforms.lance_sink.write_fragments", broken_write)
+        with pytest.raises(Exception, match="injected failure"):
+            run(config, "r2")
+    assert _latest(config) == version
+    assert read_table(config).equals(before)
+    assert run(config, "r2")["written"] == 1
+
+
+def test_two_worker_incremental_run_is_one_version_with_unique_ids(catalog):
+    config, folder, rows = catalog
+    run(config, "r1")
+    start = _latest(config)
+    rows[3]["caption"] = "a rocket on its pad"
+    _write_catalog(folder, rows)
+    run(config, "r2", ("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+    dataset = lance.dataset(dataset_uri(config.output.uri, config.output.table))
+    assert dataset.tags.list()["run-r2"]["version"] == start + 1
+    ids = read_table(config)["id"].to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+
+
+def test_a_run_that_lost_the_race_commits_nothing(catalog):
+    config, folder, rows = catalog
+    run(config, "r1")
+    rows.append({"id": "item-race", "caption": "a horse", "image": "images/0.png"})
+    _write_catalog(folder, rows)
+    slow = plan_job(config, "slow")          # reads the table, then another run commits first
+    run(config, "fast")
+    with pytest.raises(Exception, match="changed during this run"):
+        with beam.Pipeline() as pipeline:
+            build_pipeline(pipeline, slow)
+    ids = read_table(config)["id"].to_pylist()
+    assert ids.count("item-race") == 1
+    with pytest.raises(ConcurrentRunError):
+        raise ConcurrentRunError("the error type is public for callers that retry")
+
+
+def test_weight_change_recomputes_vector_without_models(catalog, tmp_path):
+    config, _, rows = catalog
+    run(config, "r1")
+    reweighted = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path,
+                                        "text_fields": ["caption"]},
+                             {"text": {"kind": "sentence-transformers", "weight": 0.2},
+                              "color": {"kind": "color", "weight": 0.8}})
+    summary = run(reweighted, "r2")
+    assert summary["encoded"] == {"text": 0, "color": 0} and summary["written"] == len(rows)
+    table = read_table(reweighted)
+    for row in table.to_pylist():
+        expected = np.concatenate([np.sqrt(0.2) * np.asarray(row["text_vec"]),
+                                   np.sqrt(0.8) * np.asarray(row["color_vec"])])
+        np.testing.assert_allclose(row["vector"], expected, atol=1e-6)
+
+
+def test_changed_encoder_reembeds_that_encoder_only(catalog, tmp_path):
+    config, _, rows = catalog
+    run(config, "r1")
+    finer = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
+                        {"text": ENCODERS["text"], "color": {"kind": "color", "weight": 0.4, "bins": [8, 8, 8]}})
+    summary = run(finer, "r2")
+    assert summary["encoded"] == {"text": 0, "color": len(rows)}
+    assert read_table(finer).schema.field("color_vec").type.list_size == 512
+    old = open_table(config.output.uri, config.output.table, "run-r1").handle.to_arrow()
+    assert old.schema.field("color_vec").type.list_size == 144
+
+
+def test_rollback_restores_earlier_content_as_a_new_version(catalog, capsys):
+    config, folder, rows = catalog
+    run(config, "r1")
+    original = read_table(config).drop_columns(["embedded_at"])
+    rows.pop(0)
+    _write_catalog(folder, rows)
+    run(config, "r2")
+    latest = _latest(config)
+    assert main(["rollback", "--uri", config.output.uri, "--table", config.output.table, "--to", "run-r1"]) == 0
+    assert _latest(config) == latest + 1
+    assert read_table(config).drop_columns(["embedded_at"]).equals(original)
+    assert main(["versions", "--uri", config.output.uri, "--table", config.output.table]) == 0
+    assert "run-r1" in capsys.readouterr().out
+
+
+def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
+    config, _, _ = catalog
+    indexed = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
+                          ENCODERS)
+    indexed = type(indexed)(indexed.catalog, indexed.encoders,
+                            type(indexed.output)(**{**indexed.output.__dict__, "index_min_rows": 4}))
+    run(indexed, "r1")
+    dataset = lance.dataset(dataset_uri(indexed.output.uri, indexed.output.table))
+    assert {i.name for i in dataset.describe_indices()} >= {"vector_idx", "id_idx"}
+    results = open_table(indexed.output.uri, indexed.output.table)
+    from pipelines.query import like
+
+    assert like(results, "item-0", 3)[0]["id"] == "item-0"

@@ -1,0 +1,46 @@
+"""Table upkeep after each commit: compaction, old-version cleanup and indexes.
+
+Nightly upserts leave many small fragments and deletion files behind; compaction rewrites them.
+Versions older than the retention are removed, except tagged ones (each run's `run-<id>` tag keeps
+its version queryable until the tag is deleted). Once the table is large enough for an ANN index to
+pay off, `vector` gets a cosine IVF index and `id` a scalar index; later runs fold new rows in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+import lance
+
+log = logging.getLogger(__name__)
+
+
+def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -> int:
+    """Run the upkeep and return the table's version afterwards."""
+    dataset = lance.dataset(uri)
+    if compact and len(dataset.get_fragments()) > 1:
+        metrics = dataset.optimize.compact_files()
+        log.info("compaction: %d fragments removed, %d added", metrics.fragments_removed, metrics.fragments_added)
+    dataset = lance.dataset(uri)
+    rows = dataset.count_rows()
+    if rows >= index_min_rows:
+        _index(dataset, rows)
+    stats = lance.dataset(uri).cleanup_old_versions(
+        older_than=timedelta(days=retain_days), error_if_tagged_old_versions=False)
+    if stats.old_versions:
+        log.info("cleanup: %d old versions removed", stats.old_versions)
+    return lance.dataset(uri).version
+
+
+def _index(dataset: lance.LanceDataset, rows: int) -> None:
+    names = {index["name"] for index in dataset.describe_indices()} if hasattr(dataset, "describe_indices") else set()
+    names |= {index["name"] for index in dataset.list_indices()}
+    if "vector_idx" in names and "id_idx" in names:
+        dataset.optimize.optimize_indices()
+        return
+    partitions = max(1, int(math.sqrt(rows)))
+    dataset.create_index("vector", "IVF_HNSW_SQ", name="vector_idx", metric="cosine", num_partitions=partitions)
+    dataset.create_scalar_index("id", "BTREE", name="id_idx")
+    log.info("indexed %d rows: vector (IVF_HNSW_SQ, cosine, %d partitions) and id (BTREE)", rows, partitions)
