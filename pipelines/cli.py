@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--runner, --direct_num_workers, --project, ...); the default runner is DirectRunner.")
     run.add_argument("--config", required=True, help="the job's YAML config (see configs/)")
     run.add_argument("--run-id", help="a name for this run (default: the UTC time); tags the table version")
+    run.add_argument("--reembed", action="store_true",
+                     help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
 
     query = commands.add_parser("query", help="find similar items in a table",
                                 description="Search a table; scores are higher for more similar items.")
@@ -98,12 +100,17 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     config = load_config(args.config)
     run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
-        run = run_job(config, run_id, beam_args)
+        run = run_job(config, run_id, beam_args, reembed=args.reembed)
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure of the run is reported and exits 1
         logging.getLogger("catalog_embed").exception("run %s failed", run_id)
         print(f"catalog-embed: run {run_id} failed, nothing committed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print_run_summary(run)
+    if run["status"] == "failed":
+        print(f"catalog-embed: run {run_id} failed, nothing committed: {run['message']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,10 +65,17 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    max_reject_ratio: float = 0.05
+    max_pixels: int = 100_000_000
+
+
+@dataclass(frozen=True)
 class Config:
     catalog: CatalogConfig
     encoders: tuple[EncoderConfig, ...]
     output: OutputConfig
+    run: RunConfig = RunConfig()
     source_path: str = ""
 
     def encoder(self, name: str) -> EncoderConfig:
@@ -102,13 +109,14 @@ def load_config(path: str) -> Config:
 
 
 def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
-    unknown = set(raw) - {"catalog", "encoders", "output"}
+    unknown = set(raw) - {"catalog", "encoders", "output", "run"}
     if unknown:
         raise ConfigError(f"unknown top-level config keys: {', '.join(sorted(unknown))}")
     config = Config(
         catalog=_parse_catalog(_section(raw, "catalog")),
         encoders=_parse_encoders(_section(raw, "encoders")),
         output=_parse_output(_section(raw, "output")),
+        run=_parse_run(raw.get("run") or {}),
         source_path=source_path,
     )
     _check_encoders_fit_catalog(config)
@@ -172,7 +180,7 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     if kind not in ENCODER_KINDS:
         raise ConfigError(f"encoders.{name}.kind '{kind}' is unknown; use one of: {', '.join(ENCODER_KINDS)}")
     weight = raw.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or weight < 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"encoders.{name}.weight must be a number >= 0, got {weight!r}")
     batch_size = raw.get("batch_size", 32)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -209,6 +217,19 @@ def _parse_output(raw: dict[str, Any]) -> OutputConfig:
     if not isinstance(raw.get("retain_days", 30.0), (int, float)) or raw.get("retain_days", 30.0) < 0:
         raise ConfigError(f"output.retain_days must be a number of days >= 0, got {raw['retain_days']!r}")
     return OutputConfig(**raw)
+
+
+def _parse_run(raw: dict[str, Any]) -> RunConfig:
+    unknown = set(raw) - {f.name for f in fields(RunConfig)}
+    if unknown:
+        raise ConfigError(f"unknown run keys: {', '.join(sorted(unknown))}")
+    ratio = raw.get("max_reject_ratio", 0.05)
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f"run.max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
+    pixels = raw.get("max_pixels", 100_000_000)
+    if not isinstance(pixels, int) or pixels < 1:
+        raise ConfigError(f"run.max_pixels must be a positive integer, got {pixels!r}")
+    return RunConfig(max_reject_ratio=float(ratio), max_pixels=pixels)
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

@@ -15,7 +15,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, ReadTableRows, compare_with_table
@@ -23,7 +23,7 @@ from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import LoadInputs
 from transforms.inference import EncodeWith
 from transforms.items import ITEMS, REJECTS
-from transforms.lance_sink import WriteFragments, dataset_uri, open_dataset, table_schema
+from transforms.lance_sink import WriteFragments, dataset_uri, open_dataset, table_metadata, table_schema
 from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
 from transforms.run_log import read_runs, utc_now
@@ -41,7 +41,7 @@ class JobPlan:
     context: RunContext
 
 
-def plan_job(config: Config, run_id: str) -> JobPlan:
+def plan_job(config: Config, run_id: str, reembed: bool = False) -> JobPlan:
     encoders = tuple(build_encoder(e) for e in config.encoders)
     weights = config.normalised_weights()
     described = [
@@ -53,8 +53,11 @@ def plan_job(config: Config, run_id: str) -> JobPlan:
     schema = table_schema(config.passthrough_columns(), described, meta)
     uri = dataset_uri(config.output.uri, config.output.table)
     current = open_dataset(uri)
+    if current is not None and not reembed:
+        _check_table_fits(config.output.table, table_metadata(current.schema), described)
     context = RunContext(
-        output=config.output, dataset_uri=uri, run_id=run_id, config_hash=config.config_hash(),
+        output=config.output, max_reject_ratio=config.run.max_reject_ratio, dataset_uri=uri, run_id=run_id,
+        config_hash=config.config_hash(),
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
         # Another encoder set or weighting changes the schema: every row is rewritten.
@@ -69,8 +72,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_columns())
     loaded = (
         read[ITEMS]
-        | "Count read" >> beam.ParDo(LogProgress("read"))
-        | "Load inputs" >> beam.ParDo(LoadInputs({e.name: (e.encoder_id, e.modality) for e in plan.encoders}))
+        | "Log read" >> beam.ParDo(LogProgress("read"))
+        | "Load inputs" >> beam.ParDo(LoadInputs({e.name: (e.encoder_id, e.modality) for e in plan.encoders},
+                                                 config.run.max_pixels))
         .with_outputs(REJECTS, main=ITEMS)
     )
     compared = compare_with_table(loaded[ITEMS], _stored_rows(pipeline, plan), plan.context.output.on_missing
@@ -92,13 +96,17 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     )
     all_rejects = rejects | "All rejects" >> beam.Flatten() | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
     unchanged = compared[UNCHANGED] | "Count unchanged" >> beam.combiners.Count.Globally()
+    # Counted as read, independently of the outcomes, so that the summary can check they add up.
+    rows_read = (
+        (read[ITEMS], read[REJECTS]) | "Rows read" >> beam.Flatten() | "Count read" >> beam.combiners.Count.Globally()
+    )
     (
         pipeline
         | "Once" >> beam.Create([None])
         | "Commit" >> beam.ParDo(
             CommitRun(plan.context, plan.schema), written=beam.pvalue.AsList(written),
             rejects=beam.pvalue.AsList(all_rejects), deletes=beam.pvalue.AsList(compared[DELETES]),
-            unchanged=beam.pvalue.AsList(unchanged))
+            unchanged=beam.pvalue.AsList(unchanged), read=beam.pvalue.AsList(rows_read))
     )
 
 
@@ -111,17 +119,28 @@ def _stored_rows(pipeline: beam.Pipeline, plan: JobPlan):
         list(plan.config.passthrough_columns()))
 
 
-def run_job(config: Config, run_id: str, beam_args: Sequence[str]) -> dict:
+def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool = False) -> dict:
     """Run the job to completion and return its row of `<table>_runs`."""
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
-    plan = plan_job(config, run_id)
+    plan = plan_job(config, run_id, reembed)
     log.info("run %s: %s -> %s (from version %s)", run_id, config.catalog.path, plan.context.dataset_uri,
              plan.context.read_version)
     with beam.Pipeline(options=options) as pipeline:
         build_pipeline(pipeline, plan)
     return next(r for r in reversed(read_runs(config.output.uri, config.output.table)) if r["run_id"] == run_id)
+
+
+def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
+    """A table embedded with other encoders is re-embedded only when asked: it costs a full run."""
+    before = {e["name"]: e["id"] for e in stored.get("encoders", [])}
+    now = {e["name"]: e["id"] for e in described}
+    if before != now:
+        changed = sorted(set(before.items()) ^ set(now.items()))
+        names = sorted({name for name, _ in changed})
+        raise ConfigError(f"table '{table}' was embedded with other encoders ({', '.join(names)} differ); "
+                          "run with --reembed to re-embed it into a new version")
 
 
 def _with_combined_vector(item: dict, weights: dict, order: list[str]) -> dict:

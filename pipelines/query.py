@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import lancedb
 import numpy as np
 
-from pipelines.config import EncoderConfig
+from pipelines.config import EncoderConfig, RunConfig
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import read_bytes
+from transforms.images import check_image
 from transforms.lance_sink import table_metadata
 
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at")
@@ -88,7 +89,9 @@ def by_text(table: Table, text: str, k: int) -> list[dict]:
 
 def by_image(table: Table, path: str, k: int) -> list[dict]:
     described, encoder = table.encoder("image")
-    image = encoder.prepare({"image_bytes": read_bytes(path)})
+    data = read_bytes(path)
+    check_image(data, RunConfig().max_pixels)
+    image = encoder.prepare({"image_bytes": data})
     vector = encoder.encode(encoder.load(), [image])[0]
     return search(table, vector, f"{described['name']}_vec", k)
 

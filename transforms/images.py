@@ -7,37 +7,47 @@ images are refused before their pixels are decoded (decompression bombs).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-DEFAULT_MAX_PIXELS = 100_000_000
-
 
 class ImageTooLarge(ValueError):
     """The image has more pixels than the configured limit."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes to an upright RGB image. Raises on empty, truncated, unknown or oversized files."""
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Reject what can be known from the header alone: empty files, unknown formats, too many pixels."""
     if not data:
         raise ValueError("the image file is empty (0 bytes)")
+    with _no_pillow_bomb_check():
+        width, height = Image.open(io.BytesIO(data)).size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels} (run.max_pixels)")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes that passed `check_image` to an upright RGB image. Raises on truncated files."""
+    with _no_pillow_bomb_check():
+        image = Image.open(io.BytesIO(data))
+        image.seek(0)
+        image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextlib.contextmanager
+def _no_pillow_bomb_check():
+    # The limit is ours (run.max_pixels), checked in check_image with a clear message.
     with warnings.catch_warnings():
-        # Pillow warns, then raises, on bombs; we check the size ourselves with a clear message.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels}")
-            image.seek(0)
-            image.load()
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = previous
-    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

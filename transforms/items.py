@@ -51,11 +51,19 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
     }
 
 
+class UnsafePath(ValueError):
+    """A relative image path that points outside the catalog folder."""
+
+
 def resolve_image_uri(image: str, base_dir: str) -> str:
-    """Absolute paths and URIs stay as they are; relative ones resolve under the catalog folder."""
+    """Absolute paths and URIs stay as they are; relative ones resolve under the catalog folder and
+    may not leave it (`../../etc/passwd`)."""
     if "://" in image or image.startswith("/"):
         return image
-    return posixpath.normpath(posixpath.join(base_dir, image))
+    resolved = posixpath.normpath(posixpath.join(base_dir, image))
+    if not resolved.startswith(base_dir.rstrip("/") + "/"):
+        raise UnsafePath(f"the image path {image!r} leaves the catalog folder")
+    return resolved
 
 
 def _clean(value: Any) -> str | None:

@@ -14,6 +14,7 @@ import os
 import posixpath
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
@@ -38,48 +39,80 @@ def csv_header(path: str) -> list[str]:
     return next(csv.reader([first]))
 
 
-class ParseCsvLine(beam.DoFn):
+class ParseLines(beam.DoFn):
+    """Lines arrive as bytes so that one undecodable line is a reject, not a crashed read."""
+
+    def __init__(self, source: str):
+        self._source = source
+
+    def process(self, raw: bytes):
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as err:
+            yield self._reject("InvalidUtf8", f"not valid UTF-8: {err}", raw.decode("utf-8", "replace"))
+            return
+        if line.strip():
+            yield from self.parse(line)
+
+    def parse(self, line: str):
+        raise NotImplementedError
+
+    def _reject(self, error: str, message: str, line: str, item_id: str | None = None):
+        return beam.pvalue.TaggedOutput(REJECTS, make_reject(item_id, "read", error, message,
+                                                             f"{self._source}: {line[:200]}"))
+
+
+class ParseCsvLine(ParseLines):
     """One CSV line to a row. Extra cells are joined into `overflow_column` when the layout is known
     to have unquoted commas there (Kaggle's styles.csv); otherwise a wrong cell count is a reject."""
 
     def __init__(self, header: list[str], source: str, overflow_column: str | None = None):
+        super().__init__(source)
         self._header = header
-        self._source = source
         self._overflow = overflow_column
 
-    def process(self, line: str):
-        if not line.strip():
+    def parse(self, line: str):
+        try:
+            cells = next(csv.reader([line]))
+        except csv.Error as err:
+            yield self._reject("MalformedRow", f"unreadable CSV: {err}", line)
             return
-        cells = next(csv.reader([line]))
         width = len(self._header)
         if len(cells) > width and self._overflow == self._header[-1]:
             cells = cells[: width - 1] + [",".join(cells[width - 1 :])]
         if len(cells) != width:
-            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
-                cells[0] if cells else None, "read", "MalformedRow",
-                f"expected {width} cells, found {len(cells)}", f"{self._source}: {line[:200]}"))
+            yield self._reject("MalformedRow", f"expected {width} cells, found {len(cells)}", line,
+                               cells[0] if cells else None)
             return
         yield dict(zip(self._header, cells, strict=True), _source=self._source)
 
 
-class ParseJsonLine(beam.DoFn):
-    def __init__(self, source: str):
-        self._source = source
-
-    def process(self, line: str):
-        if not line.strip():
-            return
+class ParseJsonLine(ParseLines):
+    def parse(self, line: str):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
-                None, "read", "MalformedRow", f"invalid JSON: {err}", f"{self._source}: {line[:200]}"))
+            yield self._reject("MalformedRow", f"invalid JSON: {err}", line)
             return
         if not isinstance(row, dict):
-            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
-                None, "read", "MalformedRow", "a JSONL line must be an object", f"{self._source}: {line[:200]}"))
+            yield self._reject("MalformedRow", "a JSONL line must be an object", line)
             return
         yield dict(row, _source=self._source)
+
+
+class ParseFood101Line(ParseLines):
+    """`apple_pie/1005649` in meta/train.txt or meta/test.txt."""
+
+    def __init__(self, source: str, split: str, human: dict[str, str]):
+        super().__init__(source)
+        self._split = split
+        self._human = human
+
+    def parse(self, line: str):
+        item_id = line.strip()
+        label = item_id.split("/", 1)[0]
+        yield {"id": item_id, "label": label, "name": self._human.get(label, label.replace("_", " ")),
+               "split": self._split, "image": f"images/{item_id}.jpg", "_source": self._source}
 
 
 class ReadCatalog(beam.PTransform):
@@ -117,7 +150,8 @@ class ReadCatalog(beam.PTransform):
     def _read_lines(self, pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool):
         parsed = (
             pbegin
-            | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0)
+            | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0,
+                                                      coder=coders.BytesCoder())
             | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
         )
         return parsed[ITEMS], parsed[REJECTS]
@@ -145,12 +179,14 @@ class ReadCatalog(beam.PTransform):
         classes = read_small_text(f"{root}/meta/classes.txt").split()
         names = [line.strip() for line in read_small_text(f"{root}/meta/labels.txt").splitlines() if line.strip()]
         human = dict(zip(classes, names, strict=True))
-        splits = []
+        rows, rejects = [], []
         for split in ("train", "test"):
-            lines = pbegin | f"Read {split} split" >> beam.io.ReadFromText(f"{root}/meta/{split}.txt")
-            splits.append(lines | f"Parse {split} split" >> beam.FlatMap(_food101_row, split, human, root))
-        rows = splits | "Both splits" >> beam.Flatten()
-        return rows, pbegin | "No food101 rejects" >> beam.Create([])
+            path = f"{root}/meta/{split}.txt"
+            split_rows, split_rejects = self._read_lines(pbegin, path, ParseFood101Line(path, split, human),
+                                                         f"{split} split", False)
+            rows.append(split_rows)
+            rejects.append(split_rejects)
+        return rows | "Both splits" >> beam.Flatten(), rejects | "Both splits' rejects" >> beam.Flatten()
 
     def _read_fashion(self, pbegin):
         path = f"{self._catalog.path.rstrip('/')}/styles.csv"
@@ -176,11 +212,15 @@ class RowToItem(beam.DoFn):
         self._base_dir = base_dir
 
     def process(self, row: dict):
-        if row.get("id") in (None, ""):
+        if row.get("id") is None or not str(row["id"]).strip():
             yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
                 None, "read", "MissingId", "the row has no id", row.get("_source")))
             return
-        yield make_item(row, self._catalog, self._passthrough, self._base_dir)
+        try:
+            yield make_item(row, self._catalog, self._passthrough, self._base_dir)
+        except ValueError as err:
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
+                row["id"], "read", type(err).__name__, str(err), row.get("_source")))
 
 
 def _rename_manifest_columns(row: dict, names: dict) -> dict:
@@ -188,15 +228,6 @@ def _rename_manifest_columns(row: dict, names: dict) -> dict:
     for uniform, column in names.items():
         out[uniform] = row.get(column) if column else None
     return out
-
-
-def _food101_row(line: str, split: str, human: dict, root: str):
-    item_id = line.strip()
-    if not item_id:
-        return
-    label = item_id.split("/", 1)[0]
-    yield {"id": item_id, "label": label, "name": human.get(label, label.replace("_", " ")),
-           "split": split, "image": f"images/{item_id}.jpg", "_source": f"{root}/meta/{split}.txt"}
 
 
 def _fashion_row(row: dict, label_field: str | None) -> dict:
