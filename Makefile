@@ -18,8 +18,10 @@ $(INSTALLED): setup.py requirements.txt requirements-dev.txt
 demo: install
 	$(BIN)/python demo/build_catalog.py data/demo
 	$(BIN)/catalog-embed run --config configs/demo.yaml
-	@echo; echo "== items most like the photo 'chelsea' (text 0.5, image 0.4, color 0.1) =="
+	@echo; echo "== items most like the photo 'chelsea' (text 0.4, image 0.3, color 0.1, conse 0.2) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
+	@echo; echo "== photos found by words alone, through the conse encoder (text-to-image) =="
+	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 -k 3
 
 test: install
 	$(BIN)/python -m pytest -q tests

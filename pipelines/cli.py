@@ -22,6 +22,8 @@ examples:
       --temp_location=gs://B/tmp --sdk_container_image=IMAGE
   catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
   catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
+  catalog-embed query --uri ./lancedb --table demo --like chelsea --weights image=0.8,color=0.2
+  catalog-embed query --uri ./lancedb --table demo --text "a horse" --weights conse=1 --where "category = 'animals'"
   catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z
   catalog-embed versions --uri ./lancedb --table demo
   catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z
@@ -48,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Search a table; scores are higher for more similar items.")
     _table_arguments(query)
     what = query.add_mutually_exclusive_group(required=True)
-    what.add_argument("--like", metavar="ID", help="items similar to this stored item (combined vector)")
-    what.add_argument("--text", metavar="TEXT", help="items whose text matches these words")
-    what.add_argument("--image", metavar="PATH", help="items whose image looks like this picture")
+    what.add_argument("--like", metavar="ID", help="items similar to this stored item, by every encoder")
+    what.add_argument("--text", metavar="TEXT",
+                      help="items matching these words: their text, and their images through multimodal encoders")
+    what.add_argument("--image", metavar="PATH", help="items that look like this picture, by every image encoder")
     query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    query.add_argument("--weights", metavar="NAME=W,...",
+                       help="weigh the encoders for this query, e.g. text=0.2,image=0.8 (default: the table's)")
+    query.add_argument("--where", metavar="SQL", help="filter items first, e.g. \"category = 'food'\"")
     at = query.add_mutually_exclusive_group()
     at.add_argument("--version", type=int, help="search the table as it was at this version")
     at.add_argument("--tag", help="search the table as it was at this tag (each run tags run-<run id>)")
@@ -123,11 +129,12 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
         return 2
     table = q.open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
     if args.like is not None:
-        results = q.like(table, args.like, args.k)
+        queries = q.item_queries(table, args.like)
     elif args.text is not None:
-        results = q.by_text(table, args.text, args.k)
+        queries = q.text_queries(table, args.text)
     else:
-        results = q.by_image(table, args.image, args.k)
+        queries = q.image_queries(table, args.image)
+    results = q.search(table, queries, args.k, q.parse_weights(args.weights, table), args.where)
     if args.json:
         print(json.dumps(results, default=str))
     else:

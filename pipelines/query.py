@@ -1,8 +1,8 @@
 """Similarity search over a table the job wrote.
 
 The table's metadata names its encoders, so a query encodes its text or image with exactly the
-models that embedded the items. Scores are dot products of unit vectors: cosine similarity for a
-per-encoder column, and the weighted sum of per-encoder cosines for the combined `vector`.
+models that embedded the items, in every encoder's space it can reach. The score is the weighted
+sum of per-encoder cosines, with the table's weights or the user's (`--weights`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import lancedb
 import numpy as np
 
 from pipelines.config import EncoderConfig, RunConfig
+from transforms.combine import normalise_weights, reweighted_query
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import read_bytes
 from transforms.images import check_image
@@ -33,15 +34,15 @@ class Table:
     meta: dict
 
     @property
-    def encoders(self) -> list[dict]:
-        return self.meta["encoders"]
+    def stored_weights(self) -> dict[str, float]:
+        return {e["name"]: e["weight"] for e in self.meta["encoders"]}
 
-    def encoder(self, modality: str) -> tuple[dict, Encoder]:
-        for described in self.encoders:
-            encoder = _rebuild(described)
-            if encoder.modality == modality and described["kind"] != "color":
-                return described, encoder
-        raise QueryError(f"the table has no {modality} encoder")
+    @property
+    def dims(self) -> dict[str, int]:
+        return {e["name"]: e["dim"] for e in self.meta["encoders"]}
+
+    def encoders(self) -> list[Encoder]:
+        return [_rebuild(described) for described in self.meta["encoders"]]
 
 
 def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
@@ -61,39 +62,71 @@ def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
     return Table(handle, meta)
 
 
-def search(table: Table, vector: np.ndarray, column: str, k: int) -> list[dict]:
-    rows = (
-        table.handle.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
-        .distance_type("dot")
-        .limit(k)
-        .to_arrow()
-        .to_pylist()
-    )
-    return [_result(row) for row in rows]
+def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
+    """The text in the space of every encoder that can take a text query (text and multimodal)."""
+    queries = {e.name: e.encode_text(e.load(), [text])[0] for e in table.encoders() if e.queries_by_text}
+    if not queries:
+        raise QueryError("the table has no encoder that can search by text")
+    return queries
 
 
-def like(table: Table, item_id: str, k: int) -> list[dict]:
-    """Items most similar to a stored item by the combined vector; the item itself comes first."""
-    escaped = item_id.replace("'", "''")
-    found = table.handle.search().where(f"id = '{escaped}'").select(["vector"]).limit(1).to_list()
-    if not found:
-        raise QueryError(f"no item with id '{item_id}'")
-    return search(table, np.asarray(found[0]["vector"]), "vector", k)
-
-
-def by_text(table: Table, text: str, k: int) -> list[dict]:
-    described, encoder = table.encoder("text")
-    vector = encoder.encode(encoder.load(), [text])[0]
-    return search(table, vector, f"{described['name']}_vec", k)
-
-
-def by_image(table: Table, path: str, k: int) -> list[dict]:
-    described, encoder = table.encoder("image")
+def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
+    """The picture in the space of every image encoder of the table."""
     data = read_bytes(path)
     check_image(data, RunConfig().max_pixels)
-    image = encoder.prepare({"image_bytes": data})
-    vector = encoder.encode(encoder.load(), [image])[0]
-    return search(table, vector, f"{described['name']}_vec", k)
+    picture = {"image_bytes": data}
+    queries = {e.name: e.encode(e.load(), [e.prepare(picture)])[0] for e in table.encoders() if e.modality == "image"}
+    if not queries:
+        raise QueryError("the table has no image encoder")
+    return queries
+
+
+def item_queries(table: Table, item_id: str) -> dict[str, np.ndarray]:
+    """A stored item's own vectors, to find items like it."""
+    escaped = item_id.replace("'", "''")
+    columns = [f"{name}_vec" for name in table.stored_weights]
+    found = table.handle.search().where(f"id = '{escaped}'").select(columns).limit(1).to_list()
+    if not found:
+        raise QueryError(f"no item with id '{item_id}'")
+    return {name: np.asarray(found[0][f"{name}_vec"], np.float32) for name in table.stored_weights}
+
+
+def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
+    """`text=0.5,image=0.5` to a dict; names must be the table's encoders."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in table.stored_weights:
+            raise QueryError(f"--weights names '{name.strip()}'; the table's encoders are "
+                             f"{', '.join(table.stored_weights)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError as err:
+            raise QueryError(f"--weights: '{part}' is not name=number") from err
+    return weights
+
+
+def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[str, float] | None = None,
+           where: str | None = None) -> list[dict]:
+    """Rank items by sum_i w_i * cos_i over the encoders with a query vector.
+
+    Without weights, the table's own weights of those encoders are used. Every search goes through
+    the one combined `vector` column (and its index), re-weighted by the design's math.
+    """
+    wanted = weights if weights is not None else {n: w for n, w in table.stored_weights.items() if n in queries}
+    try:
+        wanted = normalise_weights(wanted)
+        vector = reweighted_query(queries, table.stored_weights, wanted, list(table.stored_weights), table.dims)
+    except ValueError as err:
+        raise QueryError(str(err)) from err
+    request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
+    if where:
+        request = request.where(where, prefilter=True)
+    norm = float(np.linalg.norm(vector))
+    # Stored vectors are unit length, so q.v = |q| * cos(q, v): the weighted sum of cosines.
+    return [_result(row, norm) for row in request.to_arrow().to_pylist()]
 
 
 def _rebuild(described: dict) -> Encoder:
@@ -103,9 +136,8 @@ def _rebuild(described: dict) -> Encoder:
         pretrained=cfg["pretrained"], device="auto", options=cfg["options"]))
 
 
-def _result(row: dict) -> dict:
-    # LanceDB's dot distance is 1 - dot; give users a score where higher is more similar.
-    out = {"id": row["id"], "score": round(1.0 - float(row["_distance"]), 6)}
+def _result(row: dict, norm: float) -> dict:
+    out = {"id": row["id"], "score": round((1.0 - float(row["_distance"])) * norm, 6)}
     out.update({k: v for k, v in row.items() if k not in HIDDEN_COLUMNS and k != "id"
                 and not k.endswith("_vec") and not k.endswith("_fp")})
     return out

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
-from pipelines.query import open_table
+from pipelines.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, copy_photo, make_config, read_table, run
 from transforms.lance_sink import ConcurrentRunError, dataset_uri
 
@@ -206,7 +206,5 @@ def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
     run(indexed, "r1")
     dataset = lance.dataset(dataset_uri(indexed.output.uri, indexed.output.table))
     assert {i.name for i in dataset.describe_indices()} >= {"vector_idx", "id_idx"}
-    results = open_table(indexed.output.uri, indexed.output.table)
-    from pipelines.query import like
-
-    assert like(results, "item-0", 3)[0]["id"] == "item-0"
+    table = open_table(indexed.output.uri, indexed.output.table)
+    assert search(table, item_queries(table, "item-0"), 3)[0]["id"] == "item-0"

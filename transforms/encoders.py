@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -81,9 +82,11 @@ def _hub_reachable() -> bool:
 
 
 class Encoder(ABC):
-    """Base of all encoders. `modality` says which input an item gives it: "text" or "image"."""
+    """Base of all encoders. `modality` says which input an item gives it: "text" or "image".
+    `queries_by_text` says it can also encode a text query into the same space (text, multimodal)."""
 
     modality: str
+    queries_by_text: bool = False
 
     def __init__(self, config: EncoderConfig):
         self.config = config
@@ -122,9 +125,14 @@ class Encoder(ABC):
     def device(self) -> str:
         return resolve_device(self.config.device)
 
+    def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
+        """Text queries into this encoder's space; only where `queries_by_text`."""
+        raise NotImplementedError(f"{self.config.kind} encoders cannot encode text")
+
 
 class SentenceTransformerEncoder(Encoder):
     modality = "text"
+    queries_by_text = True
 
     @cached_property
     def model_path(self) -> str:
@@ -156,6 +164,9 @@ class SentenceTransformerEncoder(Encoder):
         vectors = model.encode(inputs, batch_size=self.config.batch_size, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
+
+    def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
+        return self.encode(model, texts)
 
 
 class CnnEncoder(Encoder):
@@ -241,10 +252,78 @@ class ColorEncoder(Encoder):
         return np.sqrt(hist.ravel() / max(hist.sum(), 1))
 
 
+@dataclass
+class ConseModel:
+    """The loaded parts (an object, not a dict: Beam's model sharing holds it by weak reference)."""
+
+    image: Any
+    text: Any
+    classes: Any
+
+
+class ConseEncoder(Encoder):
+    """Images into the text model's space with no multimodal weights (Norouzi et al., ICLR 2014).
+
+    The image model's ImageNet probabilities, kept for the top T classes and renormalised, weight a
+    convex combination of the text model's embeddings of those class names. Text queries use the
+    text model directly, so text-to-image search and zero-shot labels work offline.
+    """
+
+    modality = "image"
+    queries_by_text = True
+
+    def _parts(self) -> tuple[CnnEncoder, SentenceTransformerEncoder]:
+        options = self.config.options
+        image = EncoderConfig(name=self.name, kind="cnn", model=options.get("image_model", "efficientnet-lite0"),
+                              weights_file=self.config.weights_file, device=self.config.device)
+        text = EncoderConfig(name=self.name, kind="sentence-transformers",
+                             model=options.get("text_model", MINILM_NAMES[0]), device=self.config.device)
+        return CnnEncoder(image), SentenceTransformerEncoder(text)
+
+    @property
+    def top_t(self) -> int:
+        return int(self.config.options.get("top_t", 10))
+
+    @cached_property
+    def dim(self) -> int:
+        return self._parts()[1].dim
+
+    def describe(self) -> dict[str, Any]:
+        image, text = self._parts()
+        return {"image": image.describe(), "text": text.describe(), "top_t": self.top_t,
+                "classes": "imagenet-1k first names"}
+
+    def load(self) -> Any:
+        import torch
+        from timm.data import ImageNetInfo
+
+        image, text = self._parts()
+        info = ImageNetInfo()
+        names = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+        text_model = text.load()
+        classes = torch.from_numpy(text.encode(text_model, names)).to(image.device)
+        return ConseModel(image=image.load(), text=text_model, classes=classes)
+
+    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        image, _ = self._parts()
+        with torch.inference_mode():
+            probabilities = model.image(image.preprocess(inputs).to(image.device)).softmax(-1)
+            top = probabilities.topk(self.top_t, dim=-1)
+            weights = top.values / top.values.sum(-1, keepdim=True)
+            vectors = (weights.unsqueeze(-1) * model.classes[top.indices]).sum(1)
+        return l2_normalise(vectors.float().cpu().numpy())
+
+    def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
+        return self._parts()[1].encode(model.text, texts)
+
+
 ENCODER_CLASSES: dict[str, type[Encoder]] = {
     "sentence-transformers": SentenceTransformerEncoder,
     "cnn": CnnEncoder,
     "color": ColorEncoder,
+    "conse": ConseEncoder,
 }
 
 
