@@ -35,9 +35,8 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -
 
 
 def _index(dataset: lance.LanceDataset, rows: int) -> None:
-    names = {index["name"] for index in dataset.describe_indices()} if hasattr(dataset, "describe_indices") else set()
-    names |= {index["name"] for index in dataset.list_indices()}
-    if "vector_idx" in names and "id_idx" in names:
+    names = {index.name for index in dataset.describe_indices()}
+    if {"vector_idx", "id_idx"} <= names:
         dataset.optimize.optimize_indices()
         return
     partitions = max(1, int(math.sqrt(rows)))
