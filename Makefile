@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint clean
 
 install: $(INSTALLED)
 
@@ -28,9 +28,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-
-bench: install
-	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) lancedb data .pytest_cache
