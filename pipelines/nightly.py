@@ -80,10 +80,14 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     compared = compare_with_table(loaded[ITEMS], _stored_rows(pipeline, plan), plan.context.output.on_missing
                                   == "delete", plan.context.overwrite)
     items, rejects = compared[ITEMS], [read[REJECTS], loaded[REJECTS], compared[REJECTS]]
-    for encoder in plan.encoders:
-        encoded = items | f"Encode {encoder.name}" >> EncodeWith(encoder)
-        items = encoded[ITEMS] | f"Count {encoder.name}" >> beam.ParDo(LogProgress(f"encoded_{encoder.name}"))
-        rejects.append(encoded[REJECTS])
+    # Image encoders first: the image bytes are then dropped and never cross the text stages' shuffles.
+    for modality in ("image", "text"):
+        for encoder in (e for e in plan.encoders if e.modality == modality):
+            encoded = items | f"Encode {encoder.name}" >> EncodeWith(encoder)
+            items = encoded[ITEMS] | f"Count {encoder.name}" >> beam.ParDo(LogProgress(f"encoded_{encoder.name}"))
+            rejects.append(encoded[REJECTS])
+        if modality == "image":
+            items = items | "Drop image bytes" >> beam.Map(_without_image_bytes)
     weights, order = config.normalised_weights(), [e.name for e in plan.encoders]
     written = (
         items
@@ -141,6 +145,10 @@ def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
         names = sorted({name for name, _ in changed})
         raise ConfigError(f"table '{table}' was embedded with other encoders ({', '.join(names)} differ); "
                           "run with --reembed to re-embed it into a new version")
+
+
+def _without_image_bytes(item: dict) -> dict:
+    return {key: value for key, value in item.items() if key != "image_bytes"}
 
 
 def _with_combined_vector(item: dict, weights: dict, order: list[str]) -> dict:

@@ -64,7 +64,7 @@ def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
 
 def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
     """The text in the space of every encoder that can take a text query (text and multimodal)."""
-    queries = {e.name: e.encode_text(e.load(), [text])[0] for e in table.encoders() if e.queries_by_text}
+    queries = {e.name: e.encode_text(e.load_text_model(), [text])[0] for e in table.encoders() if e.queries_by_text}
     if not queries:
         raise QueryError("the table has no encoder that can search by text")
     return queries

@@ -34,12 +34,6 @@ def rollback(db_uri: str, table: str, to: str) -> int:
     return lance.dataset(dataset.uri).version
 
 
-def parse_version(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.isdigit() else value
-
-
 def _open(db_uri: str, table: str) -> lance.LanceDataset:
     dataset = open_dataset(dataset_uri(db_uri, table))
     if dataset is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import apache_beam as beam
 import lance
@@ -194,3 +195,13 @@ def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
     assert {i.name for i in dataset.describe_indices()} >= {"vector_idx", "id_idx"}
     table = open_table(indexed.output.uri, indexed.output.table)
     assert search(table, item_queries(table, "item-1"), 3)[0]["id"] == "item-1"
+
+
+def test_an_unreadable_table_fails_the_run_instead_of_being_overwritten(catalog):
+    config, _, _ = catalog
+    manifest = Path(dataset_uri(config.output.uri, config.output.table)) / "_versions" / "1.manifest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"not a manifest" * 4)     # stands for a store that answers with an error
+    with pytest.raises(ValueError, match="too small"):
+        run(config, "r1")
+    assert manifest.read_bytes() == b"not a manifest" * 4

@@ -99,3 +99,13 @@ def test_color_vectors_rank_similar_colours_together(tmp_path):
     vectors = encoder.encode(None, [red, dark_red, blue])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_conse_shares_the_text_and_image_models_of_the_other_encoders():
+    from pipelines.config import EncoderConfig
+    from transforms.encoders import CnnEncoder, ConseEncoder, SentenceTransformerEncoder
+
+    conse = ConseEncoder(EncoderConfig(name="conse", kind="conse", device="cpu")).load()
+    text = SentenceTransformerEncoder(EncoderConfig(name="text", kind="sentence-transformers", device="cpu")).load()
+    image = CnnEncoder(EncoderConfig(name="image", kind="cnn", device="cpu")).load()
+    assert conse.text is text and conse.image is image

