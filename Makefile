@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 install: $(INSTALLED)
 
@@ -15,6 +15,14 @@ $(INSTALLED): setup.py requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
+# The contact-sheet test renders pages in headless Chromium (Debian package `chromium`).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
+
 demo: install
 	$(BIN)/python demo/build_catalog.py data/demo
 	$(BIN)/catalog-embed run --config configs/demo.yaml
@@ -22,12 +30,21 @@ demo: install
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
 	@echo; echo "== photos found by words alone, through the conse encoder (text-to-image) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 -k 3
+	@echo; echo "== zero-shot labels for two photos, through the conse encoder =="
+	$(BIN)/catalog-embed classify --uri ./lancedb --table demo --labels "cat,cup of coffee,rocket,horse" \
+	    data/demo/images/chelsea.png data/demo/images/rocket.jpg
+	@echo; echo "== a contact sheet of the photos most like 'a cup of coffee' =="
+	@mkdir -p out
+	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --weights conse=1 -k 8 \
+	    --html out/coffee.html
+	@echo; echo "== retrieval and zero-shot quality of each vector column, by the photos' categories =="
+	$(BIN)/catalog-embed evaluate --config configs/demo.yaml --out out/demo-evaluation.json
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) lancedb data .pytest_cache
+	rm -rf $(VENV) lancedb data out .pytest_cache

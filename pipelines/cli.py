@@ -25,6 +25,9 @@ examples:
   catalog-embed query --uri ./lancedb --table demo --like chelsea --weights image=0.8,color=0.2
   catalog-embed query --uri ./lancedb --table demo --text "a horse" --weights conse=1 --where "category = 'animals'"
   catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z
+  catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 --html out/cat.html
+  catalog-embed classify --uri ./lancedb --table demo --labels "cat,dog,coffee,rocket" photo1.jpg photo2.png
+  catalog-embed evaluate --config configs/food101.yaml --out food101-evaluation.json
   catalog-embed versions --uri ./lancedb --table demo
   catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z
 """
@@ -61,7 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     at = query.add_mutually_exclusive_group()
     at.add_argument("--version", type=int, help="search the table as it was at this version")
     at.add_argument("--tag", help="search the table as it was at this tag (each run tags run-<run id>)")
-    query.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    output = query.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    output.add_argument("--html", metavar="FILE",
+                        help="also write a self-contained contact sheet (thumbnails, ids, fields, scores)")
+
+    classify = commands.add_parser(
+        "classify", help="zero-shot labels for images, through the table's multimodal encoder",
+        description="Give each image a probability per label, from the cosines between the image and the label "
+                    "words (through prompt templates) in a multimodal encoder's space (conse or open-clip).")
+    _table_arguments(classify)
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files or gs://, s3:// URIs")
+    classify.add_argument("--labels", required=True, metavar="A,B,...", help="the candidate labels, comma-separated")
+    classify.add_argument("--template", action="append", metavar="TEXT",
+                          help="a prompt with {} for the label, repeatable (default: 'a photo of a {}.' and 3 more)")
+    classify.add_argument("--encoder", metavar="NAME", help="which multimodal encoder, if the table has several")
+    classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="retrieval and zero-shot quality of a config's table, from its labels",
+        description="Per vector column, leave-one-out retrieval quality with the catalog's labels (recall@1/5/10, "
+                    "mAP@10, exact search); per multimodal encoder, zero-shot top-1 accuracy over the set of labels.")
+    evaluate.add_argument("--config", required=True, help="the job's YAML config; its output table is evaluated")
+    evaluate.add_argument("--out", metavar="FILE", help="the JSON report (default: <table>-evaluation.json)")
+    evaluate.add_argument("--template", action="append", metavar="TEXT", help="zero-shot prompt with {}, repeatable")
 
     versions = commands.add_parser("versions", help="list a table's versions, tags and runs")
     _table_arguments(versions)
@@ -89,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback}[args.command](args, extra)
+        handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,
+                   "classify": _classify, "evaluate": _evaluate}[args.command]
+        return handler(args, extra)
     except ConfigError as err:
         print(f"catalog-embed: config error: {err}", file=sys.stderr)
         return 2
@@ -137,8 +165,52 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     results = q.search(table, queries, args.k, q.parse_weights(args.weights, table), args.where)
     if args.json:
         print(json.dumps(results, default=str))
+        return 0
+    print_results(results)
+    if args.html:
+        from pipelines import contact_sheet
+
+        contact_sheet.write(args.html, results, f"{args.table}: {len(results)} results", _describe_query(args))
+        print(f"contact sheet: {args.html}")
+    return 0
+
+
+def _describe_query(args: argparse.Namespace) -> str:
+    what = {"like": args.like, "text": args.text, "image": args.image}
+    parts = [f"--{k} {v!r}" for k, v in what.items() if v is not None]
+    parts += [f"--{k} {getattr(args, k)}" for k in ("weights", "where", "version", "tag") if getattr(args, k)]
+    return " ".join(parts + [f"-k {args.k}"])
+
+
+def _classify(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines import query as q
+    from pipelines.report import print_results
+    from pipelines.zero_shot import DEFAULT_TEMPLATES, classify
+
+    table = q.open_table(args.uri, args.table)
+    results = classify(table, args.images, args.labels.split(","), args.template or DEFAULT_TEMPLATES, args.encoder)
+    if args.json:
+        print(json.dumps(results))
     else:
-        print_results(results)
+        print_results([{"image": r["image"], "label": r["label"], "probabilities": "  ".join(
+            f"{label} {p:.3f}" for label, p in list(r["probabilities"].items())[:5])} for r in results], wrap=False)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.config import load_config
+    from pipelines.evaluate import evaluate
+    from pipelines.query import open_table
+    from pipelines.report import print_evaluation
+    from pipelines.zero_shot import DEFAULT_TEMPLATES
+
+    config = load_config(args.config)
+    report = evaluate(open_table(config.output.uri, config.output.table), args.template or DEFAULT_TEMPLATES)
+    out = args.out or f"{config.output.table}-evaluation.json"
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    print_evaluation(report)
+    print(f"report: {out}")
     return 0
 
 

@@ -48,10 +48,6 @@ class EncoderConfig:
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def uses_image(self) -> bool:
-        return self.kind in ("cnn", "color", "open-clip", "conse")
-
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -234,5 +230,6 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
 
 def _check_encoders_fit_catalog(config: Config) -> None:
     for enc in config.encoders:
-        if enc.kind == "sentence-transformers" and not config.catalog.text_fields:
+        encodes_text = enc.kind == "sentence-transformers" or enc.options.get("input") == "text"
+        if encodes_text and not config.catalog.text_fields:
             raise ConfigError(f"encoders.{enc.name} encodes text but catalog.text_fields is empty")

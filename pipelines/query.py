@@ -70,11 +70,19 @@ def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
     return queries
 
 
+def load_query_image(path: str) -> dict:
+    """A picture given on the command line, checked as the job checks catalog images."""
+    try:
+        data = read_bytes(path)
+        check_image(data, RunConfig().max_pixels)
+    except (OSError, ValueError) as err:
+        raise QueryError(f"cannot use image {path}: {err}") from err
+    return {"image_bytes": data}
+
+
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
-    data = read_bytes(path)
-    check_image(data, RunConfig().max_pixels)
-    picture = {"image_bytes": data}
+    picture = load_query_image(path)
     queries = {e.name: e.encode(e.load(), [e.prepare(picture)])[0] for e in table.encoders() if e.modality == "image"}
     if not queries:
         raise QueryError("the table has no image encoder")

@@ -20,25 +20,26 @@ def print_run_summary(run: dict) -> None:
         print(f"  {run['message']}")
 
 
-def print_results(results: Sequence[dict]) -> None:
+def print_results(results: Sequence[dict], wrap: bool = True) -> None:
+    """A table for a terminal; with `wrap`, long cells are cut to 48 characters."""
     if not results:
         print("no results")
         return
     columns = [c for c in results[0] if c != "image_uri"] + (["image_uri"] if "image_uri" in results[0] else [])
-    cells = [[_cell(row.get(c)) for c in columns] for row in results]
+    cells = [[_cell(row.get(c), wrap) for c in columns] for row in results]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def _cell(value) -> str:
+def _cell(value, wrap: bool = True) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}"
     text = str(value)
-    return text if len(text) <= 48 else text[:45] + "..."
+    return text if len(text) <= 48 or not wrap else text[:45] + "..."
 
 
 def print_history(found: dict) -> None:
@@ -51,3 +52,13 @@ def print_history(found: dict) -> None:
                         "read": r["read"], "written": r["written"], "unchanged": r["unchanged"],
                         "deleted": r["deleted"], "rejected": r["rejected"],
                         "started": str(r["started_at"])[:19]} for r in found["runs"]])
+
+
+def print_evaluation(report: dict) -> None:
+    print(f"{report['table']} version {report['version']}: {report['items']} labelled items, "
+          f"{report['labels']} labels, {report['queries']} queries")
+    print_results([{"vectors": name, **quality} for name, quality in report["retrieval"].items()])
+    if report["zero_shot"]:
+        print()
+        print_results([{"zero-shot": name, "labels": report["labels"], **quality}
+                       for name, quality in report["zero_shot"].items()])

@@ -24,6 +24,14 @@ ALL_ENCODERS = {
     "image": {"kind": "cnn", "model": "efficientnet-lite0", "weight": 0.4, "batch_size": 4},
     "color": {"kind": "color", "weight": 0.1},
 }
+MULTIMODAL_ENCODERS = {
+    "text": {"kind": "sentence-transformers", "weight": 0.4},
+    "image": {"kind": "cnn", "weight": 0.3, "batch_size": 8},
+    "color": {"kind": "color", "weight": 0.1},
+    "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
+}
+DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "label_field": "category",
+                "fields": ["category"]}
 
 
 def photo(name: str) -> Path:
@@ -51,13 +59,20 @@ def read_table(config: Config, name: str | None = None) -> pa.Table:
     return db.open_table(name or config.output.table).to_arrow().sort_by("id")
 
 
+def embed_demo(root: Path, encoders: dict) -> tuple[Config, dict]:
+    """The demo catalog (real photos, real captions) built under `root` and embedded; the run's summary."""
+    manifest = build_demo_catalog(root / "catalog")
+    config = make_config(root, dict(DEMO_CATALOG, path=str(manifest)), encoders, table="demo")
+    return config, run(config)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Config, dict]:
-    """The demo catalog (real photos, real captions) embedded with all three encoders, once."""
-    root = tmp_path_factory.mktemp("demo")
-    manifest = build_demo_catalog(root / "catalog")
-    config = make_config(root, {
-        "format": "manifest", "path": str(manifest), "text_fields": ["title", "description"],
-        "label_field": "category", "fields": ["category"],
-    }, ALL_ENCODERS, table="demo")
-    return config, run(config)
+    """The demo embedded with text, image and color encoders, once."""
+    return embed_demo(tmp_path_factory.mktemp("demo"), ALL_ENCODERS)
+
+
+@pytest.fixture(scope="session")
+def multimodal_demo(tmp_path_factory) -> Config:
+    """The demo embedded with the demo config's four encoders, conse included, once."""
+    return embed_demo(tmp_path_factory.mktemp("multimodal"), MULTIMODAL_ENCODERS)[0]

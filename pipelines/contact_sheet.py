@@ -1,0 +1,71 @@
+"""A query's results as one self-contained HTML page: thumbnails embedded, ids, fields and scores.
+
+Nothing on the page is fetched: each thumbnail is a JPEG data URI, so the file can be mailed,
+attached to a ticket or opened from an object store. An image that cannot be read any more says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+
+from pipelines.config import RunConfig
+from transforms.fingerprint import read_bytes
+from transforms.images import check_image, decode_image
+
+THUMBNAIL_PIXELS = 256
+HIDDEN_FIELDS = ("id", "score", "image_uri")
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+h1 { font-size: 1.2rem; } .query { color: #555; margin-bottom: 1rem; }
+.sheet { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 1rem; }
+figure { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; }
+figure img { width: 100%; height: 200px; object-fit: contain; background: #f4f4f4; }
+.missing { height: 200px; display: flex; align-items: center; justify-content: center; background: #f4f4f4;
+           color: #a00; font-size: .8rem; text-align: center; }
+figcaption { font-size: .8rem; } .id { font-weight: 600; } .score { float: right; font-variant-numeric: tabular-nums; }
+dl { margin: .3rem 0 0; } dt { color: #777; float: left; clear: left; margin-right: .4rem; } dd { margin: 0; }
+"""
+
+
+def thumbnail(uri: str) -> str:
+    """A JPEG data URI of the image at `uri`, at most THUMBNAIL_PIXELS on its long side."""
+    data = read_bytes(uri)
+    check_image(data, RunConfig().max_pixels)
+    image = decode_image(data)
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def render(results: Sequence[dict], title: str, query: str) -> str:
+    cards = "\n".join(_card(rank, row) for rank, row in enumerate(results, start=1))
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>"
+            f"<div class=\"query\">{html.escape(query)}</div>\n<div class=\"sheet\">\n{cards}\n</div></body></html>\n")
+
+
+def write(path: str, results: Sequence[dict], title: str, query: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(render(results, title, query))
+
+
+def _card(rank: int, row: dict) -> str:
+    picture = _picture(row.get("image_uri"), row["id"])
+    fields = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>"
+                     for k, v in row.items() if k not in HIDDEN_FIELDS and v not in (None, ""))
+    return (f"<figure>{picture}<figcaption><span class=\"id\">{rank}. {html.escape(row['id'])}</span>"
+            f"<span class=\"score\">{row['score']:.4f}</span><dl>{fields}</dl></figcaption></figure>")
+
+
+def _picture(uri: str | None, item_id: str) -> str:
+    if not uri:
+        return '<div class="missing">no image</div>'
+    try:
+        source = thumbnail(uri)
+    except (OSError, ValueError) as err:
+        return f'<div class="missing">{html.escape(uri)}<br>cannot be shown: {html.escape(str(err))}</div>'
+    return f'<img src="{source}" alt="{html.escape(item_id)}" title="{html.escape(uri)}">'
