@@ -61,9 +61,21 @@ def reference_vectors(tiny_clip, images=None, texts=None) -> np.ndarray:
     return torch.nn.functional.normalize(features, dim=-1).numpy()
 
 
-def test_reloaded_checkpoint_is_the_saved_model(tiny_clip):
+@pytest.fixture(scope="module")
+def tiny_clip_by_name(tiny_clip, tmp_path_factory) -> dict:
+    """The same model as an architecture name plus a training-style checkpoint file (`{"state_dict": ...}`)."""
+    folder = tmp_path_factory.mktemp("tiny-clip-by-name")
+    (folder / "Tiny-CLIP-Test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "Tiny-CLIP-Test.json")
+    torch.save({"epoch": 3, "state_dict": tiny_clip[1].state_dict()}, folder / "epoch_3.pt")
+    return {"model": "Tiny-CLIP-Test", "pretrained": str(folder / "epoch_3.pt")}
+
+
+@pytest.mark.parametrize("form", ["local-dir", "name and checkpoint file"])
+def test_reloaded_checkpoint_is_the_saved_model(tiny_clip, tiny_clip_by_name, form):
     model, reference, *_ = tiny_clip
-    loaded = build_encoder(EncoderConfig(name="clip", kind="open-clip", model=model, device="cpu")).load().network
+    settings = {"model": model} if form == "local-dir" else tiny_clip_by_name
+    loaded = build_encoder(EncoderConfig(name="clip", kind="open-clip", device="cpu", **settings)).load().network
     saved = reference.state_dict()
     assert loaded.state_dict().keys() == saved.keys()
     assert all(torch.equal(tensor, saved[key]) for key, tensor in loaded.state_dict().items())
