@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install browser demo test lint clean
+.PHONY: install browser demo test bench lint clean
 
 install: $(INSTALLED)
 
@@ -42,6 +42,10 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# Side by side with Beam's MLTransform embeddings on the same texts; see benchmarks/throughput.py.
+bench: install
+	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

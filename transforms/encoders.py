@@ -163,10 +163,11 @@ class Encoder(ABC):
         """Item images and text queries in one space: text-to-image search and zero-shot labels."""
         return self.queries_by_text and self.modality == "image"
 
+    # The temperature that turns cosines into label probabilities, unless the config sets `logit_scale`.
+    default_logit_scale = 100.0  # CLIP's trained value
+
     def logit_scale(self, model: Any) -> float:
-        """The temperature that turns cosines to label probabilities: the config's `logit_scale`, else
-        CLIP's trained value (models that learned their own use it)."""
-        return float(self.config.options.get("logit_scale", 100.0))
+        return float(self.config.options.get("logit_scale", self.default_logit_scale))
 
 
 class SentenceTransformerEncoder(Encoder):
@@ -314,6 +315,9 @@ class ConseEncoder(Encoder):
 
     modality = "image"
     queries_by_text = True
+    # Its space is the text model's, whose contrastive training scales cosines by 20
+    # (sentence-transformers' MultipleNegativesRankingLoss); CLIP's 100 would make every answer certain.
+    default_logit_scale = 20.0
 
     @cached_property
     def parts(self) -> tuple[CnnEncoder, SentenceTransformerEncoder]:
@@ -474,7 +478,7 @@ class OpenClipEncoder(Encoder):
             return l2_normalise(model.network.encode_text(tokens).float().cpu().numpy())
 
     def logit_scale(self, model: ClipModel) -> float:
-        return float(model.network.logit_scale.detach().exp())
+        return float(self.config.options.get("logit_scale", model.network.logit_scale.detach().exp()))
 
 
 def _load_open_clip(name: str, pretrained: str | None, device: str) -> ClipModel:
