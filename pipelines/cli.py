@@ -183,17 +183,16 @@ def _describe_query(args: argparse.Namespace) -> str:
 
 
 def _classify(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines import query as q
-    from pipelines.report import print_results
+    from pipelines.query import open_table
+    from pipelines.report import print_labels
     from pipelines.zero_shot import DEFAULT_TEMPLATES, classify
 
-    table = q.open_table(args.uri, args.table)
+    table = open_table(args.uri, args.table)
     results = classify(table, args.images, args.labels.split(","), args.template or DEFAULT_TEMPLATES, args.encoder)
     if args.json:
         print(json.dumps(results))
     else:
-        print_results([{"image": r["image"], "label": r["label"], "probabilities": "  ".join(
-            f"{label} {p:.3f}" for label, p in list(r["probabilities"].items())[:5])} for r in results], wrap=False)
+        print_labels(results)
     return 0
 
 

@@ -13,6 +13,8 @@ For Food-101 these are the protocol's 101 class names.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +26,8 @@ RECALL_AT = (1, 5, 10)
 MAP_DEPTH = 10
 COMBINED = "vector"
 
+log = logging.getLogger(__name__)
+
 
 def evaluate(table: Table, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
     columns = {name: f"{name}_vec" for name in table.stored_weights} | {"combined": COMBINED}
@@ -33,7 +37,11 @@ def evaluate(table: Table, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict
                          "(or a format with labels: food101, digikala, fashion)")
     labels = np.asarray(data["label"].to_pylist(), dtype=object)
     vectors = {name: _matrix(data[column]) for name, column in columns.items()}
-    retrieval = {name: retrieval_quality(matrix, labels) for name, matrix in vectors.items()}
+    retrieval = {}
+    for name, matrix in vectors.items():
+        started = time.perf_counter()
+        retrieval[name] = retrieval_quality(matrix, labels)
+        log.info("retrieval by %s: %d items searched in %.1fs", name, len(matrix), time.perf_counter() - started)
     zero_shot = {e.name: {"top1_accuracy": zero_shot_accuracy(e, vectors[e.name], labels, templates)}
                  for e in table.encoders() if e.text_to_image}
     return {"table": table.handle.name, "version": table.handle.version, "items": data.num_rows,

@@ -20,26 +20,26 @@ def print_run_summary(run: dict) -> None:
         print(f"  {run['message']}")
 
 
-def print_results(results: Sequence[dict], wrap: bool = True) -> None:
-    """A table for a terminal; with `wrap`, long cells are cut to 48 characters."""
+def print_results(results: Sequence[dict], truncate: bool = True) -> None:
+    """A table for a terminal; with `truncate`, long cells are cut to 48 characters."""
     if not results:
         print("no results")
         return
     columns = [c for c in results[0] if c != "image_uri"] + (["image_uri"] if "image_uri" in results[0] else [])
-    cells = [[_cell(row.get(c), wrap) for c in columns] for row in results]
+    cells = [[_cell(row.get(c), truncate) for c in columns] for row in results]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def _cell(value, wrap: bool = True) -> str:
+def _cell(value, truncate: bool = True) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}"
     text = str(value)
-    return text if len(text) <= 48 or not wrap else text[:45] + "..."
+    return text if len(text) <= 48 or not truncate else text[:45] + "..."
 
 
 def print_history(found: dict) -> None:
@@ -62,3 +62,9 @@ def print_evaluation(report: dict) -> None:
         print()
         print_results([{"zero-shot": name, "labels": report["labels"], **quality}
                        for name, quality in report["zero_shot"].items()])
+
+
+def print_labels(results: Sequence[dict], top: int = 5) -> None:
+    """Zero-shot results: each image's label and its `top` most likely labels with their probabilities."""
+    print_results([{"image": r["image"], "label": r["label"], "probabilities": "  ".join(
+        f"{label} {p:.3f}" for label, p in list(r["probabilities"].items())[:top])} for r in results], truncate=False)

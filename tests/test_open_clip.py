@@ -36,6 +36,7 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_table(tiny_clip, tmp_path_factory):
+    """Six photos with captions, embedded by both towers in a 2-worker run (the local stand-in for a cluster)."""
     model, *_ = tiny_clip
     root = tmp_path_factory.mktemp("clip-catalog")
     lines = ["id,caption,image"] + [f"{n.split('.')[0]},{caption},images/{n}" for n, caption in CAPTIONS.items()]
@@ -46,7 +47,7 @@ def clip_table(tiny_clip, tmp_path_factory):
                 "clip_text": {"kind": "open-clip", "model": model, "input": "text", "batch_size": 4, "weight": 0.3}}
     config = make_config(root, {"format": "manifest", "path": str(root / "catalog.csv"), "text_fields": ["caption"]},
                          encoders)
-    summary = run(config)
+    summary = run(config, beam_args=("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
     assert summary["encoded"] == {"clip": 6, "clip_text": 6}
     return config
 
