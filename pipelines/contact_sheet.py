@@ -11,9 +11,8 @@ import html
 import io
 from collections.abc import Sequence
 
-from pipelines.config import RunConfig
-from transforms.fingerprint import read_bytes
-from transforms.images import check_image, decode_image
+from pipelines.query import load_query_image
+from transforms.images import decode_image
 
 THUMBNAIL_PIXELS = 256
 HIDDEN_FIELDS = ("id", "score", "image_uri")
@@ -32,9 +31,7 @@ dl { margin: .3rem 0 0; } dt { color: #777; float: left; clear: left; margin-rig
 
 def thumbnail(uri: str) -> str:
     """A JPEG data URI of the image at `uri`, at most THUMBNAIL_PIXELS on its long side."""
-    data = read_bytes(uri)
-    check_image(data, RunConfig().max_pixels)
-    image = decode_image(data)
+    image = decode_image(load_query_image(uri)["image_bytes"])
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
@@ -67,5 +64,5 @@ def _picture(uri: str | None, item_id: str) -> str:
     try:
         source = thumbnail(uri)
     except (OSError, ValueError) as err:
-        return f'<div class="missing">{html.escape(uri)}<br>cannot be shown: {html.escape(str(err))}</div>'
+        return f'<div class="missing">{html.escape(str(err))}</div>'
     return f'<img src="{source}" alt="{html.escape(item_id)}" title="{html.escape(uri)}">'

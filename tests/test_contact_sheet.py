@@ -60,4 +60,4 @@ def test_contact_sheet_says_which_image_cannot_be_shown(multimodal_demo, tmp_pat
     finally:
         shutil.move(tmp_path / "coffee.png", moved)
     html = page.read_text(encoding="utf-8")
-    assert "coffee.png<br>cannot be shown" in html and html.count("<img ") == 1
+    assert f'<div class="missing">cannot use image {moved}: ' in html and html.count("<img ") == 1

@@ -55,7 +55,6 @@ def test_evaluate_equals_brute_force(multimodal_demo, rows):
         label_vectors.append(mean / np.linalg.norm(mean))
     right = [names[int(np.argmax(np.stack(label_vectors) @ np.asarray(r["conse_vec"])))] == r["label"] for r in rows]
     assert report["zero_shot"] == {"conse": {"top1_accuracy": pytest.approx(np.mean(right), abs=1e-9)}}
-    assert report["retrieval"]["text"]["recall@10"] > report["retrieval"]["color"]["recall@1"]
 
 
 def test_evaluate_command_prints_a_table_and_writes_json(multimodal_demo, tmp_path, capsys, monkeypatch):
