@@ -189,10 +189,14 @@ def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
     indexed = type(indexed)(indexed.catalog, indexed.encoders,
                             type(indexed.output)(**{**indexed.output.__dict__, "index_min_rows": 4}))
     run(indexed, "r1")
-    _write_catalog(folder, rows[1:])
+    edited = [dict(rows[1], caption="an edited caption"), *rows[2:]]
+    _write_catalog(folder, edited)
     assert run(indexed, "r2")["deleted"] == 1            # a second run refreshes the existing indexes
     dataset = lance.dataset(dataset_uri(indexed.output.uri, indexed.output.table))
     assert {i.name for i in dataset.describe_indices()} >= {"vector_idx", "id_idx"}
+    # r2 found the rows to replace or delete through the id index: one row per id, the edit in place.
+    stored = {r["id"]: r["caption"] for r in read_table(indexed).to_pylist()}
+    assert read_table(indexed).num_rows == len(stored) and stored == {r["id"]: r["caption"] for r in edited}
     table = open_table(indexed.output.uri, indexed.output.table)
     assert search(table, item_queries(table, "item-1"), 3)[0]["id"] == "item-1"
 

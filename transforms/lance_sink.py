@@ -25,6 +25,8 @@ from lance.fragment import FragmentMetadata, write_fragments
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"catalog_embed"
+ID_INDEX = "id_idx"  # the scalar index maintain.py builds on `id`
+ID_LOOKUP_SLICE = 10_000
 RESERVED_COLUMNS = ("id", "label", "image_uri", "vector", "run_id", "embedded_at")
 
 
@@ -186,16 +188,13 @@ def _deletions(dataset: lance.LanceDataset, ids: set[str]) -> tuple[list[int], l
     """Deletion vectors for the rows with these ids, per fragment, written but not committed."""
     if not ids:
         return [], []
-    ids_array = pa.array(sorted(ids), pa.string())
-    rows = dataset.to_table(columns=["id"], with_row_address=True, filter=None)
-    hits = rows.filter(pc.is_in(rows["id"], value_set=ids_array))
+    hits = _row_addresses(dataset, sorted(ids))
     by_fragment: dict[int, list[str]] = {}
     for item_id, address in zip(hits["id"].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
         by_fragment.setdefault(address >> 32, []).append(item_id)
     removed, updated = [], []
     for fragment_id, fragment_ids in by_fragment.items():
-        predicate = "id IN (" + ", ".join(_sql_string(i) for i in fragment_ids) + ")"
-        result = dataset.get_fragment(fragment_id).delete(predicate)
+        result = dataset.get_fragment(fragment_id).delete(_id_in(fragment_ids))
         if result is None:
             removed.append(fragment_id)
         else:
@@ -203,5 +202,16 @@ def _deletions(dataset: lance.LanceDataset, ids: set[str]) -> tuple[list[int], l
     return removed, updated
 
 
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def _row_addresses(dataset: lance.LanceDataset, ids: list[str]) -> pa.Table:
+    """(id, _rowaddr) of these ids: looked up in the `id` index when the table has one (large tables), in
+    slices that keep each filter short; otherwise found in one scan of the id column."""
+    if ID_INDEX in {index.name for index in dataset.describe_indices()}:
+        slices = [ids[i:i + ID_LOOKUP_SLICE] for i in range(0, len(ids), ID_LOOKUP_SLICE)]
+        return pa.concat_tables([dataset.to_table(columns=["id"], with_row_address=True, filter=_id_in(chunk))
+                                 for chunk in slices])
+    rows = dataset.to_table(columns=["id"], with_row_address=True)
+    return rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, pa.string())))
+
+
+def _id_in(ids: list[str]) -> str:
+    return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"

@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import lance
 
+from transforms.lance_sink import ID_INDEX
+
 log = logging.getLogger(__name__)
 
 
@@ -36,10 +38,10 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -
 
 def _index(dataset: lance.LanceDataset, rows: int) -> None:
     names = {index.name for index in dataset.describe_indices()}
-    if {"vector_idx", "id_idx"} <= names:
+    if {"vector_idx", ID_INDEX} <= names:
         dataset.optimize.optimize_indices()
         return
     partitions = max(1, int(math.sqrt(rows)))
     dataset.create_index("vector", "IVF_HNSW_SQ", name="vector_idx", metric="cosine", num_partitions=partitions)
-    dataset.create_scalar_index("id", "BTREE", name="id_idx")
+    dataset.create_scalar_index("id", "BTREE", name=ID_INDEX)
     log.info("indexed %d rows: vector (IVF_HNSW_SQ, cosine, %d partitions) and id (BTREE)", rows, partitions)
