@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="a name for this run (default: the UTC time); tags the table version")
     run.add_argument("--reembed", action="store_true",
                      help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
+    run.add_argument("--rehash", action="store_true",
+                     help="read and hash every image instead of trusting an unchanged size and modification time "
+                          "(catches files rewritten in place with the same stat; costs a read of every image)")
 
     query = commands.add_parser("query", help="find similar items in a table",
                                 description="Search a table; scores are higher for more similar items.")
@@ -134,7 +137,7 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     config = load_config(args.config)
     run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
-        run = run_job(config, run_id, beam_args, reembed=args.reembed)
+        run = run_job(config, run_id, beam_args, reembed=args.reembed, rehash=args.rehash)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the run is reported and exits 1

@@ -17,6 +17,15 @@ import yaml
 CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
 ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
 DEVICES = ("auto", "cpu", "cuda")
+# What each published layout brings with it unless the config says otherwise: the text to embed, the
+# label, and the columns worth passing through. A manifest's columns are the user's to name.
+FORMAT_PRESETS: dict[str, dict[str, Any]] = {
+    "manifest": {},
+    "food101": {"text_fields": ["name"], "fields": ["split"]},
+    "fashion": {"text_fields": ["productDisplayName"], "label_field": "articleType",
+                "fields": ["gender", "masterCategory", "subCategory", "baseColour", "season", "year", "usage"]},
+    "digikala": {"fields": ["color"]},
+}
 
 
 class ConfigError(ValueError):
@@ -64,6 +73,7 @@ class OutputConfig:
 class RunConfig:
     max_reject_ratio: float = 0.05
     max_pixels: int = 100_000_000
+    rehash: bool = False  # read and hash every image, whatever its stat says (e.g. a weekly run)
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,7 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown catalog keys: {', '.join(sorted(unknown))}")
+    raw = {**FORMAT_PRESETS[fmt], **raw}
     return CatalogConfig(
         format=fmt,
         path=path,
@@ -225,7 +236,10 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
     pixels = raw.get("max_pixels", 100_000_000)
     if not isinstance(pixels, int) or pixels < 1:
         raise ConfigError(f"run.max_pixels must be a positive integer, got {pixels!r}")
-    return RunConfig(max_reject_ratio=float(ratio), max_pixels=pixels)
+    rehash = raw.get("rehash", False)
+    if not isinstance(rehash, bool):
+        raise ConfigError(f"run.rehash must be true or false, got {rehash!r}")
+    return RunConfig(max_reject_ratio=float(ratio), max_pixels=pixels, rehash=rehash)
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

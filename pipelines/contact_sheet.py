@@ -12,7 +12,6 @@ import io
 from collections.abc import Sequence
 
 from pipelines.query import load_query_image
-from transforms.images import decode_image
 
 THUMBNAIL_PIXELS = 256
 HIDDEN_FIELDS = ("id", "score", "image_uri")
@@ -31,7 +30,7 @@ dl { margin: .3rem 0 0; } dt { color: #777; float: left; clear: left; margin-rig
 
 def thumbnail(uri: str) -> str:
     """A JPEG data URI of the image at `uri`, at most THUMBNAIL_PIXELS on its long side."""
-    image = decode_image(load_query_image(uri)["image_bytes"])
+    image = load_query_image(uri)
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)

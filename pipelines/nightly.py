@@ -1,4 +1,8 @@
-"""The nightly job: read -> load and fingerprint -> encode per encoder -> combine -> write -> commit.
+"""The nightly job: read -> inspect -> compare -> hash what changed -> encode per modality -> keep ->
+combine -> write -> delete replaced rows -> commit.
+
+Elements carry references (paths, digests, ids), never image bytes or stored vectors: bytes are read
+where they are hashed or decoded, stored vectors only for the items written again that keep them.
 
 `run_job` builds what the pipeline needs on the launcher (encoder ids and dimensions, the table
 schema, the table version the run starts from), then runs the graph on whichever Beam runner the
@@ -18,17 +22,27 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.config import Config, ConfigError
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
-from transforms.compare import DELETES, UNCHANGED, ReadTableRows, compare_with_table
+from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.encoders import Encoder, build_encoder
-from transforms.fingerprint import LoadInputs
-from transforms.inference import EncodeWith
+from transforms.fingerprint import HashImages, InspectInputs
+from transforms.inference import EncodeModality
 from transforms.items import ITEMS, REJECTS
-from transforms.lance_sink import WriteFragments, dataset_uri, open_dataset, table_metadata, table_schema
+from transforms.lance_sink import (
+    REPLACED,
+    DeleteRows,
+    WriteFragments,
+    dataset_uri,
+    open_dataset,
+    table_metadata,
+    table_schema,
+)
 from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
-from transforms.run_log import read_runs, utc_now
+from transforms.reuse import WithKeptVectors
+from transforms.run_log import WriteRejects, read_runs, utc_now
 
 log = logging.getLogger(__name__)
+REJECT_BATCH = 10_000  # rejects per fragment of the rejects table
 
 
 @dataclass(frozen=True)
@@ -39,9 +53,10 @@ class JobPlan:
     encoders: tuple[Encoder, ...]
     schema: pa.Schema
     context: RunContext
+    rehash: bool
 
 
-def plan_job(config: Config, run_id: str, reembed: bool = False) -> JobPlan:
+def plan_job(config: Config, run_id: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
     encoders = tuple(build_encoder(e) for e in config.encoders)
     weights = config.normalised_weights()
     described = [
@@ -64,71 +79,104 @@ def plan_job(config: Config, run_id: str, reembed: bool = False) -> JobPlan:
         overwrite=current is not None and not current.schema.equals(schema, check_metadata=True),
         started_at=utc_now(),
     )
-    return JobPlan(config, encoders, schema, context)
+    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash)
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
-    config = plan.config
+    config, ctx = plan.config, plan.context
+    inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_columns())
-    loaded = (
+    inspected = (
         read[ITEMS]
         | "Log read" >> beam.ParDo(LogProgress("read"))
-        | "Load inputs" >> beam.ParDo(LoadInputs({e.name: (e.encoder_id, e.modality) for e in plan.encoders},
-                                                 config.run.max_pixels))
+        | "Inspect inputs" >> beam.ParDo(InspectInputs(frozenset(m for _, m in inputs.values())))
         .with_outputs(REJECTS, main=ITEMS)
     )
-    compared = compare_with_table(loaded[ITEMS], _stored_rows(pipeline, plan), plan.context.output.on_missing
-                                  == "delete", plan.context.overwrite)
-    items, rejects = compared[ITEMS], [read[REJECTS], loaded[REJECTS], compared[REJECTS]]
-    # Image encoders first: the image bytes are then dropped and never cross the text stages' shuffles.
-    for modality in ("image", "text"):
-        for encoder in (e for e in plan.encoders if e.modality == modality):
-            encoded = items | f"Encode {encoder.name}" >> EncodeWith(encoder)
-            items = encoded[ITEMS] | f"Count {encoder.name}" >> beam.ParDo(LogProgress(f"encoded_{encoder.name}"))
-            rejects.append(encoded[REJECTS])
-        if modality == "image":
-            items = items | "Drop image bytes" >> beam.Map(_without_image_bytes)
+    compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan),
+                                  ctx.output.on_missing == "delete", plan.rehash)
+    hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(HashImages(config.run.max_pixels)).with_outputs(
+        REJECTS, main=ITEMS)
+    decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(DecideWork(inputs, ctx.overwrite)).with_outputs(
+        UNCHANGED, main=ITEMS)
+    items = decided[ITEMS]
+    rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
+    for modality in _modalities_smallest_first(plan.encoders):
+        encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders)
+        items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
+        rejects.append(encoded[REJECTS])
     weights, order = config.normalised_weights(), [e.name for e in plan.encoders]
     written = (
         items
+        | "Kept vectors" >> WithKeptVectors(ctx.dataset_uri, ctx.read_version)
         | "Combine" >> beam.Map(_with_combined_vector, weights, order)
         # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
         | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
                                              max_batch_size=config.output.write_batch_rows)
-        | "Write fragments" >> beam.ParDo(WriteFragments(
-            plan.context.dataset_uri, plan.schema, plan.context.run_id, plan.context.overwrite))
+        | "Write fragments" >> beam.ParDo(WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite))
+        .with_outputs(REPLACED, main=ITEMS)
     )
-    all_rejects = rejects | "All rejects" >> beam.Flatten() | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
-    unchanged = compared[UNCHANGED] | "Count unchanged" >> beam.combiners.Count.Globally()
+    deletions = _deletions(pipeline, ctx, (written[REPLACED], compared[DELETES]))
+    reject_batches = (
+        rejects
+        | "All rejects" >> beam.Flatten()
+        | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
+        | "Batch rejects" >> beam.BatchElements(min_batch_size=REJECT_BATCH, max_batch_size=REJECT_BATCH)
+        | "Write rejects" >> beam.ParDo(WriteRejects(ctx.output.uri, ctx.output.table, ctx.run_id))
+    )
     # Counted as read, independently of the outcomes, so that the summary can check they add up.
-    rows_read = (
-        (read[ITEMS], read[REJECTS]) | "Rows read" >> beam.Flatten() | "Count read" >> beam.combiners.Count.Globally()
-    )
+    rows_read = (read[ITEMS], read[REJECTS]) | "Rows read" >> beam.Flatten()
     (
         pipeline
         | "Once" >> beam.Create([None])
         | "Commit" >> beam.ParDo(
-            CommitRun(plan.context, plan.schema), written=beam.pvalue.AsList(written),
-            rejects=beam.pvalue.AsList(all_rejects), deletes=beam.pvalue.AsList(compared[DELETES]),
-            unchanged=beam.pvalue.AsList(unchanged), read=beam.pvalue.AsList(rows_read))
+            CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
+            rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
+            deleted=_count(compared[DELETES], "deleted"), unchanged=_count(decided[UNCHANGED], "unchanged"),
+            read=_count(rows_read, "read"))
     )
 
 
-def _stored_rows(pipeline: beam.Pipeline, plan: JobPlan):
-    """The table's rows at the version the run started from (none on the first run)."""
+def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollection:
+    """Deletion files for the stored rows that are replaced or gone, one per stored fragment."""
+    if ctx.read_version is None or ctx.overwrite:      # nothing stored, or every row rewritten
+        return pipeline | "No deletions" >> beam.Create([])
+    return (
+        rows
+        | "Rows to delete" >> beam.Flatten()
+        | "Group by fragment" >> beam.GroupByKey()
+        | "Delete rows" >> beam.ParDo(DeleteRows(ctx.dataset_uri, ctx.read_version))
+    )
+
+
+def _count(items: beam.PCollection, label: str):
+    return beam.pvalue.AsSingleton(items | f"Count {label}" >> beam.combiners.Count.Globally())
+
+
+def _modalities_smallest_first(encoders: Sequence[Encoder]) -> list[str]:
+    """The encode stages in the order of their vectors' size: a later stage's grouping carries the
+    vectors made before it, so the smaller ones go first."""
+    sizes: dict[str, int] = {}
+    for encoder in encoders:
+        sizes[encoder.modality] = sizes.get(encoder.modality, 0) + encoder.dim
+    return sorted(sizes, key=lambda modality: (sizes[modality], modality))
+
+
+def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):
+    """The table's rows at the version the run started from, as summaries (none on the first run)."""
     if plan.context.read_version is None:
         return pipeline | "No stored rows" >> beam.Create([])
-    return pipeline | "Read table" >> ReadTableRows(
+    return pipeline | "Read table" >> ReadTableSummaries(
         plan.context.dataset_uri, plan.context.read_version, [e.name for e in plan.encoders],
         list(plan.config.passthrough_columns()))
 
 
-def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool = False) -> dict:
+def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool = False,
+            rehash: bool = False) -> dict:
     """Run the job to completion and return its row of `<table>_runs`."""
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
-    plan = plan_job(config, run_id, reembed)
+    plan = plan_job(config, run_id, reembed, rehash)
     log.info("run %s: %s -> %s (from version %s)", run_id, config.catalog.path, plan.context.dataset_uri,
              plan.context.read_version)
     with beam.Pipeline(options=options) as pipeline:
@@ -145,10 +193,6 @@ def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
         names = sorted({name for name, _ in changed})
         raise ConfigError(f"table '{table}' was embedded with other encoders ({', '.join(names)} differ); "
                           "run with --reembed to re-embed it into a new version")
-
-
-def _without_image_bytes(item: dict) -> dict:
-    return {key: value for key, value in item.items() if key != "image_bytes"}
 
 
 def _with_combined_vector(item: dict, weights: dict, order: list[str]) -> dict:

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import lancedb
 import numpy as np
+from PIL import Image
 
 from pipelines.config import EncoderConfig, RunConfig
 from transforms.combine import normalise_weights, reweighted_query
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import read_bytes
-from transforms.images import check_image
+from transforms.images import check_image, decode_image
 from transforms.lance_sink import table_metadata
 
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at")
@@ -70,20 +71,20 @@ def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
     return queries
 
 
-def load_query_image(path: str) -> dict:
-    """A picture given on the command line, checked as the job checks catalog images."""
+def load_query_image(path: str) -> Image.Image:
+    """A picture given on the command line, checked and decoded as the job does catalog images."""
     try:
         data = read_bytes(path)
         check_image(data, RunConfig().max_pixels)
+        return decode_image(data)
     except (OSError, ValueError) as err:
         raise QueryError(f"cannot use image {path}: {err}") from err
-    return {"image_bytes": data}
 
 
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
     picture = load_query_image(path)
-    queries = {e.name: e.encode(e.load(), [e.prepare(picture)])[0] for e in table.encoders() if e.modality == "image"}
+    queries = {e.name: e.encode(e.load(), [picture])[0] for e in table.encoders() if e.modality == "image"}
     if not queries:
         raise QueryError("the table has no image encoder")
     return queries

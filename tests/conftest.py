@@ -50,8 +50,9 @@ def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, tab
     return parse_config(raw)
 
 
-def run(config: Config, run_id: str = "r1", beam_args: tuple[str, ...] = (), reembed: bool = False) -> dict:
-    return run_job(config, run_id, list(beam_args), reembed=reembed)
+def run(config: Config, run_id: str = "r1", beam_args: tuple[str, ...] = (), reembed: bool = False,
+        rehash: bool = False) -> dict:
+    return run_job(config, run_id, list(beam_args), reembed=reembed, rehash=rehash)
 
 
 def read_table(config: Config, name: str | None = None) -> pa.Table:

@@ -73,7 +73,7 @@ def dirty_catalog(tmp_path):
     expected = {
         "missing": ("load", "FileNotFoundError", "a missing photo,images/nowhere.jpg"),
         "zero-byte": ("load", "ValueError", "an empty file,images/empty.jpg"),
-        "truncated": ("encode:color", "OSError", "a cut download,images/truncated.jpg"),
+        "truncated": ("decode", "OSError", "a cut download,images/truncated.jpg"),
         "not-an-image": ("load", "UnidentifiedImageError", "a text file,images/notes.jpg"),
         "too-big": ("load", "ImageTooLarge", "a big scan,images/huge.png"),
         "no-text": ("load", "ValueError", "   ,images/" + PHOTOS[0]),

@@ -77,8 +77,8 @@ def test_table_has_documented_columns_and_metadata(demo_run):
     config, summary = demo_run
     table = read_table(config)
     assert set(table.column_names) == {
-        "id", "title", "description", "category", "label", "image_uri", "text_vec", "image_vec", "color_vec",
-        "vector", "text_fp", "image_fp", "color_fp", "run_id", "embedded_at"}
+        "id", "title", "description", "category", "label", "image_uri", "image_stat", "image_digest",
+        "text_vec", "image_vec", "color_vec", "vector", "text_fp", "image_fp", "color_fp", "run_id", "embedded_at"}
     assert table.schema.field("image_vec").type.list_size == 1280
     assert table.schema.field("text_vec").type.list_size == 384
     meta = json.loads(table.schema.metadata[METADATA_KEY])

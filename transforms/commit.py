@@ -2,12 +2,14 @@
 
 It turns the run into one table version, keeps the table in shape and records the run. It runs as
 a DoFn over a single element with everything upstream as side inputs, so it is part of the pipeline
-on every runner, and a failure anywhere upstream means it never runs.
+on every runner, and a failure anywhere upstream means it never runs. Nothing per item reaches it:
+its side inputs are fragment metadata and counts.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,7 +18,7 @@ import apache_beam as beam
 from pipelines.config import OutputConfig
 from transforms.lance_sink import commit_run
 from transforms.maintain import maintain
-from transforms.run_log import record_rejects, record_run, rejects_by, utc_now
+from transforms.run_log import commit_rejects, record_run, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +39,30 @@ class RunContext:
 
 
 class CommitRun(beam.DoFn):
+    """Side inputs, all small: per written batch its fragments and counts (`written`), per reject batch
+    likewise (`rejects`), per stored fragment its deletion file (`deletions`), and counts."""
+
     def __init__(self, context: RunContext, schema):
         self._context = context
         self._schema = schema
 
-    def process(self, _trigger, written: list[dict], rejects: list[dict], deletes: list[str], unchanged: list[int],
-                read: list[int]):
+    def process(self, _trigger, written: list[dict], rejects: list[dict], deletions: list[tuple],
+                deleted: int, unchanged: int, read: int):
         ctx = self._context
-        run = self._summary(written, rejects, len(deletes), sum(unchanged), sum(read))
+        run = self._summary(written, rejects, deleted, unchanged, read)
         refusal = self._refusal(run)
         if refusal:
             run.update(status="failed", message=refusal, table_version=ctx.read_version)
             log.error("run %s commits nothing: %s", ctx.run_id, refusal)
         else:
-            run["table_version"] = commit_run(ctx.dataset_uri, self._schema, written, deletes, ctx.run_id,
+            fragments = [raw for batch in written for raw in batch["fragments"]]
+            run["table_version"] = commit_run(ctx.dataset_uri, self._schema, fragments, deletions, ctx.run_id,
                                               ctx.read_version, ctx.overwrite)
             if run["table_version"] != ctx.read_version:
                 maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows, ctx.output.compact)
             else:
                 run["status"] = "unchanged"
-        record_rejects(ctx.output.uri, ctx.output.table, rejects, ctx.run_id)
+        commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]])
         record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()))
         yield run
 
@@ -72,17 +78,20 @@ class CommitRun(beam.DoFn):
 
     def _summary(self, written: list[dict], rejects: list[dict], deleted: int, unchanged: int, read: int) -> dict:
         ctx = self._context
-        written_rows = sum(len(batch["ids"]) for batch in written)
-        encoded = {name: 0 for name in ctx.encoder_ids}
+        written_rows = sum(batch["rows"] for batch in written)
+        rejected = sum(batch["rows"] for batch in rejects)
+        encoded, by_reason = Counter(), Counter()
         for batch in written:
-            for name, count in batch["encoded"].items():
-                encoded[name] += count
-        outcomes = written_rows + unchanged + len(rejects)
-        if outcomes != read:
-            log.error("conservation broken: read %d rows but %d written + unchanged + rejected", read, outcomes)
+            encoded.update(batch["encoded"])
+        for batch in rejects:
+            by_reason.update(batch["by"])
+        if written_rows + unchanged + rejected != read:
+            log.error("conservation broken: read %d rows but %d written + unchanged + rejected", read,
+                      written_rows + unchanged + rejected)
         return {
             "run_id": ctx.run_id, "status": "committed", "message": "", "config_hash": ctx.config_hash,
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
-            "deleted": deleted, "rejected": len(rejects), "encoded": encoded, "rejects_by": rejects_by(rejects),
+            "deleted": deleted, "rejected": rejected,
+            "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),
         }

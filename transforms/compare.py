@@ -1,26 +1,36 @@
 """Compare the catalog with the table: what is new, changed, unchanged or gone.
 
 The table's rows are read per fragment on the workers, at the version the run started from, and
-joined to the catalog's items by id. An item keeps every stored vector whose fingerprint still
-matches, so only changed inputs reach the encoders; an item whose inputs and fields all match is
-unchanged and is not written again. Ids only in the table are deleted (or kept, by config).
+reduced to a summary (fragment, fingerprints, image stat and digest, a digest of the other columns)
+before they are joined to the catalog's items by id: no stored vector crosses the join. An item then
+knows which encoders' stored vectors are still right (`keep`, fetched only for items that are
+written again, see reuse.py); an item whose inputs and columns all match is unchanged and is not
+written. Ids only in the table are deleted (or kept, by config).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import apache_beam as beam
 import lance
-import numpy as np
 
+from transforms.fingerprint import fingerprint
 from transforms.items import ITEMS, REJECTS, make_reject
 
 UNCHANGED = "unchanged"
 DELETES = "deletes"
-ROW_KEYS = ("label", "image_uri")
 
 
-class ReadTableRows(beam.PTransform):
-    """The stored (id, row) pairs of one table version, one fragment per work item."""
+def row_digest(label: str | None, image_uri: str | None, fields: dict) -> str:
+    """A digest of the columns written from the catalog row itself, besides the vectors' inputs."""
+    data = json.dumps([label, image_uri, sorted(fields.items())], separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()[:32]
+
+
+class ReadTableSummaries(beam.PTransform):
+    """(id, summary) of every row of one table version, one fragment per work item."""
 
     def __init__(self, uri: str, version: int, encoders: list[str], fields: list[str]):
         super().__init__()
@@ -41,62 +51,84 @@ class ReadTableRows(beam.PTransform):
     def _read_fragment(self, fragment_id: int):
         dataset = lance.dataset(self._uri, version=self._version)
         present = set(dataset.schema.names)
-        columns = ["id", *[c for c in (*ROW_KEYS, *self._fields) if c in present]]
-        columns += [c for e in self._encoders for c in (f"{e}_fp", f"{e}_vec") if c in present]
+        wanted = ["id", "label", "image_uri", "image_stat", "image_digest", *self._fields,
+                  *[f"{e}_fp" for e in self._encoders]]
+        columns = list(dict.fromkeys(c for c in wanted if c in present))
         for batch in dataset.get_fragment(fragment_id).to_batches(columns=columns):
             for row in batch.to_pylist():
-                yield row["id"], _stored_row(row, self._encoders, self._fields)
-
-
-def _stored_row(row: dict, encoders: list[str], fields: list[str]) -> dict:
-    return {
-        **{key: row.get(key) for key in ROW_KEYS},
-        "fields": {name: row.get(name) for name in fields},
-        "fingerprints": {e: row[f"{e}_fp"] for e in encoders if row.get(f"{e}_fp")},
-        "vectors": {e: np.asarray(row[f"{e}_vec"], np.float32) for e in encoders if row.get(f"{e}_vec") is not None},
-    }
+                yield row["id"], {
+                    "fragment": fragment_id,
+                    "row": row_digest(row.get("label"), row.get("image_uri"),
+                                      {name: row.get(name) for name in self._fields}),
+                    "image_uri": row.get("image_uri"),
+                    "image_stat": row.get("image_stat"),
+                    "image_digest": row.get("image_digest"),
+                    "fingerprints": {e: row[f"{e}_fp"] for e in self._encoders if row.get(f"{e}_fp")},
+                }
 
 
 class CompareWithTable(beam.DoFn):
-    """Per id: the catalog's items and the table's row. Outputs items to write (main), `unchanged`
-    ids, `deletes` ids and `rejects` (duplicate ids in the catalog)."""
+    """Per id: the catalog's items and the table's summary. Outputs the item (main) with `stored` set,
+    `deletes` as (fragment, id) and `rejects` (duplicate ids in the catalog).
 
-    def __init__(self, delete_missing: bool, rewrite_all: bool):
+    The stored image digest is reused when the image's path and stat are unchanged, unless `rehash`.
+    """
+
+    def __init__(self, delete_missing: bool, rehash: bool):
         self._delete_missing = delete_missing
-        self._rewrite_all = rewrite_all
+        self._rehash = rehash
 
     def process(self, joined):
         item_id, sides = joined
         items, stored = list(sides[ITEMS]), list(sides["table"])
         if not items:
             if self._delete_missing:
-                yield beam.pvalue.TaggedOutput(DELETES, item_id)
+                yield beam.pvalue.TaggedOutput(DELETES, (stored[0]["fragment"], item_id))
             return
         # Which duplicate survives must not depend on worker order: keep the smallest input.
-        items.sort(key=lambda it: (it.get("source") or "", sorted(it["fingerprints"].items())))
+        items.sort(key=lambda it: (it.get("source") or "", it["image_uri"] or "", it["text"] or ""))
         item, duplicates = items[0], items[1:]
         for extra in duplicates:
             yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
                 item_id, "read", "DuplicateId", "another catalog row has the same id", extra.get("source")))
-        if not stored:
-            yield item
-            return
-        row = stored[0]
-        reused = {name: row["vectors"][name] for name, fp in item["fingerprints"].items()
-                  if row["fingerprints"].get(name) == fp and name in row["vectors"]}
-        same_row = all(item[key] == row[key] for key in ROW_KEYS) and item["fields"] == row["fields"]
-        if not self._rewrite_all and same_row and len(reused) == len(item["fingerprints"]):
-            yield beam.pvalue.TaggedOutput(UNCHANGED, item_id)
-            return
-        item["vectors"] = dict(reused)
+        if stored:
+            item["stored"] = summary = stored[0]
+            same_file = (item["image_stat"] is not None and summary["image_digest"]
+                         and (summary["image_uri"], summary["image_stat"]) == (item["image_uri"], item["image_stat"]))
+            if same_file and not self._rehash:
+                item["digests"]["image"] = summary["image_digest"]
         yield item
 
 
-def compare_with_table(items, table_rows, delete_missing: bool, rewrite_all: bool):
-    """Join items with stored rows by id; returns the tagged outputs of CompareWithTable."""
+class DecideWork(beam.DoFn):
+    """Fingerprint every encoder's input and decide what the item needs: nothing (`unchanged`), or a
+    new row whose vectors are either kept from the table or encoded again.
+
+    `encoders` maps encoder name to (encoder id, modality).
+    """
+
+    def __init__(self, encoders: dict[str, tuple[str, str]], rewrite_all: bool):
+        self._encoders = encoders
+        self._rewrite_all = rewrite_all
+
+    def process(self, item: dict):
+        item["fingerprints"] = {name: fingerprint(encoder_id, item["digests"][modality])
+                                for name, (encoder_id, modality) in self._encoders.items()}
+        stored = item["stored"] or {"fingerprints": {}}
+        item["keep"] = sorted(name for name, fp in item["fingerprints"].items()
+                              if stored["fingerprints"].get(name) == fp)
+        same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
+                    and stored.get("image_stat") == item["image_stat"])
+        if not self._rewrite_all and same_row and len(item["keep"]) == len(self._encoders):
+            yield beam.pvalue.TaggedOutput(UNCHANGED, item["id"])
+            return
+        yield item
+
+
+def compare_with_table(items, table_summaries, delete_missing: bool, rehash: bool):
+    """Join items with stored summaries by id; returns the tagged outputs of CompareWithTable."""
     return (
-        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], item)), "table": table_rows}
+        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], item)), "table": table_summaries}
         | "Join with table" >> beam.CoGroupByKey()
-        | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rewrite_all))
-        .with_outputs(UNCHANGED, DELETES, REJECTS, main=ITEMS)
+        | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash)).with_outputs(DELETES, REJECTS, main=ITEMS)
     )

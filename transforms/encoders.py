@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import ConfigError, EncoderConfig
-from transforms.images import decode_image
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -133,18 +132,15 @@ class Encoder(ABC):
         """Build the model on this worker's device. Called once per worker."""
 
     @abstractmethod
-    def encode(self, model: Any, inputs: list) -> np.ndarray:
-        """A batch of prepared inputs to an (n, dim) array of unit vectors."""
+    def encode(self, model: Any, inputs: list, memo: dict | None = None) -> np.ndarray:
+        """A batch of inputs (texts, or decoded RGB images) to an (n, dim) array of unit vectors.
+
+        `memo` is shared by the encoders that run on the same batch: encoders on one network keep its
+        outputs there, so that the network runs once per batch (see CnnEncoder.forward)."""
 
     @cached_property
     def encoder_id(self) -> str:
         return json.dumps(dict(self.describe(), kind=self.config.kind, dim=self.dim), sort_keys=True)
-
-    def prepare(self, item: dict) -> Any:
-        """The encoder's input from an item that went through the load stage."""
-        if self.modality == "text":
-            return item["text"]
-        return decode_image(item["image_bytes"])
 
     @property
     def device(self) -> str:
@@ -203,7 +199,7 @@ class SentenceTransformerEncoder(Encoder):
         path, device = self.model_path, self.device
         return shared_model(("sentence-transformers", path, device), lambda: SentenceTransformer(path, device=device))
 
-    def encode(self, model: Any, inputs: list[str]) -> np.ndarray:
+    def encode(self, model: Any, inputs: list[str], memo: dict | None = None) -> np.ndarray:
         vectors = model.encode(inputs, batch_size=self.config.batch_size, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
@@ -255,11 +251,23 @@ class CnnEncoder(Encoder):
         transform = imagenet_transform(self.arch["mean"], self.arch["std"], self.arch["resample"])
         return torch.stack([transform(image) for image in images])
 
-    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+    def forward(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> tuple[Any, Any]:
+        """Pooled features and ImageNet logits of a batch. With a memo, the network runs once per batch
+        for every encoder built on it (`cnn` and `conse` on the same CNN)."""
         import torch
 
+        key = ("cnn", self.arch["name"], self.config.weights_file, self.device)
+        if memo is not None and key in memo:
+            return memo[key]
         with torch.inference_mode():
             features = model.features(self.preprocess(inputs).to(self.device))
+            outputs = features, model.classifier(features)
+        if memo is not None:
+            memo[key] = outputs
+        return outputs
+
+    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
+        features, _ = self.forward(model, inputs, memo)
         return l2_normalise(features.float().cpu().numpy())
 
 
@@ -282,7 +290,7 @@ class ColorEncoder(Encoder):
     def load(self) -> None:
         return None
 
-    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
         return l2_normalise(np.stack([self._histogram(image) for image in inputs]))
 
     def _histogram(self, image: Image.Image) -> np.ndarray:
@@ -353,13 +361,12 @@ class ConseEncoder(Encoder):
         classes = torch.from_numpy(text.encode(text_model, names)).to(image.device)
         return ConseModel(image=image.load(), text=text_model, classes=classes)
 
-    def encode(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
         import torch
 
-        image, _ = self.parts
+        _, logits = self.parts[0].forward(model.image, inputs, memo)
         with torch.inference_mode():
-            probabilities = model.image(image.preprocess(inputs).to(image.device)).softmax(-1)
-            top = probabilities.topk(self.top_t, dim=-1)
+            top = logits.softmax(-1).topk(self.top_t, dim=-1)
             weights = top.values / top.values.sum(-1, keepdim=True)
             vectors = (weights.unsqueeze(-1) * model.classes[top.indices]).sum(1)
         return l2_normalise(vectors.float().cpu().numpy())
@@ -461,7 +468,7 @@ class OpenClipEncoder(Encoder):
         name, pretrained, device = self.model_name, self.config.pretrained, self.device
         return shared_model(("open-clip", name, pretrained, device), lambda: _load_open_clip(name, pretrained, device))
 
-    def encode(self, model: ClipModel, inputs: list) -> np.ndarray:
+    def encode(self, model: ClipModel, inputs: list, memo: dict | None = None) -> np.ndarray:
         if self.modality == "text":
             return self.encode_text(model, inputs)
         import torch

@@ -1,8 +1,15 @@
-"""Load each item's inputs once and fingerprint them per encoder.
+"""What each item's inputs are, found as cheaply as the last run allows.
 
-A fingerprint is sha256 over the encoder id and the exact input (the text's UTF-8 bytes, the image
-file's bytes). Equal fingerprints mean equal vectors, so they drive both the incremental skip
-(unchanged since the last run) and the in-run deduplication (the same caption on many items).
+An input's digest is sha256 over its exact bytes (the text's UTF-8, the image file's content). An
+encoder's fingerprint is sha256 over its encoder id and that digest: equal fingerprints mean equal
+vectors, so they drive both the incremental skip (unchanged since the last run) and the in-run
+deduplication (the same caption or photo on many items).
+
+Images are checked the way make and rsync check files: `InspectInputs` only stats each image (size
+and modification time, or what the object store reports). Where the stat and the path equal the
+table's, the stored digest is reused and the file is never opened; only new or changed stats are
+read and hashed by `HashImages`, after the compare. `run --rehash` hashes every image: a file
+rewritten with the same size and modification time is otherwise taken as unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -17,11 +25,12 @@ from transforms.images import check_image
 from transforms.items import REJECTS, reject_from_exception
 
 
-def fingerprint(encoder_id: str, data: bytes) -> str:
-    digest = hashlib.sha256(encoder_id.encode("utf-8"))
-    digest.update(b"\0")
-    digest.update(data)
-    return digest.hexdigest()
+def content_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(encoder_id: str, digest: str) -> str:
+    return hashlib.sha256(f"{encoder_id}\0{digest}".encode()).hexdigest()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -29,45 +38,59 @@ def read_bytes(uri: str) -> bytes:
         return handle.read()
 
 
-class LoadInputs(beam.DoFn):
-    """Read the image once, check the text, and fingerprint every encoder's input.
+def file_stat(uri: str) -> str:
+    """Size and modification time as the filesystem (local, gs://, s3://) reports them, without opening."""
+    try:
+        meta = FileSystems.get_filesystem(uri).metadata(uri)
+    except BeamIOError as err:
+        raise FileNotFoundError(f"no image at {uri}") from err
+    return f"{meta.size_in_bytes}:{meta.last_updated_in_seconds!r}"
 
-    `encoders` maps encoder name to (encoder id, modality), modality being "text" or "image".
+
+class InspectInputs(beam.DoFn):
+    """Digest each item's text and stat its image: no image is opened here.
+
+    `modalities` are those the config's encoders take ("text", "image").
     """
 
-    def __init__(self, encoders: dict[str, tuple[str, str]], max_pixels: int):
-        self._encoders = encoders
-        self._max_pixels = max_pixels
-        self._needs_image = any(modality == "image" for _, modality in encoders.values())
-        self._needs_text = any(modality == "text" for _, modality in encoders.values())
-        self._loaded = Metrics.counter("catalog_embed", "items_loaded")
+    def __init__(self, modalities: frozenset[str]):
+        self._modalities = modalities
 
     def process(self, item: dict):
         try:
-            inputs = {"text": self._text_input(item), "image": self._image_input(item)}
+            if "text" in self._modalities:
+                if not item["text"]:
+                    raise ValueError("the item has no text in its text fields")
+                item["digests"]["text"] = content_digest(item["text"].encode("utf-8"))
+            if "image" in self._modalities:
+                if not item["image_uri"]:
+                    raise FileNotFoundError("the item has no image reference")
+                item["image_stat"] = file_stat(item["image_uri"])
         except (OSError, ValueError) as err:
             yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
             return
-        item["image_bytes"] = inputs["image"]
-        item["fingerprints"] = {
-            name: fingerprint(encoder_id, inputs[modality])
-            for name, (encoder_id, modality) in self._encoders.items()
-        }
-        self._loaded.inc()
         yield item
 
-    def _text_input(self, item: dict) -> bytes | None:
-        if not self._needs_text:
-            return None
-        if not item["text"]:
-            raise ValueError("the item has no text in its text fields")
-        return item["text"].encode("utf-8")
 
-    def _image_input(self, item: dict) -> bytes | None:
-        if not self._needs_image:
-            return None
-        if not item["image_uri"]:
-            raise FileNotFoundError("the item has no image reference")
-        data = read_bytes(item["image_uri"])
-        check_image(data, self._max_pixels)
-        return data
+class HashImages(beam.DoFn):
+    """Read, check and digest the images whose digest the table could not vouch for."""
+
+    def __init__(self, max_pixels: int):
+        self._max_pixels = max_pixels
+        self._hashed = Metrics.counter("catalog_embed", "images_hashed")
+        self._bytes = Metrics.counter("catalog_embed", "image_bytes_hashed")
+
+    def process(self, item: dict):
+        if item["image_stat"] is None or "image" in item["digests"]:
+            yield item
+            return
+        try:
+            data = read_bytes(item["image_uri"])
+            check_image(data, self._max_pixels)
+        except (OSError, ValueError) as err:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
+            return
+        item["digests"]["image"] = content_digest(data)
+        self._hashed.inc()
+        self._bytes.inc(len(data))
+        yield item

@@ -1,11 +1,16 @@
 """The item that flows through the pipeline, and the reject that replaces it when a stage fails.
 
-An item is a plain dict so that every Beam runner can pickle it cheaply:
+An item is a plain dict of references and small values, so that it is cheap to shuffle on every
+runner. It never carries image bytes or stored vectors:
 
     id, label, text, image_uri, fields   what the catalog row says
-    image_bytes                          the image file, read once by the load stage
-    fingerprints {encoder: hex}          what each encoder's input was (see fingerprint.py)
-    vectors {encoder: ndarray}           filled by the encode stages
+    image_stat                           the image file's size and modification time (fingerprint.py)
+    digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
+    stored                               the table's summary of the same id, if any (compare.py)
+    fingerprints {encoder: hex}          what each encoder's input was (fingerprint.py)
+    keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
+    vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
+    encoded [encoder]                    encoders whose forward pass this item paid for (for the counts)
 
 A reject is a dict with the columns of the `<table>_rejects` table.
 """
@@ -46,8 +51,13 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "image_uri": resolve_image_uri(image, base_dir) if image else None,
         "fields": {name: _clean(row.get(name)) for name in passthrough},
         "source": row.get("_source"),
+        "image_stat": None,
+        "digests": {},
+        "stored": None,
         "fingerprints": {},
+        "keep": [],
         "vectors": {},
+        "encoded": [],
     }
 
 

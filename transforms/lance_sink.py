@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
@@ -18,7 +19,6 @@ import apache_beam as beam
 import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from lance.fragment import FragmentMetadata, write_fragments
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = b"catalog_embed"
 ID_INDEX = "id_idx"  # the scalar index maintain.py builds on `id`
 ID_LOOKUP_SLICE = 10_000
-RESERVED_COLUMNS = ("id", "label", "image_uri", "vector", "run_id", "embedded_at")
+RESERVED_COLUMNS = ("id", "label", "image_uri", "image_stat", "image_digest", "vector", "run_id", "embedded_at")
+REPLACED = "replaced"  # (fragment id, item id) of stored rows that a written row replaces
 
 
 def dataset_uri(db_uri: str, table: str) -> str:
@@ -39,7 +40,7 @@ def table_schema(passthrough: Sequence[str], encoders: Sequence[dict], table_met
     """The table's explicit schema. `encoders` are dicts with at least `name` and `dim`."""
     columns = [pa.field("id", pa.string(), nullable=False)]
     columns += [pa.field(name, pa.string()) for name in passthrough if name not in RESERVED_COLUMNS]
-    columns += [pa.field("label", pa.string()), pa.field("image_uri", pa.string())]
+    columns += [pa.field(name, pa.string()) for name in ("label", "image_uri", "image_stat", "image_digest")]
     columns += [pa.field(f"{e['name']}_vec", pa.list_(pa.float32(), e["dim"])) for e in encoders]
     columns.append(pa.field("vector", pa.list_(pa.float32(), sum(e["dim"] for e in encoders))))
     columns += [pa.field(f"{e['name']}_fp", pa.string()) for e in encoders]
@@ -67,7 +68,9 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.
             columns[name] = pa.array([run_id] * len(items), pa.string())
         elif name == "embedded_at":
             columns[name] = pa.array([now] * len(items), field.type)
-        elif name in ("id", "label", "image_uri"):
+        elif name == "image_digest":
+            columns[name] = pa.array([item["digests"].get("image") for item in items], pa.string())
+        elif name in ("id", "label", "image_uri", "image_stat"):
             columns[name] = pa.array([item[name] for item in items], pa.string())
         else:
             columns[name] = pa.array([item["fields"].get(name) for item in items], pa.string())
@@ -75,26 +78,46 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.
 
 
 class WriteFragments(beam.DoFn):
-    """Write a batch of items as Lance fragments; emit their metadata for the commit step."""
+    """Write a batch of items as Lance fragments; emit their metadata and counts for the commit step,
+    and (tagged `replaced`) the stored rows they replace, for the deletion stage."""
 
     def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool):
         self._uri = uri
         self._schema = schema
         self._run_id = run_id
         # Fragments for a new schema are checked against it, not against the table's current one.
-        self._mode = "overwrite" if overwrite else "append"
+        self._overwrite = overwrite
         self._written = Metrics.counter("catalog_embed", "items_written")
 
     def process(self, items: list[dict]):
         table = items_to_arrow(items, self._schema, self._run_id)
-        fragments = write_fragments(table, self._uri, schema=self._schema, mode=self._mode)
+        mode = "overwrite" if self._overwrite else "append"
+        fragments = write_fragments(table, self._uri, schema=self._schema, mode=mode)
         self._written.inc(len(items))
-        encoded: dict[str, int] = {}
-        for item in items:
-            for name in item.get("encoded", ()):
-                encoded[name] = encoded.get(name, 0) + 1
-        yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "ids": [item["id"] for item in items],
-               "encoded": encoded}
+        yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(items),
+               "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
+        if not self._overwrite:
+            for item in items:
+                if item["stored"] is not None:
+                    yield beam.pvalue.TaggedOutput(REPLACED, (item["stored"]["fragment"], item["id"]))
+
+
+class DeleteRows(beam.DoFn):
+    """Per stored fragment, a deletion file for the rows this run replaces or deletes: written by the
+    workers, invisible until the commit references it. Emits (fragment id, new metadata or None when
+    no row of the fragment is left)."""
+
+    def __init__(self, uri: str, read_version: int):
+        self._uri = uri
+        self._read_version = read_version
+
+    def setup(self):
+        self._dataset = lance.dataset(self._uri, version=self._read_version)
+
+    def process(self, fragment_ids: tuple[int, Iterable[str]]):
+        fragment_id, ids = fragment_ids
+        result = self._dataset.get_fragment(fragment_id).delete(_id_in(sorted(ids)))
+        yield fragment_id, None if result is None else json.dumps(result.to_json())
 
 
 def open_dataset(uri: str) -> lance.LanceDataset | None:
@@ -119,35 +142,33 @@ class ConcurrentRunError(RuntimeError):
     """Another run committed to the table after this run read it; this run commits nothing."""
 
 
-def commit_run(uri: str, schema: pa.Schema, written: Iterable[dict], delete_ids: Iterable[str],
+def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions: Sequence[tuple[int, str | None]],
                run_id: str, read_version: int | None, overwrite: bool) -> int:
-    """Commit the run's fragments and deletions as one new version, tag it, and return the version.
+    """Commit the run's fragments and deletion files as one new version, tag it, and return the version.
 
-    Rows whose id is written again are replaced; `delete_ids` are removed; `overwrite` replaces the
-    whole table (its schema changed). A run with nothing to change tags the current version and
-    creates none. Re-committing a run that already committed (a retried bundle) changes nothing.
+    `fragments` are the new fragments' metadata (JSON); `deletions` are (fragment id, its metadata with
+    the new deletion file, or None to remove the fragment); `overwrite` replaces the whole table (its
+    schema changed). A run with nothing to change tags the current version and creates none.
+    Re-committing a run that already committed (a retried bundle) changes nothing.
     """
-    written = list(written)
-    delete_ids = set(delete_ids)
     dataset = open_dataset(uri)
     current = dataset.version if dataset is not None else None
     if dataset is not None and run_tag(run_id) in dataset.tags.list():
         return dataset.tags.list()[run_tag(run_id)]["version"]
     if current != read_version:
         raise _moved(uri, read_version, current)
-    if dataset is not None and not overwrite and not written and not delete_ids:
+    if dataset is not None and not overwrite and not fragments and not deletions:
         dataset.tags.create(run_tag(run_id), current)
         return current
-    fragments = [FragmentMetadata.from_json(raw) for batch in written for raw in batch["fragments"]]
+    new_fragments = [FragmentMetadata.from_json(raw) for raw in fragments]
     if dataset is None or overwrite:
-        operation = lance.LanceOperation.Overwrite(schema, fragments)
+        operation = lance.LanceOperation.Overwrite(schema, new_fragments)
     else:
-        replaced = {item_id for batch in written for item_id in batch["ids"]} | delete_ids
-        removed, updated = _deletions(dataset, replaced)
         operation = lance.LanceOperation.Update(
-            removed_fragment_ids=removed, updated_fragments=updated, new_fragments=fragments)
-    message = json.dumps({"run_id": run_id, "written": sum(len(b["ids"]) for b in written),
-                          "deleted": len(delete_ids)})
+            removed_fragment_ids=[fid for fid, kept in deletions if kept is None],
+            updated_fragments=[FragmentMetadata.from_json(kept) for _, kept in deletions if kept is not None],
+            new_fragments=new_fragments)
+    message = json.dumps({"run_id": run_id, "fragments": len(new_fragments), "with_deletions": len(deletions)})
     try:
         committed = lance.LanceDataset.commit(
             uri, operation, read_version=read_version, commit_message=message, max_retries=0,
@@ -184,33 +205,11 @@ def _moved(uri: str, read_version: int | None, current: int | None) -> Concurren
         "committed first. Nothing was committed; run again to embed against the new version.")
 
 
-def _deletions(dataset: lance.LanceDataset, ids: set[str]) -> tuple[list[int], list[FragmentMetadata]]:
-    """Deletion vectors for the rows with these ids, per fragment, written but not committed."""
-    if not ids:
-        return [], []
-    hits = _row_addresses(dataset, sorted(ids))
-    by_fragment: dict[int, list[str]] = {}
-    for item_id, address in zip(hits["id"].to_pylist(), hits["_rowaddr"].to_pylist(), strict=True):
-        by_fragment.setdefault(address >> 32, []).append(item_id)
-    removed, updated = [], []
-    for fragment_id, fragment_ids in by_fragment.items():
-        result = dataset.get_fragment(fragment_id).delete(_id_in(fragment_ids))
-        if result is None:
-            removed.append(fragment_id)
-        else:
-            updated.append(result)
-    return removed, updated
-
-
-def _row_addresses(dataset: lance.LanceDataset, ids: list[str]) -> pa.Table:
-    """(id, _rowaddr) of these ids: looked up in the `id` index when the table has one (large tables), in
-    slices that keep each filter short; otherwise found in one scan of the id column."""
-    if ID_INDEX in {index.name for index in dataset.describe_indices()}:
-        slices = [ids[i:i + ID_LOOKUP_SLICE] for i in range(0, len(ids), ID_LOOKUP_SLICE)]
-        return pa.concat_tables([dataset.to_table(columns=["id"], with_row_address=True, filter=_id_in(chunk))
-                                 for chunk in slices])
-    rows = dataset.to_table(columns=["id"], with_row_address=True)
-    return rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, pa.string())))
+def rows_by_id(dataset: lance.LanceDataset, ids: Sequence[str], columns: Sequence[str]) -> pa.Table:
+    """These ids' rows, by a filter on `id` in slices that keep each filter short. Large tables have
+    the `id` index (maintain.py), which turns each slice into a few index lookups instead of a scan."""
+    slices = [ids[i:i + ID_LOOKUP_SLICE] for i in range(0, len(ids), ID_LOOKUP_SLICE)]
+    return pa.concat_tables([dataset.to_table(columns=list(columns), filter=_id_in(chunk)) for chunk in slices])
 
 
 def _id_in(ids: list[str]) -> str:

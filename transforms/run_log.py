@@ -1,4 +1,9 @@
-"""The job's own tables beside the data table: `<table>_runs` (one row per run) and `<table>_rejects`."""
+"""The job's own tables beside the data table: `<table>_runs` (one row per run) and `<table>_rejects`.
+
+Rejects can be many (a broken mount, a bad export): workers write them as fragments of the rejects
+table, and the commit step appends those fragments, so no reject passes through the single commit
+worker. The run's row is one row, written by the commit step.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+import apache_beam as beam
+import lance
 import lancedb
 import pyarrow as pa
+from lance.fragment import FragmentMetadata, write_fragments
+
+from transforms.lance_sink import dataset_uri, open_dataset
 
 RUNS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -51,6 +61,33 @@ def rejects_by(rejects: Sequence[dict]) -> dict[str, int]:
     return dict(sorted(Counter(f"{r['stage']}/{r['error']}" for r in rejects).items()))
 
 
+class WriteRejects(beam.DoFn):
+    """Write a batch of rejects as fragments of `<table>_rejects`; emit their metadata and counts."""
+
+    def __init__(self, db_uri: str, table: str, run_id: str):
+        self._uri = dataset_uri(db_uri, rejects_table_name(table))
+        self._run_id = run_id
+
+    def process(self, rejects: list[dict]):
+        data = pa.Table.from_pylist([dict(r, run_id=self._run_id) for r in rejects], schema=REJECTS_SCHEMA)
+        fragments = write_fragments(data, self._uri, schema=REJECTS_SCHEMA, mode="append")
+        yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(rejects),
+               "by": rejects_by(rejects)}
+
+
+def commit_rejects(db_uri: str, table: str, fragments: Sequence[str]) -> None:
+    """Append the rejects' fragments to `<table>_rejects` (creating it on the first rejects)."""
+    if not fragments:
+        return
+    uri = dataset_uri(db_uri, rejects_table_name(table))
+    metadata = [FragmentMetadata.from_json(raw) for raw in fragments]
+    existing = open_dataset(uri)
+    if existing is None:
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(REJECTS_SCHEMA, metadata))
+    else:
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(metadata), read_version=existing.version)
+
+
 def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema) -> None:
     if not rows:
         return
@@ -60,10 +97,6 @@ def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema)
         db.open_table(name).add(data)
     else:
         db.create_table(name, data, schema=schema)
-
-
-def record_rejects(db_uri: str, table: str, rejects: Sequence[dict], run_id: str) -> None:
-    append_rows(db_uri, rejects_table_name(table), [dict(r, run_id=run_id) for r in rejects], REJECTS_SCHEMA)
 
 
 def record_run(db_uri: str, table: str, run: dict) -> None:
