@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ MULTIMODAL_ENCODERS = {
     "color": {"kind": "color", "weight": 0.1},
     "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
 }
+CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
 DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "label_field": "category",
                 "fields": ["category"]}
 
@@ -42,6 +44,25 @@ def copy_photo(name: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(photo(name), dest)
     return dest
+
+
+def write_catalog(folder: Path, rows: list[dict]) -> Path:
+    """A manifest catalog.csv (id, caption, image) in `folder`."""
+    with (folder / "catalog.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "caption", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "catalog.csv"
+
+
+def captioned_catalog(root: Path) -> tuple[Path, list[dict]]:
+    """Six real photos with captions, as a manifest under root/catalog; its folder and rows."""
+    folder, rows = root / "catalog", []
+    for i, (caption, name) in enumerate(zip(CAPTIONS, PHOTOS, strict=False)):
+        copy_photo(name, folder / "images" / f"{i}.png")
+        rows.append({"id": f"item-{i}", "caption": caption, "image": f"images/{i}.png"})
+    write_catalog(folder, rows)
+    return folder, rows
 
 
 def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, table: str = "items") -> Config:

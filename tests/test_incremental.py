@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import apache_beam as beam
@@ -13,28 +12,15 @@ import pytest
 from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
 from pipelines.query import item_queries, open_table, search
-from tests.conftest import PHOTOS, copy_photo, make_config, read_table, run
+from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
 from transforms.lance_sink import dataset_uri
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
-CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
-
-
-def _write_catalog(folder, rows):
-    with (folder / "catalog.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "caption", "image"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @pytest.fixture
 def catalog(tmp_path):
-    folder = tmp_path / "catalog"
-    rows = []
-    for i, (caption, name) in enumerate(zip(CAPTIONS, PHOTOS, strict=False)):
-        copy_photo(name, folder / "images" / f"{i}.png")
-        rows.append({"id": f"item-{i}", "caption": caption, "image": f"images/{i}.png"})
-    _write_catalog(folder, rows)
+    folder, rows = captioned_catalog(tmp_path)
     config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
                                     "text_fields": ["caption"]}, ENCODERS)
     return config, folder, rows
@@ -68,7 +54,7 @@ def test_changes_are_encoded_exactly_and_old_versions_stay_readable(catalog):
     copy_photo(PHOTOS[6], folder / "images" / "new.png")
     rows.append({"id": "item-new", "caption": "a motorcycle", "image": "images/new.png"})  # added
     removed = rows.pop(2)                                        # removed
-    _write_catalog(folder, rows)
+    write_catalog(folder, rows)
 
     summary = run(config, "r2")
     assert summary["encoded"] == {"text": 2, "color": 2}
@@ -101,7 +87,7 @@ def test_a_failure_leaves_the_table_and_a_rerun_completes(catalog, monkeypatch, 
     run(config, "r1")
     version, before = _latest(config), read_table(config)
     rows[1]["caption"] = "changed"
-    _write_catalog(folder, rows)
+    write_catalog(folder, rows)
     with monkeypatch.context() as patch:
         patch.setattr(*[w for w in where if w is not None], _broken)
         with pytest.raises(Exception, match="injected failure"):
@@ -116,7 +102,7 @@ def test_two_worker_incremental_run_is_one_version_with_unique_ids(catalog):
     run(config, "r1")
     start = _latest(config)
     rows[3]["caption"] = "a rocket on its pad"
-    _write_catalog(folder, rows)
+    write_catalog(folder, rows)
     run(config, "r2", ("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
     dataset = lance.dataset(dataset_uri(config.output.uri, config.output.table))
     assert dataset.tags.list()["run-r2"]["version"] == start + 1
@@ -128,7 +114,7 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog):
     config, folder, rows = catalog
     run(config, "r1")
     rows.append({"id": "item-race", "caption": "a horse", "image": "images/0.png"})
-    _write_catalog(folder, rows)
+    write_catalog(folder, rows)
     slow = plan_job(config, "slow")          # reads the table, then another run commits first
     run(config, "fast")
     with pytest.raises(Exception, match="changed during this run"):
@@ -172,7 +158,7 @@ def test_rollback_restores_earlier_content_as_a_new_version(catalog, capsys):
     run(config, "r1")
     original = read_table(config).drop_columns(["embedded_at"])
     rows.pop(0)
-    _write_catalog(folder, rows)
+    write_catalog(folder, rows)
     run(config, "r2")
     latest = _latest(config)
     assert main(["rollback", "--uri", config.output.uri, "--table", config.output.table, "--to", "run-r1"]) == 0
@@ -190,7 +176,7 @@ def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
                             type(indexed.output)(**{**indexed.output.__dict__, "index_min_rows": 4}))
     run(indexed, "r1")
     edited = [dict(rows[1], caption="an edited caption"), *rows[2:]]
-    _write_catalog(folder, edited)
+    write_catalog(folder, edited)
     assert run(indexed, "r2")["deleted"] == 1            # a second run refreshes the existing indexes
     dataset = lance.dataset(dataset_uri(indexed.output.uri, indexed.output.table))
     assert {i.name for i in dataset.describe_indices()} >= {"vector_idx", "id_idx"}
