@@ -43,9 +43,11 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q tests
 
-# Side by side with Beam's MLTransform embeddings on the same texts; see benchmarks/throughput.py.
+# Side by side with Beam's MLTransform embeddings on the same texts (benchmarks/throughput.py), then
+# the nightly cost at 10k and 100k Food-101-layout items (benchmarks/scale.py). Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
+	$(BIN)/python -m benchmarks.scale --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ Each run is `catalog-embed run` in a fresh process, measured for seconds, peak m
 all bytes the process read (rchar in /proc/self/io: libraries and weights too) and the image bytes
 it opened.
 
-    python -m benchmarks.scale --unique 10000 --items 100000 --out out/bench-scale.json
+    python -m benchmarks.scale --unique 10000 --items 100000 --out out/bench.json
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
+from benchmarks.results import save_section
 from demo.build_catalog import PHOTO_FOLDERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="nightly-run cost at 10k and 100k Food-101-layout items")
     parser.add_argument("--unique", type=int, default=10_000, help="unique photos, and the small catalog's size")
     parser.add_argument("--items", type=int, default=100_000, help="the large catalog's size")
-    parser.add_argument("--out", default="out/bench-scale.json", help="where to write the JSON results")
+    parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'scale')")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "RUN_ID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -179,8 +180,7 @@ def main() -> None:
         large = scenarios(f"{args.items:,}", root, photos, args.items)
     rows = small + large
     result = {"runs": rows, "summary": summarise(small, large)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save_section(args.out, "scale", result)
     print_results([{k: v for k, v in r.items() if k != "encoded"} for r in rows])
     print(json.dumps(result["summary"], indent=2))
     print(f"results: {args.out}")

@@ -114,7 +114,8 @@ class DecideWork(beam.DoFn):
     def process(self, item: dict):
         item["fingerprints"] = {name: fingerprint(encoder_id, item["digests"][modality])
                                 for name, (encoder_id, modality) in self._encoders.items()}
-        stored = item["stored"] or {"fingerprints": {}}
+        stored = item.pop("stored") or {"fingerprints": {}}
+        item["replaces"] = stored.get("fragment")
         item["keep"] = sorted(name for name, fp in item["fingerprints"].items()
                               if stored["fingerprints"].get(name) == fp)
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])

@@ -7,6 +7,7 @@ runner. It never carries image bytes or stored vectors:
     image_stat                           the image file's size and modification time (fingerprint.py)
     digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
     stored                               the table's summary of the same id, if any (compare.py)
+    replaces                             the fragment of the stored row this item replaces, once decided
     fingerprints {encoder: hex}          what each encoder's input was (fingerprint.py)
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
     vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
@@ -54,6 +55,7 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "image_stat": None,
         "digests": {},
         "stored": None,
+        "replaces": None,
         "fingerprints": {},
         "keep": [],
         "vectors": {},

@@ -1,9 +1,10 @@
 """The Lance sink: workers write fragments, one commit step makes the run's table version.
 
 This is the distributed-write pattern of Lance (as Ray Data and Daft use it): data files are written
-in parallel and stay invisible until a single commit references them. The commit replaces rows by
-id in the same transaction (deletion vectors on the old fragments plus the new fragments), so a
-run is exactly one new version, and a failure before it leaves the table as it was.
+in parallel and stay invisible until a single commit references them. Rows that the run replaces or
+deletes get deletion files, also written by workers, one per stored fragment. The commit puts new
+fragments and deletions in one transaction, so a run is exactly one new version, a failure before it
+leaves the table as it was, and the commit step handles metadata per fragment, never per row.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class WriteFragments(beam.DoFn):
                "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
         if not self._overwrite:
             for item in items:
-                if item["stored"] is not None:
-                    yield beam.pvalue.TaggedOutput(REPLACED, (item["stored"]["fragment"], item["id"]))
+                if item["replaces"] is not None:
+                    yield beam.pvalue.TaggedOutput(REPLACED, (item["replaces"], item["id"]))
 
 
 class DeleteRows(beam.DoFn):
