@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="catalog-embed",
-    version="0.1.0",
+    version="0.2.0",
     description="Batch embedding of product and image catalogs into versioned LanceDB tables",
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),

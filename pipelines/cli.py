@@ -18,6 +18,7 @@ EXAMPLES = """\
 examples:
   catalog-embed run --config configs/demo.yaml
   catalog-embed run --config configs/demo.yaml --direct_num_workers=2 --direct_running_mode=multi_processing
+  catalog-embed run --config configs/food101.yaml --rehash        # weekly: read and hash every image
   catalog-embed run --config configs/food101.yaml --runner=DataflowRunner --project=P --region=R \\
       --temp_location=gs://B/tmp --sdk_container_image=IMAGE
   catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
