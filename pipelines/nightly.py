@@ -38,7 +38,7 @@ from transforms.lance_sink import (
 )
 from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
-from transforms.reuse import WithKeptVectors
+from transforms.reuse import FetchKeptVectors
 from transforms.run_log import WriteRejects, read_runs, utc_now
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,11 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     weights, order = config.normalised_weights(), [e.name for e in plan.encoders]
     written = (
         items
-        | "Kept vectors" >> WithKeptVectors(ctx.dataset_uri, ctx.read_version)
-        | "Combine" >> beam.Map(_with_combined_vector, weights, order)
         # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
         | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
                                              max_batch_size=config.output.write_batch_rows)
+        | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version))
+        | "Combine" >> beam.Map(_with_combined_vectors, weights, order)
         | "Write fragments" >> beam.ParDo(WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite))
         .with_outputs(REPLACED, main=ITEMS)
     )
@@ -124,7 +124,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "Write rejects" >> beam.ParDo(WriteRejects(ctx.output.uri, ctx.output.table, ctx.run_id))
     )
     # Counted as read, independently of the outcomes, so that the summary can check they add up.
-    rows_read = (read[ITEMS], read[REJECTS]) | "Rows read" >> beam.Flatten()
+    rows_read = (
+        (read[ITEMS] | "Count items read" >> beam.combiners.Count.Globally(),
+         read[REJECTS] | "Count rejects read" >> beam.combiners.Count.Globally())
+        | "Both counts" >> beam.Flatten()
+        | "Rows read" >> beam.CombineGlobally(sum)
+    )
     (
         pipeline
         | "Once" >> beam.Create([None])
@@ -132,7 +137,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
             rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
             deleted=_count(compared[DELETES], "deleted"), unchanged=_count(decided[UNCHANGED], "unchanged"),
-            read=_count(rows_read, "read"))
+            read=beam.pvalue.AsSingleton(rows_read))
     )
 
 
@@ -195,9 +200,10 @@ def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
                           "run with --reembed to re-embed it into a new version")
 
 
-def _with_combined_vector(item: dict, weights: dict, order: list[str]) -> dict:
-    item["vectors"]["vector"] = combine(item["vectors"], weights, order)
-    return item
+def _with_combined_vectors(items: list[dict], weights: dict, order: list[str]) -> list[dict]:
+    for item in items:
+        item["vectors"]["vector"] = combine(item["vectors"], weights, order)
+    return items
 
 
 def _encoder_config(encoder: Encoder) -> dict:

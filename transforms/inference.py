@@ -82,6 +82,9 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         inputs, groups = [], []
         for _, items in batch:
             items = list(items)
+            if not any(needs(item, e) for item in items for e in self._encoders):
+                yield items, {}, None          # items that pass through this stage untouched
+                continue
             try:
                 inputs.append(load_input(self._modality, items[0]))
                 groups.append(items)
@@ -137,7 +140,7 @@ class ShareVectors(beam.DoFn):
 
 
 class EncodeModality(beam.PTransform):
-    """Give every item the vectors of one modality's encoders; items that need none pass straight through.
+    """Give every item the vectors of one modality's encoders that it needs.
 
     Outputs tagged `items` and `rejects`.
     """
@@ -149,14 +152,15 @@ class EncodeModality(beam.PTransform):
 
     def expand(self, items):
         encoders, modality = self._encoders, self._modality
-        todo, done = items | "Needs encoding" >> beam.Partition(
-            lambda item, _: int(not any(needs(item, e) for e in encoders)), 2)
+        # Items that need nothing here ride alone under their id, through the same stages: merging two
+        # branches after encoding would make local runners hold every new vector at once.
         encoded = (
-            todo
-            | "Key by input" >> beam.Map(lambda item: (item["digests"][modality], item))
+            items
+            | "Key by input" >> beam.Map(
+                lambda item: (item["digests"][modality] if any(needs(item, e) for e in encoders)
+                              else f"id:{item['id']}", item))
             | "Group equal inputs" >> beam.GroupByKey()
             | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders))
             | "Share vectors" >> beam.ParDo(ShareVectors(encoders)).with_outputs(REJECTS, main=ITEMS)
         )
-        merged = (encoded[ITEMS], done) | "Merge unchanged" >> beam.Flatten()
-        return {ITEMS: merged, REJECTS: encoded[REJECTS]}
+        return {ITEMS: encoded[ITEMS], REJECTS: encoded[REJECTS]}

@@ -2,8 +2,8 @@
 
 Every reader turns its layout into uniform rows (`id`, `image`, `label` and the catalog's own
 fields); `make_item` then does the rest the same way for all. The reads are splittable (line-based
-text files, Parquet row groups, matched files), and a reshuffle spreads the items over workers
-before the heavy stages.
+text files, Parquet row groups, matched files); the compare's join by id then spreads the items over
+the workers before the heavy stages, so they are not shuffled once more here.
 """
 
 from __future__ import annotations
@@ -138,8 +138,7 @@ class ReadCatalog(beam.PTransform):
             .with_outputs(REJECTS, main=ITEMS)
         )
         all_rejects = (rejects, items[REJECTS]) | "Read rejects" >> beam.Flatten()
-        spread = items[ITEMS] | "Spread over workers" >> beam.Reshuffle()
-        return {ITEMS: spread, REJECTS: all_rejects}
+        return {ITEMS: items[ITEMS], REJECTS: all_rejects}
 
     def _base_dir(self) -> str:
         path = self._catalog.path.rstrip("/")

@@ -1,9 +1,9 @@
 """Fetch the stored vectors that an item written again keeps (a new caption on the same photo keeps
 its image vectors), from the table at the version the run started from.
 
-Only items that are written again and keep something are looked up, in batches, by id (through the
-`id` index on large tables), right before they are written: stored vectors never cross a shuffle,
-and an unchanged item's vectors are never read at all.
+Only items that are written again and keep something are looked up, one query per written batch, by
+id (through the `id` index on large tables), right before they are written: stored vectors never
+cross a shuffle, and an unchanged item's vectors are never read at all.
 """
 
 from __future__ import annotations
@@ -14,18 +14,25 @@ import numpy as np
 
 from transforms.lance_sink import rows_by_id
 
-FETCH_BATCH = 1024
-
 
 class FetchKeptVectors(beam.DoFn):
-    def __init__(self, uri: str, read_version: int):
+    """Batches of items in, the same batches out, with every kept vector filled in."""
+
+    def __init__(self, uri: str, read_version: int | None):
         self._uri = uri
         self._read_version = read_version
 
     def setup(self):
-        self._dataset = lance.dataset(self._uri, version=self._read_version)
+        # A new table has nothing to keep.
+        self._dataset = None if self._read_version is None else lance.dataset(self._uri, version=self._read_version)
 
     def process(self, items: list[dict]):
+        keeping = [item for item in items if item["keep"]]
+        if keeping:
+            self._fill(keeping)
+        yield items
+
+    def _fill(self, items: list[dict]) -> None:
         names = sorted({name for item in items for name in item["keep"]})
         found = rows_by_id(self._dataset, [item["id"] for item in items], ["id", *[f"{n}_vec" for n in names]])
         position = {item_id: i for i, item_id in enumerate(found["id"].to_pylist())}
@@ -35,30 +42,9 @@ class FetchKeptVectors(beam.DoFn):
                 raise LookupError(f"item {item['id']!r} is not in version {self._read_version} of {self._uri}")
             row = position[item["id"]]
             item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"])
-            yield item
 
 
 def _matrix(column) -> np.ndarray:
     """A FixedSizeList<float32> column as an (n, dim) array, the stored bits unchanged."""
     flat = column.combine_chunks()
     return flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), flat.type.list_size)
-
-
-class WithKeptVectors(beam.PTransform):
-    """Items with every kept vector filled in; items that keep none pass straight through."""
-
-    def __init__(self, uri: str, read_version: int | None):
-        super().__init__()
-        self._uri = uri
-        self._read_version = read_version
-
-    def expand(self, items):
-        if self._read_version is None:       # a new table: nothing to keep
-            return items
-        keeping, others = items | "Keeps vectors" >> beam.Partition(lambda item, _: int(not item["keep"]), 2)
-        fetched = (
-            keeping
-            | "Batch lookups" >> beam.BatchElements(min_batch_size=FETCH_BATCH, max_batch_size=FETCH_BATCH)
-            | "Fetch by id" >> beam.ParDo(FetchKeptVectors(self._uri, self._read_version))
-        )
-        return (fetched, others) | "With kept vectors" >> beam.Flatten()
