@@ -17,7 +17,7 @@ import apache_beam as beam
 import lance
 
 from transforms.fingerprint import fingerprint
-from transforms.items import ITEMS, REJECTS, make_reject
+from transforms.items import ITEMS, REJECTS, make_reject, pack, unpack
 
 UNCHANGED = "unchanged"
 DELETES = "deletes"
@@ -30,7 +30,7 @@ def row_digest(label: str | None, image_uri: str | None, fields: dict) -> str:
 
 
 class ReadTableSummaries(beam.PTransform):
-    """(id, summary) of every row of one table version, one fragment per work item."""
+    """(id, packed summary) of every row of one table version, one fragment per work item."""
 
     def __init__(self, uri: str, version: int, encoders: list[str], fields: list[str]):
         super().__init__()
@@ -56,7 +56,7 @@ class ReadTableSummaries(beam.PTransform):
         columns = list(dict.fromkeys(c for c in wanted if c in present))
         for batch in dataset.get_fragment(fragment_id).to_batches(columns=columns):
             for row in batch.to_pylist():
-                yield row["id"], {
+                yield row["id"], pack({
                     "fragment": fragment_id,
                     "row": row_digest(row.get("label"), row.get("image_uri"),
                                       {name: row.get(name) for name in self._fields}),
@@ -64,7 +64,7 @@ class ReadTableSummaries(beam.PTransform):
                     "image_stat": row.get("image_stat"),
                     "image_digest": row.get("image_digest"),
                     "fingerprints": {e: row[f"{e}_fp"] for e in self._encoders if row.get(f"{e}_fp")},
-                }
+                })
 
 
 class CompareWithTable(beam.DoFn):
@@ -80,7 +80,7 @@ class CompareWithTable(beam.DoFn):
 
     def process(self, joined):
         item_id, sides = joined
-        items, stored = list(sides[ITEMS]), list(sides["table"])
+        items, stored = [unpack(i) for i in sides[ITEMS]], [unpack(s) for s in sides["table"]]
         if not items:
             if self._delete_missing:
                 yield beam.pvalue.TaggedOutput(DELETES, (stored[0]["fragment"], item_id))
@@ -129,7 +129,7 @@ class DecideWork(beam.DoFn):
 def compare_with_table(items, table_summaries, delete_missing: bool, rehash: bool):
     """Join items with stored summaries by id; returns the tagged outputs of CompareWithTable."""
     return (
-        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], item)), "table": table_summaries}
+        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], pack(item))), "table": table_summaries}
         | "Join with table" >> beam.CoGroupByKey()
         | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash)).with_outputs(DELETES, REJECTS, main=ITEMS)
     )

@@ -27,7 +27,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from transforms.encoders import Encoder
 from transforms.fingerprint import read_bytes
 from transforms.images import decode_image
-from transforms.items import ITEMS, REJECTS, make_reject, reject_from_exception
+from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
     def run_inference(self, batch: Sequence[tuple], model: LazyModels,
                       inference_args: dict | None = None) -> Iterable[tuple]:
         inputs, groups = [], []
-        for _, items in batch:
-            items = list(items)
+        for _, packed in batch:
+            items = [unpack(data) for data in packed]
             if not any(needs(item, e) for item in items for e in self._encoders):
                 yield items, {}, None          # items that pass through this stage untouched
                 continue
@@ -158,7 +158,7 @@ class EncodeModality(beam.PTransform):
             items
             | "Key by input" >> beam.Map(
                 lambda item: (item["digests"][modality] if any(needs(item, e) for e in encoders)
-                              else f"id:{item['id']}", item))
+                              else f"id:{item['id']}", pack(item)))
             | "Group equal inputs" >> beam.GroupByKey()
             | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders))
             | "Share vectors" >> beam.ParDo(ShareVectors(encoders)).with_outputs(REJECTS, main=ITEMS)

@@ -14,6 +14,10 @@ runner. It never carries image bytes or stored vectors:
     encoded [encoder]                    encoders whose forward pass this item paid for (for the counts)
 
 A reject is a dict with the columns of the `<table>_rejects` table.
+
+Items and stored summaries cross each grouping packed into bytes by Beam's own coder (`pack`): a
+runner encodes them there anyway, and local runners keep grouped values as objects, at about four
+times the size of their bytes.
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ import math
 import posixpath
 from typing import Any
 
+from apache_beam.coders import FastPrimitivesCoder
+
 from pipelines.config import CatalogConfig
 
 REJECTS = "rejects"
 ITEMS = "items"
+_CODER = FastPrimitivesCoder()
+
+
+def pack(value: dict) -> bytes:
+    return _CODER.encode(value)
+
+
+def unpack(data: bytes) -> dict:
+    return _CODER.decode(data)
 
 
 def make_reject(item_id: Any, stage: str, error: str, message: str, input_ref: str | None) -> dict:
