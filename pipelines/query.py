@@ -20,7 +20,7 @@ from transforms.fingerprint import read_bytes
 from transforms.images import check_image, decode_image
 from transforms.lance_sink import table_metadata
 
-HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at")
+HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at", "image_stat", "image_digest")
 
 
 class QueryError(ValueError):
