@@ -112,8 +112,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                                              max_batch_size=config.output.write_batch_rows)
         | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version))
         | "Combine" >> beam.Map(_with_combined_vectors, weights, order)
-        | "Write fragments" >> beam.ParDo(WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite))
-        .with_outputs(REPLACED, main=ITEMS)
+        | "Write fragments" >> beam.ParDo(WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite,
+                                                         inputs)).with_outputs(REPLACED, main=ITEMS)
     )
     deletions = _deletions(pipeline, ctx, (written[REPLACED], compared[DELETES]))
     reject_batches = (

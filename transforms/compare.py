@@ -16,7 +16,7 @@ import json
 import apache_beam as beam
 import lance
 
-from transforms.fingerprint import fingerprint
+from transforms.fingerprint import fingerprints
 from transforms.items import ITEMS, REJECTS, make_reject, pack, unpack
 
 UNCHANGED = "unchanged"
@@ -112,11 +112,9 @@ class DecideWork(beam.DoFn):
         self._rewrite_all = rewrite_all
 
     def process(self, item: dict):
-        item["fingerprints"] = {name: fingerprint(encoder_id, item["digests"][modality])
-                                for name, (encoder_id, modality) in self._encoders.items()}
         stored = item.pop("stored") or {"fingerprints": {}}
         item["replaces"] = stored.get("fragment")
-        item["keep"] = sorted(name for name, fp in item["fingerprints"].items()
+        item["keep"] = sorted(name for name, fp in fingerprints(item, self._encoders).items()
                               if stored["fingerprints"].get(name) == fp)
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
                     and stored.get("image_stat") == item["image_stat"])

@@ -33,6 +33,12 @@ def fingerprint(encoder_id: str, digest: str) -> str:
     return hashlib.sha256(f"{encoder_id}\0{digest}".encode()).hexdigest()
 
 
+def fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Each encoder's fingerprint of the item, from its input digests. `inputs` maps encoder name to
+    (encoder id, modality). Derived where needed, so that items do not carry them through shuffles."""
+    return {name: fingerprint(encoder_id, item["digests"][modality]) for name, (encoder_id, modality) in inputs.items()}
+
+
 def read_bytes(uri: str) -> bytes:
     with FileSystems.open(uri) as handle:
         return handle.read()

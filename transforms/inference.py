@@ -139,6 +139,15 @@ class ShareVectors(beam.DoFn):
             yield item
 
 
+def _group_key(item: dict, modality: str, encoders: Sequence[Encoder]) -> str:
+    """Items that need this modality group by its input's digest. The others ride alone under their id,
+    through the same stages: merging two branches after encoding would make local runners hold every
+    new vector at once."""
+    if any(needs(item, e) for e in encoders):
+        return item["digests"][modality]
+    return f"id:{item['id']}"
+
+
 class EncodeModality(beam.PTransform):
     """Give every item the vectors of one modality's encoders that it needs.
 
@@ -152,13 +161,9 @@ class EncodeModality(beam.PTransform):
 
     def expand(self, items):
         encoders, modality = self._encoders, self._modality
-        # Items that need nothing here ride alone under their id, through the same stages: merging two
-        # branches after encoding would make local runners hold every new vector at once.
         encoded = (
             items
-            | "Key by input" >> beam.Map(
-                lambda item: (item["digests"][modality] if any(needs(item, e) for e in encoders)
-                              else f"id:{item['id']}", pack(item)))
+            | "Key by input" >> beam.Map(lambda item: (_group_key(item, modality, encoders), pack(item)))
             | "Group equal inputs" >> beam.GroupByKey()
             | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders))
             | "Share vectors" >> beam.ParDo(ShareVectors(encoders)).with_outputs(REJECTS, main=ITEMS)

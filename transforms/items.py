@@ -8,7 +8,6 @@ runner. It never carries image bytes or stored vectors:
     digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
     stored                               the table's summary of the same id, if any (compare.py)
     replaces                             the fragment of the stored row this item replaces, once decided
-    fingerprints {encoder: hex}          what each encoder's input was (fingerprint.py)
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
     vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
     encoded [encoder]                    encoders whose forward pass this item paid for (for the counts)
@@ -71,7 +70,6 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "digests": {},
         "stored": None,
         "replaces": None,
-        "fingerprints": {},
         "keep": [],
         "vectors": {},
         "encoded": [],

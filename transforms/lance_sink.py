@@ -23,10 +23,11 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from lance.fragment import FragmentMetadata, write_fragments
 
+from transforms.fingerprint import fingerprints
+
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"catalog_embed"
-ID_INDEX = "id_idx"  # the scalar index maintain.py builds on `id`
 ID_LOOKUP_SLICE = 10_000
 RESERVED_COLUMNS = ("id", "label", "image_uri", "image_stat", "image_digest", "vector", "run_id", "embedded_at")
 REPLACED = "replaced"  # (fragment id, item id) of stored rows that a written row replaces
@@ -54,8 +55,11 @@ def table_metadata(schema: pa.Schema) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.Table:
+def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str,
+                   inputs: dict[str, tuple[str, str]]) -> pa.Table:
+    """The rows of a batch; `inputs` maps encoder name to (encoder id, modality), for the fingerprints."""
     now = datetime.now(timezone.utc)
+    item_fingerprints = [fingerprints(item, inputs) for item in items]
     columns = {}
     for field in schema:
         name = field.name
@@ -64,7 +68,7 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str) -> pa.
             flat = np.concatenate([item["vectors"][key] for item in items]).astype(np.float32)
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
         elif name.endswith("_fp"):
-            columns[name] = pa.array([item["fingerprints"][name[:-3]] for item in items], pa.string())
+            columns[name] = pa.array([found[name[:-3]] for found in item_fingerprints], pa.string())
         elif name == "run_id":
             columns[name] = pa.array([run_id] * len(items), pa.string())
         elif name == "embedded_at":
@@ -82,16 +86,17 @@ class WriteFragments(beam.DoFn):
     """Write a batch of items as Lance fragments; emit their metadata and counts for the commit step,
     and (tagged `replaced`) the stored rows they replace, for the deletion stage."""
 
-    def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool):
+    def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool, inputs: dict[str, tuple[str, str]]):
         self._uri = uri
         self._schema = schema
         self._run_id = run_id
+        self._inputs = inputs
         # Fragments for a new schema are checked against it, not against the table's current one.
         self._overwrite = overwrite
         self._written = Metrics.counter("catalog_embed", "items_written")
 
     def process(self, items: list[dict]):
-        table = items_to_arrow(items, self._schema, self._run_id)
+        table = items_to_arrow(items, self._schema, self._run_id, self._inputs)
         mode = "overwrite" if self._overwrite else "append"
         fragments = write_fragments(table, self._uri, schema=self._schema, mode=mode)
         self._written.inc(len(items))

@@ -14,9 +14,8 @@ from datetime import timedelta
 
 import lance
 
-from transforms.lance_sink import ID_INDEX
-
 log = logging.getLogger(__name__)
+ID_INDEX = "id_idx"         # the scalar index on `id`, which finds rows by id (lance_sink.rows_by_id)
 TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's size
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
 
