@@ -195,3 +195,18 @@ def test_an_unreadable_table_fails_the_run_instead_of_being_overwritten(catalog)
     with pytest.raises(ValueError, match="too small"):
         run(config, "r1")
     assert manifest.read_bytes() == b"not a manifest" * 4
+
+
+def test_a_failed_upkeep_step_leaves_the_run_committed(catalog, tmp_path, monkeypatch):
+    # Lance refuses an index whose k-means cannot fill its partitions (seen on 100k rows over 101 distinct
+    # vectors); the rows are committed by then, so the run must say so.
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("LanceError(Arrow): Cannot create 316 IVF partitions: k-means could only form 101")
+
+    monkeypatch.setattr(lance.LanceDataset, "create_index", refuse)
+    config, _, rows = catalog
+    config = type(config)(config.catalog, config.encoders,
+                          type(config.output)(**{**config.output.__dict__, "index_min_rows": 4}))
+    summary = run(config, "r1")
+    assert summary["status"] == "committed" and summary["message"].startswith("index skipped: LanceError")
+    assert read_table(config).num_rows == len(rows) and _latest(config) == summary["table_version"]

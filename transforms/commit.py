@@ -59,7 +59,9 @@ class CommitRun(beam.DoFn):
             run["table_version"] = commit_run(ctx.dataset_uri, self._schema, fragments, deletions, ctx.run_id,
                                               ctx.read_version, ctx.overwrite)
             if run["table_version"] != ctx.read_version:
-                maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows, ctx.output.compact)
+                problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
+                                    ctx.output.compact)
+                run["message"] = "; ".join(problems)
             else:
                 run["status"] = "unchanged"
         commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]])

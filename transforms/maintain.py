@@ -20,22 +20,41 @@ TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's 
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
 
 
-def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -> int:
-    """Run the upkeep and return the table's version afterwards."""
+def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -> list[str]:
+    """Run the upkeep; return what could not be done. The run's version is committed before this, so
+    a failed step is a warning for the run's record, never a failed run: the next run tries again."""
+    steps = [("compaction", lambda: _compact(uri))] if compact else []
+    steps += [("index", lambda: _index_when_large(uri, index_min_rows)), ("cleanup", lambda: _cleanup(uri, retain_days))]
+    problems = []
+    for step, action in steps:
+        try:
+            action()
+        except (RuntimeError, OSError, ValueError) as err:
+            log.warning("upkeep: %s skipped: %s", step, err)
+            problems.append(f"{step} skipped: {str(err).splitlines()[0]}")
+    return problems
+
+
+def _compact(uri: str) -> None:
     dataset = lance.dataset(uri)
-    if compact and len(dataset.get_fragments()) > 1:
+    if len(dataset.get_fragments()) > 1:
         # Copying encoded pages instead of decoding and re-encoding rows: a third of the memory, twice as fast.
         metrics = dataset.optimize.compact_files(compaction_mode="try_binary_copy")
         log.info("compaction: %d fragments removed, %d added", metrics.fragments_removed, metrics.fragments_added)
+
+
+def _index_when_large(uri: str, index_min_rows: int) -> None:
     dataset = lance.dataset(uri)
     rows = dataset.count_rows()
     if rows >= index_min_rows:
         _index(dataset, rows)
+
+
+def _cleanup(uri: str, retain_days: float) -> None:
     stats = lance.dataset(uri).cleanup_old_versions(
         older_than=timedelta(days=retain_days), error_if_tagged_old_versions=False)
     if stats.old_versions:
         log.info("cleanup: %d old versions removed", stats.old_versions)
-    return lance.dataset(uri).version
 
 
 def _index(dataset: lance.LanceDataset, rows: int) -> None:
