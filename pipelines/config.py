@@ -17,6 +17,7 @@ import yaml
 CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
 ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # What each published layout brings with it unless the config says otherwise: the text to embed, the
 # label, and the columns worth passing through. A manifest's columns are the user's to name.
 FORMAT_PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +56,7 @@ class EncoderConfig:
     pretrained: str | None = None
     batch_size: int = 32
     device: str = "auto"
+    precision: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,7 +197,10 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     device = raw.get("device", "auto")
     if device not in DEVICES:
         raise ConfigError(f"encoders.{name}.device '{device}' is unknown; use one of: {', '.join(DEVICES)}")
-    known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device"}
+    precision = raw.get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"encoders.{name}.precision '{precision}' is unknown; use one of: {', '.join(PRECISIONS)}")
+    known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device", "precision"}
     return EncoderConfig(
         name=name,
         kind=kind,
@@ -205,6 +210,7 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
         pretrained=raw.get("pretrained"),
         batch_size=batch_size,
         device=device,
+        precision=precision,
         options={k: v for k, v in raw.items() if k not in known},
     )
 

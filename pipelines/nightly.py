@@ -23,7 +23,7 @@ from pipelines.config import Config, ConfigError
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
-from transforms.encoders import Encoder, build_encoder
+from transforms.encoders import Encoder, build_encoders
 from transforms.fingerprint import HashImages, InspectInputs
 from transforms.inference import EncodeModality
 from transforms.items import ITEMS, REJECTS
@@ -57,7 +57,7 @@ class JobPlan:
 
 
 def plan_job(config: Config, run_id: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
-    encoders = tuple(build_encoder(e) for e in config.encoders)
+    encoders = build_encoders(config.encoders)
     weights = config.normalised_weights()
     described = [
         {"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
@@ -209,4 +209,4 @@ def _with_combined_vectors(items: list[dict], weights: dict, order: list[str]) -
 def _encoder_config(encoder: Encoder) -> dict:
     cfg = encoder.config
     return {"kind": cfg.kind, "model": cfg.model, "weights_file": cfg.weights_file, "pretrained": cfg.pretrained,
-            "options": cfg.options}
+            "precision": encoder.precision, "options": cfg.options}

@@ -142,7 +142,7 @@ def _rebuild(described: dict) -> Encoder:
     cfg = described["config"]
     return build_encoder(EncoderConfig(
         name=described["name"], kind=cfg["kind"], model=cfg["model"], weights_file=cfg["weights_file"],
-        pretrained=cfg["pretrained"], device="auto", options=cfg["options"]))
+        pretrained=cfg["pretrained"], device="auto", precision=cfg.get("precision", "auto"), options=cfg["options"]))
 
 
 def _result(row: dict, norm: float) -> dict:

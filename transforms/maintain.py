@@ -24,7 +24,8 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -
     """Run the upkeep; return what could not be done. The run's version is committed before this, so
     a failed step is a warning for the run's record, never a failed run: the next run tries again."""
     steps = [("compaction", lambda: _compact(uri))] if compact else []
-    steps += [("index", lambda: _index_when_large(uri, index_min_rows)), ("cleanup", lambda: _cleanup(uri, retain_days))]
+    steps += [("index", lambda: _index_when_large(uri, index_min_rows)),
+              ("cleanup", lambda: _cleanup(uri, retain_days))]
     problems = []
     for step, action in steps:
         try:
