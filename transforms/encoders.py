@@ -16,7 +16,7 @@ import socket
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
@@ -168,22 +168,26 @@ class Encoder(ABC):
     def device(self) -> str:
         return resolve_device(self.config.device)
 
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda", without a device index: what autocast and the precision table are keyed by."""
+        return self.device.split(":")[0]
+
     @cached_property
     def precision(self) -> str:
         """The arithmetic the network runs in; resolved once, where the job is planned, and part of the
         encoder id. Vectors are stored as float32 whatever it is."""
         if self.config.precision != "auto":
             return self.config.precision
-        device = self.device.split(":")[0]
-        chosen = AUTO_PRECISION.get(self.config.kind, {}).get(device, "fp32")
-        return "fp32" if chosen == "bf16" and device == "cpu" and not cpu_runs_bf16() else chosen
+        chosen = AUTO_PRECISION.get(self.config.kind, {}).get(self.device_type, "fp32")
+        return "fp32" if chosen == "bf16" and self.device_type == "cpu" and not cpu_runs_bf16() else chosen
 
     def autocast(self) -> Any:
         """The context a forward pass runs in: autocast to the encoder's precision, or plain fp32."""
         import torch
 
         dtype = getattr(torch, AUTOCAST_DTYPES.get(self.precision, "float32"))
-        return torch.autocast(self.device.split(":")[0], dtype=dtype, enabled=self.precision != "fp32")
+        return torch.autocast(self.device_type, dtype=dtype, enabled=self.precision != "fp32")
 
     def load_text_model(self) -> Any:
         """What `encode_text` needs: for most encoders their model, for multimodal ones only the text side."""
@@ -560,11 +564,12 @@ def build_encoder(config: EncoderConfig) -> Encoder:
 
 
 def build_encoders(configs: Sequence[EncoderConfig]) -> tuple[Encoder, ...]:
-    """A job's encoders. A `cnn` left at `precision: auto` follows a `conse` on the same network, so that
-    the network still runs once per batch for both (a second pass would cost more than bf16 saves)."""
-    encoders = tuple(build_encoder(config) for config in configs)
-    for conse in (e for e in encoders if isinstance(e, ConseEncoder)):
-        for cnn in (e for e in encoders if isinstance(e, CnnEncoder) and e.config.precision == "auto"):
-            if cnn.network == conse.parts[0].network:
-                cnn.precision = conse.precision
-    return encoders
+    """A job's encoders. A `cnn` left at `precision: auto` takes the precision of a `conse` on the same
+    network, so that the network still runs once per batch for both (a second pass costs more than bf16
+    saves)."""
+    encoders = [build_encoder(config) for config in configs]
+    shared = {e.parts[0].network: e.precision for e in encoders if isinstance(e, ConseEncoder)}
+    return tuple(
+        build_encoder(replace(e.config, precision=shared[e.network]))
+        if isinstance(e, CnnEncoder) and e.config.precision == "auto" and e.network in shared else e
+        for e in encoders)
