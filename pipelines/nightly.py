@@ -25,7 +25,7 @@ from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.encoders import Encoder, build_encoders
 from transforms.fingerprint import HashImages, InspectInputs
-from transforms.inference import EncodeModality
+from transforms.inference import ENCODE_ORDER, EncodeModality
 from transforms.items import ITEMS, REJECTS
 from transforms.lance_sink import (
     REPLACED,
@@ -100,7 +100,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         UNCHANGED, main=ITEMS)
     items = decided[ITEMS]
     rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
-    for modality in _modalities_smallest_first(plan.encoders):
+    for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
         rejects.append(encoded[REJECTS])
@@ -155,15 +155,6 @@ def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollecti
 
 def _count(items: beam.PCollection, label: str):
     return beam.pvalue.AsSingleton(items | f"Count {label}" >> beam.combiners.Count.Globally())
-
-
-def _modalities_smallest_first(encoders: Sequence[Encoder]) -> list[str]:
-    """The encode stages in the order of their vectors' size: a later stage's grouping carries the
-    vectors made before it, so the smaller ones go first."""
-    sizes: dict[str, int] = {}
-    for encoder in encoders:
-        sizes[encoder.modality] = sizes.get(encoder.modality, 0) + encoder.dim
-    return sorted(sizes, key=lambda modality: (sizes[modality], modality))
 
 
 def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):

