@@ -44,26 +44,27 @@ def _source_photos() -> list[Path]:
     return [PHOTO_FOLDERS[source] / name for _, source, name in rows]
 
 
-def _make_photo(job: tuple[Path, Path, int]) -> None:
-    source, dest, seed = job
+def _make_photo(job: tuple[Path, Path, int, tuple[int, int]]) -> None:
+    source, dest, seed, size = job
     rng = random.Random(seed)
     image = Image.open(source).convert("RGB")
     scale = rng.uniform(0.5, 1.0)
     width, height = int(image.width * scale), int(image.height * scale)
     left, top = rng.randrange(image.width - width + 1), rng.randrange(image.height - height + 1)
-    image = image.crop((left, top, left + width, top + height)).resize(PHOTO_SIZE, Image.Resampling.BILINEAR)
+    image = image.crop((left, top, left + width, top + height)).resize(size, Image.Resampling.BILINEAR)
     image = ImageEnhance.Brightness(ImageOps.mirror(image) if seed % 2 else image).enhance(rng.uniform(0.8, 1.2))
     image.save(dest, "JPEG", quality=rng.randint(80, 92))
 
 
-def make_photos(folder: Path, count: int, seed: int) -> list[Path]:
-    """`count` unique JPEGs made from the real photos that ship in scikit-image and scikit-learn."""
+def make_photos(folder: Path, count: int, seed: int, size: tuple[int, int] = PHOTO_SIZE) -> list[Path]:
+    """`count` unique JPEGs of `size` made from the real photos that ship in scikit-image and scikit-learn."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = _source_photos()
-    jobs = [(sources[i % len(sources)], folder / f"{seed}-{i:06d}.jpg", seed * 10_000_000 + i) for i in range(count)]
+    jobs = [(sources[i % len(sources)], folder / f"{seed}-{i:06d}.jpg", seed * 10_000_000 + i, size)
+            for i in range(count)]
     with Pool(os.cpu_count()) as pool:
         pool.map(_make_photo, jobs, chunksize=64)
-    return [dest for _, dest, _ in jobs]
+    return [dest for _, dest, _, _ in jobs]
 
 
 def food101_catalog(root: Path, photos: list[Path], items: int) -> list[Path]:

@@ -1,0 +1,180 @@
+"""Photo throughput of the image stage, side by side with the plain loops a user would write instead
+and with the network's own compute limit.
+
+Rates are marginal: each side runs over 200 and over 1,000 photos of 640x480 (real photos from
+scikit-image and scikit-learn, cropped and re-encoded as JPEG), each in a fresh process, and its rate
+is 800 / (t1000 - t200), so that imports, model load and Beam's start-up cancel out. Start-up, the
+200-photo time less 200 photos at that rate, is reported beside it.
+
+Sides, all EfficientNet-Lite0 pooled features from the files on disk:
+- pipeline: `catalog-embed run` with one `cnn` encoder at `precision: auto`, batch 16;
+- plain fp32: open, convert, transform and run the network in batches of 16, in fp32;
+- plain best: the same loop channels-last under bf16 autocast where the CPU runs bf16 (what `auto`
+  picks, measured to agree with fp32 in the README's "Precision"), else channels-last fp32;
+- compute limit: the network alone at plain best's precision on tensors decoded beforehand, at its
+  fastest batch size (4 to 64), after a warm-up.
+
+    python -m benchmarks.photos --out out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.results import save_section
+from benchmarks.scale import make_photos
+
+SIZES = (200, 1000)
+PHOTO_SIZE = (640, 480)
+BATCH_SIZE = 16
+LIMIT_BATCHES = (4, 8, 16, 32, 64)
+SIDES = ("pipeline", "plain_fp32", "plain_best")
+# Imported before the clock starts: a nightly job pays them once, whatever the catalog's size.
+LIBRARIES = ("pipelines.nightly", "torch", "timm", "torchvision")
+
+
+def write_catalog(folder: Path, photos: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = folder / "catalog.csv"
+    with catalog.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "image"])
+        writer.writerows((f"photo-{i:05d}", str(path)) for i, path in enumerate(photos))
+    return catalog
+
+
+def _network(best: bool):
+    import torch
+
+    from transforms.cnn_models import load_efficientnet_lite0
+    from transforms.encoders import cpu_runs_bf16
+
+    model = load_efficientnet_lite0().eval()
+    if not best:
+        return model, torch.float32, torch.contiguous_format
+    dtype = torch.bfloat16 if cpu_runs_bf16() else torch.float32
+    return model.to(memory_format=torch.channels_last), dtype, torch.channels_last
+
+
+def _forward(model, pixels, dtype, layout):
+    import torch
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        return model.features(pixels.contiguous(memory_format=layout)).float()
+
+
+def plain_loop(paths: list[str], best: bool) -> int:
+    """What a user would write: decode, transform, batch and run, one batch after another."""
+    import torch
+    from PIL import Image
+
+    from transforms.cnn_models import imagenet_transform
+
+    model, dtype, layout = _network(best)
+    transform = imagenet_transform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    done = 0
+    for start in range(0, len(paths), BATCH_SIZE):
+        pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start:start + BATCH_SIZE]])
+        done += len(_forward(model, pixels, dtype, layout))
+    return done
+
+
+def pipeline(catalog: Path, db: Path) -> int:
+    from pipelines.config import parse_config
+    from pipelines.nightly import run_job
+
+    config = {"catalog": {"format": "manifest", "path": str(catalog)},
+              "encoders": {"image": {"kind": "cnn", "batch_size": BATCH_SIZE}},
+              "output": {"uri": str(db), "table": "photos"}}
+    return run_job(parse_config(config), "bench", [])["encoded"]["image"]
+
+
+def compute_limit(paths: list[str]) -> dict:
+    """Images/s of the network alone on decoded tensors, at its fastest batch size."""
+    import torch
+    from PIL import Image
+
+    from transforms.cnn_models import imagenet_transform
+
+    model, dtype, layout = _network(best=True)
+    transform = imagenet_transform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[:256]])
+    rates = {}
+    for batch in LIMIT_BATCHES:
+        _forward(model, pixels[:batch], dtype, layout)                     # warm-up at this shape
+        started = time.perf_counter()
+        for start in range(0, len(pixels), batch):
+            _forward(model, pixels[start:start + batch], dtype, layout)
+        rates[batch] = len(pixels) / (time.perf_counter() - started)
+    best = max(rates, key=rates.get)
+    return {"images_per_s": rates[best], "batch_size": best, "by_batch": rates}
+
+
+def one(side: str, catalog: str, db: str) -> None:
+    """One side over one catalog, in this fresh process: seconds from after the imports."""
+    for library in LIBRARIES:
+        importlib.import_module(library)
+
+    with open(catalog, newline="", encoding="utf-8") as handle:
+        paths = [row["image"] for row in csv.DictReader(handle)]
+    started = time.perf_counter()
+    if side == "limit":
+        print(json.dumps(compute_limit(paths)))
+        return
+    done = pipeline(Path(catalog), Path(db)) if side == "pipeline" else plain_loop(paths, side == "plain_best")
+    print(json.dumps({"images": done, "seconds": time.perf_counter() - started}))
+
+
+def measure(side: str, catalog: Path, db: Path) -> dict:
+    command = [sys.executable, "-m", "benchmarks.photos", "--one", side, str(catalog), str(db)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def marginal(side: str, catalogs: dict[int, Path], root: Path) -> dict:
+    small, large = SIZES
+    seconds = {n: measure(side, catalogs[n], root / f"db-{side}-{n}")["seconds"] for n in SIZES}
+    rate = (large - small) / (seconds[large] - seconds[small])
+    return {"side": side, "images_per_s": round(rate, 1), "startup_s": round(seconds[small] - small / rate, 1),
+            **{f"seconds_{n}": round(seconds[n], 1) for n in SIZES}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="image-stage throughput vs plain loops and the compute limit")
+    parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'photos')")
+    parser.add_argument("--one", nargs=3, metavar=("SIDE", "CATALOG", "DB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        one(*args.one)
+        return
+    from pipelines.report import print_results
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        photos = make_photos(root / "photos", max(SIZES), seed=3, size=PHOTO_SIZE)
+        catalogs = {n: write_catalog(root / f"catalog-{n}", photos[:n]) for n in SIZES}
+        rows = [marginal(side, catalogs, root) for side in SIDES]
+        limit = measure("limit", catalogs[max(SIZES)], root / "unused")
+    rates = {row["side"]: row["images_per_s"] for row in rows}
+    summary = {"pipeline_over_plain_best": round(rates["pipeline"] / rates["plain_best"], 2),
+               "pipeline_over_plain_fp32": round(rates["pipeline"] / rates["plain_fp32"], 2),
+               "pipeline_over_compute_limit": round(rates["pipeline"] / limit["images_per_s"], 2),
+               "compute_limit": {k: round(v, 1) if isinstance(v, float) else v for k, v in limit.items()
+                                 if k != "by_batch"},
+               "compute_limit_by_batch": {b: round(r, 1) for b, r in limit["by_batch"].items()}}
+    save_section(args.out, "photos", {"runs": rows, "summary": summary})
+    print_results(rows)
+    print(json.dumps(summary, indent=2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
