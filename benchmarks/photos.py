@@ -25,11 +25,10 @@ import importlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.results import save_section
+from benchmarks.results import run_benchmark
 from benchmarks.scale import make_photos
 
 SIZES = (200, 1000)
@@ -64,6 +63,14 @@ def _network(best: bool):
     return model.to(memory_format=torch.channels_last), dtype, torch.channels_last
 
 
+def _transform():
+    from transforms.cnn_models import imagenet_transform
+    from transforms.encoders import CNN_MODELS
+
+    arch = CNN_MODELS["efficientnet-lite0"]
+    return imagenet_transform(arch["mean"], arch["std"], arch["resample"])
+
+
 def _forward(model, pixels, dtype, layout):
     import torch
 
@@ -76,10 +83,8 @@ def plain_loop(paths: list[str], best: bool) -> int:
     import torch
     from PIL import Image
 
-    from transforms.cnn_models import imagenet_transform
-
     model, dtype, layout = _network(best)
-    transform = imagenet_transform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    transform = _transform()
     done = 0
     for start in range(0, len(paths), BATCH_SIZE):
         pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start:start + BATCH_SIZE]])
@@ -102,10 +107,8 @@ def compute_limit(paths: list[str]) -> dict:
     import torch
     from PIL import Image
 
-    from transforms.cnn_models import imagenet_transform
-
     model, dtype, layout = _network(best=True)
-    transform = imagenet_transform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    transform = _transform()
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[:256]])
     rates = {}
     for batch in LIMIT_BATCHES:
@@ -151,30 +154,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="image-stage throughput vs plain loops and the compute limit")
     parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'photos')")
     parser.add_argument("--one", nargs=3, metavar=("SIDE", "CATALOG", "DB"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        one(*args.one)
-        return
-    from pipelines.report import print_results
+    run_benchmark(parser, one, measure_all)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        photos = make_photos(root / "photos", max(SIZES), seed=3, size=PHOTO_SIZE)
-        catalogs = {n: write_catalog(root / f"catalog-{n}", photos[:n]) for n in SIZES}
-        rows = [marginal(side, catalogs, root) for side in SIDES]
-        limit = measure("limit", catalogs[max(SIZES)], root / "unused")
+
+def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
+    photos = make_photos(root / "photos", max(SIZES), seed=3, size=PHOTO_SIZE)
+    catalogs = {n: write_catalog(root / f"catalog-{n}", photos[:n]) for n in SIZES}
+    rows = [marginal(side, catalogs, root) for side in SIDES]
+    limit = measure("limit", catalogs[max(SIZES)], root / "unused")
     rates = {row["side"]: row["images_per_s"] for row in rows}
     summary = {"pipeline_over_plain_best": round(rates["pipeline"] / rates["plain_best"], 2),
                "pipeline_over_plain_fp32": round(rates["pipeline"] / rates["plain_fp32"], 2),
                "pipeline_over_compute_limit": round(rates["pipeline"] / limit["images_per_s"], 2),
-               "compute_limit": {k: round(v, 1) if isinstance(v, float) else v for k, v in limit.items()
-                                 if k != "by_batch"},
+               "compute_limit": {"images_per_s": round(limit["images_per_s"], 1), "batch_size": limit["batch_size"]},
                "compute_limit_by_batch": {b: round(r, 1) for b, r in limit["by_batch"].items()}}
-    save_section(args.out, "photos", {"runs": rows, "summary": summary})
-    print_results(rows)
-    print(json.dumps(summary, indent=2))
-    print(f"results: {args.out}")
-
+    return "photos", {"runs": rows, "summary": summary}, rows
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
-from benchmarks.results import save_section
+from benchmarks.results import run_benchmark
 from demo.build_catalog import PHOTO_FOLDERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,24 +167,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000, help="the large catalog's size")
     parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'scale')")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "RUN_ID"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        one(*args.one)
-        return
-    from pipelines.report import print_results
+    run_benchmark(parser, one, measure_all)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        photos = make_photos(root / "photos", args.unique, seed=1)
-        small = scenarios(f"{args.unique:,}", root, photos, args.unique)
-        large = scenarios(f"{args.items:,}", root, photos, args.items)
+
+def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
+    photos = make_photos(root / "photos", args.unique, seed=1)
+    small = scenarios(f"{args.unique:,}", root, photos, args.unique)
+    large = scenarios(f"{args.items:,}", root, photos, args.items)
     rows = small + large
-    result = {"runs": rows, "summary": summarise(small, large)}
-    save_section(args.out, "scale", result)
-    print_results([{k: v for k, v in r.items() if k != "encoded"} for r in rows])
-    print(json.dumps(result["summary"], indent=2))
-    print(f"results: {args.out}")
-
+    printed = [{k: v for k, v in r.items() if k != "encoded"} for r in rows]
+    return "scale", {"runs": rows, "summary": summarise(small, large)}, printed
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.results import save_section
+from benchmarks.results import run_benchmark
 
 BATCH_SIZE = 64
 # Imported before the clock starts: a nightly job pays them once, whatever the catalog's size.
@@ -129,18 +129,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=8000, help="catalog size (default 8000)")
     parser.add_argument("--out", default="out/bench.json", help="where to write the JSON results")
     parser.add_argument("--one", nargs=4, metavar=("WHICH", "CATALOG", "DB", "RUN_ID"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        one(*args.one)
-        return
-    from pipelines.report import print_results
+    run_benchmark(parser, one, measure_all)
 
-    with tempfile.TemporaryDirectory() as root:
-        rows = compare(args.items, Path(root))
-    save_section(args.out, "throughput", rows)
-    print_results(rows)
-    print(f"results: {args.out}")
 
+def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, list[dict], list[dict]]:
+    rows = compare(args.items, root)
+    return "throughput", rows, rows
 
 if __name__ == "__main__":
     main()

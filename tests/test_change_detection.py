@@ -35,7 +35,6 @@ from tests.conftest import (
 from transforms import inference
 from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
 from transforms.encoders import ColorEncoder
-from transforms.items import unpack
 
 TEXT_AND_COLOR = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 IMAGE_ENCODERS = {"image": {"kind": "cnn", "weight": 0.5, "batch_size": 8},
@@ -129,8 +128,7 @@ def test_a_shared_caption_is_encoded_once_and_no_vector_crosses_the_image_groupi
     real_run = inference.ModalityModelHandler.run_inference
 
     def spying_run(self, batch, model, inference_args=None):
-        for _, packed in batch:
-            items = [unpack(data) for data in packed]
+        for _, items in batch:
             seen.append((self._modality, len(items), sum(len(item["vectors"]) for item in items)))
         return real_run(self, batch, model, inference_args)
 

@@ -100,7 +100,7 @@ class LazyModels:
 
 
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
-    """Encodes groups (input digest, packed items) with every encoder of one modality that they need.
+    """Encodes groups (input digest, items) with every encoder of one modality that they need.
 
     Returns (items, vectors by encoder name, the encoders run for them, reject) per group; the reject
     is None unless the group's input could not be read or decoded. Groups of a batch with the same
@@ -118,7 +118,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
 
     def run_inference(self, batch: Sequence[tuple], model: LazyModels,
                       inference_args: dict | None = None) -> Iterable[tuple]:
-        groups = [(key, [unpack(data) for data in packed]) for key, packed in batch]
+        groups = list(batch)
         wanted: dict[str, set[str]] = {}      # digest -> the encoders that some item of the batch needs
         for key, items in groups:
             names = {e.name for e in self._encoders if any(needs(item, e) for item in items)}
@@ -222,12 +222,18 @@ class EncodeModality(beam.PTransform):
 
     def expand(self, items):
         encoders, modality = self._encoders, self._modality
-        keyed = items | "Key by input" >> beam.Map(lambda item: (_input_key(item, modality, encoders), pack(item)))
+        keyed = items | "Key by input" >> beam.Map(lambda item: (_input_key(item, modality, encoders), item))
         if modality in GROUPED_MODALITIES:
-            groups = keyed | "Group equal inputs" >> beam.GroupByKey()
+            groups = (
+                keyed
+                | "Pack" >> beam.MapTuple(lambda key, item: (key, pack(item)))
+                | "Group equal inputs" >> beam.GroupByKey()
+                | "Unpack" >> beam.MapTuple(lambda key, packed: (key, [unpack(data) for data in packed]))
+            )
+            remembered = 0
         else:
-            groups = keyed | "One-item groups" >> beam.MapTuple(lambda key, data: (key, [data]))
-        remembered = 0 if modality in GROUPED_MODALITIES else RECENT_TEXTS
+            groups = keyed | "One-item groups" >> beam.MapTuple(lambda key, item: (key, [item]))
+            remembered = RECENT_TEXTS
         encoded = (
             groups
             | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders, remembered))

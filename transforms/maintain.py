@@ -42,7 +42,7 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -
 def _return_freed_heap() -> None:
     """Give the memory that the pipeline's stages freed back to the system before the index build
     loads the vector column (about 8 KiB a row): glibc would keep it for reuse, and the two would add
-    up to the run's peak (2.86 -> 2.54 GiB at 100k items, README "Scale"). Elsewhere than glibc, nothing."""
+    up to the run's peak (2.86 -> 2.54 GiB at 100k items, README "Benchmark"). Elsewhere than glibc, nothing."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
