@@ -43,9 +43,9 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q tests
 
-# Side by side with Beam's MLTransform embeddings on the same texts (benchmarks/throughput.py), the
-# image stage against plain loops and the network's compute limit (benchmarks/photos.py), then the
-# nightly cost at 10k and 100k Food-101-layout items (benchmarks/scale.py). Results: out/bench.json.
+# Texts against plain loops, Beam MLTransform and the LanceDB embedding registry (benchmarks/throughput.py),
+# photos against plain loops and the network's compute limit (benchmarks/photos.py), then the nightly cost
+# at 10k and 100k Food-101-layout items (benchmarks/scale.py). Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 	$(BIN)/python -m benchmarks.photos --out out/bench.json

@@ -28,5 +28,5 @@ setup(
         "scikit-image>=0.24",
         "PyYAML>=6",
     ],
-    entry_points={"console_scripts": ["catalog-embed=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["catalog-embed=pipelines.cli:entry_point"]},
 )

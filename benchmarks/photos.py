@@ -7,12 +7,16 @@ is 800 / (t1000 - t200), so that imports, model load and Beam's start-up cancel 
 200-photo time less 200 photos at that rate, is reported beside it.
 
 Sides, all EfficientNet-Lite0 pooled features from the files on disk:
-- pipeline: `catalog-embed run` with one `cnn` encoder at `precision: auto`, batch 16;
+- pipeline: `catalog-embed run` with one `cnn` encoder as configured by default (`precision: auto`,
+  `batch_size: auto`);
 - plain fp32: open, convert, transform and run the network in batches of 16, in fp32;
 - plain best: the same loop channels-last under bf16 autocast where the CPU runs bf16 (what `auto`
   picks, measured to agree with fp32 in the README's "Precision"), else channels-last fp32;
 - compute limit: the network alone at plain best's precision on tensors decoded beforehand, at its
   fastest batch size (4 to 64), after a warm-up.
+
+Then large JPEGs (1920x1440, a product photo's size): decoded and prepared at full size and at the
+encoder's DCT scale (`decode_side`), pictures/s of each and how their fp32 vectors agree.
 
     python -m benchmarks.photos --out out/bench.json
 """
@@ -23,17 +27,16 @@ import argparse
 import csv
 import importlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.results import run_benchmark
+from benchmarks.results import marginal_rate, measure_in_fresh_process, run_benchmark
 from benchmarks.scale import make_photos
 
 SIZES = (200, 1000)
 PHOTO_SIZE = (640, 480)
 BATCH_SIZE = 16
+LARGE_PHOTOS, LARGE_PHOTO_SIZE = 100, (1920, 1440)   # product-photo size, for JPEG draft decoding
 LIMIT_BATCHES = (4, 8, 16, 32, 64)
 SIDES = ("pipeline", "plain_fp32", "plain_best")
 # Imported before the clock starts: a nightly job pays them once, whatever the catalog's size.
@@ -97,7 +100,7 @@ def pipeline(catalog: Path, db: Path) -> int:
     from pipelines.nightly import run_job
 
     config = {"catalog": {"format": "manifest", "path": str(catalog)},
-              "encoders": {"image": {"kind": "cnn", "batch_size": BATCH_SIZE}},
+              "encoders": {"image": {"kind": "cnn"}},
               "output": {"uri": str(db), "table": "photos"}}
     return run_job(parse_config(config), "bench", [])["encoded"]["image"]
 
@@ -121,6 +124,31 @@ def compute_limit(paths: list[str]) -> dict:
     return {"images_per_s": rates[best], "batch_size": best, "by_batch": rates}
 
 
+def draft_decoding(paths: list[str]) -> dict:
+    """Large JPEGs decoded and prepared for EfficientNet-Lite0 at full size and at the encoder's DCT scale:
+    pictures/s of each, and how the fp32 vectors of the two agree."""
+    import numpy as np
+
+    from pipelines.config import EncoderConfig
+    from transforms.encoders import build_encoder
+    from transforms.images import decode_image
+
+    encoder = build_encoder(EncoderConfig(name="image", kind="cnn", precision="fp32"))
+    model = encoder.load()
+    datas = [Path(path).read_bytes() for path in paths]
+    rates, vectors = {}, {}
+    for name, side in (("full", None), ("draft", encoder.decode_side)):
+        started = time.perf_counter()
+        prepared = [encoder.prepare(model, [decode_image(data, side)]) for data in datas]
+        rates[name] = len(datas) / (time.perf_counter() - started)
+        vectors[name] = np.concatenate([encoder.embed(model, batch) for batch in prepared])
+    cosines = np.sum(vectors["full"] * vectors["draft"], axis=1)
+    return {"photo_size": list(LARGE_PHOTO_SIZE), "decode_side": encoder.decode_side,
+            "full_per_s": round(rates["full"], 1), "draft_per_s": round(rates["draft"], 1),
+            "speedup": round(rates["draft"] / rates["full"], 2),
+            "cosine_mean": round(float(cosines.mean()), 5), "cosine_min": round(float(cosines.min()), 5)}
+
+
 def one(side: str, catalog: str, db: str) -> None:
     """One side over one catalog, in this fresh process: seconds from after the imports."""
     for library in LIBRARIES:
@@ -129,25 +157,17 @@ def one(side: str, catalog: str, db: str) -> None:
     with open(catalog, newline="", encoding="utf-8") as handle:
         paths = [row["image"] for row in csv.DictReader(handle)]
     started = time.perf_counter()
-    if side == "limit":
-        print(json.dumps(compute_limit(paths)))
+    if side in ("limit", "draft"):
+        print(json.dumps(compute_limit(paths) if side == "limit" else draft_decoding(paths)))
         return
     done = pipeline(Path(catalog), Path(db)) if side == "pipeline" else plain_loop(paths, side == "plain_best")
     print(json.dumps({"images": done, "seconds": time.perf_counter() - started}))
 
 
-def measure(side: str, catalog: Path, db: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.photos", "--one", side, str(catalog), str(db)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def marginal(side: str, catalogs: dict[int, Path], root: Path) -> dict:
-    small, large = SIZES
-    seconds = {n: measure(side, catalogs[n], root / f"db-{side}-{n}")["seconds"] for n in SIZES}
-    rate = (large - small) / (seconds[large] - seconds[small])
-    return {"side": side, "images_per_s": round(rate, 1), "startup_s": round(seconds[small] - small / rate, 1),
-            **{f"seconds_{n}": round(seconds[n], 1) for n in SIZES}}
+    seconds = {n: measure_in_fresh_process("benchmarks.photos", side, str(catalogs[n]), str(root / f"db-{side}-{n}"))
+               ["seconds"] for n in SIZES}
+    return {"side": side, **marginal_rate(seconds)}
 
 
 def main() -> None:
@@ -160,14 +180,17 @@ def main() -> None:
 def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
     photos = make_photos(root / "photos", max(SIZES), seed=3, size=PHOTO_SIZE)
     catalogs = {n: write_catalog(root / f"catalog-{n}", photos[:n]) for n in SIZES}
+    large_photos = make_photos(root / "large-photos", LARGE_PHOTOS, seed=5, size=LARGE_PHOTO_SIZE)
+    large = write_catalog(root / "large", large_photos)
     rows = [marginal(side, catalogs, root) for side in SIDES]
-    limit = measure("limit", catalogs[max(SIZES)], root / "unused")
-    rates = {row["side"]: row["images_per_s"] for row in rows}
+    limit = measure_in_fresh_process("benchmarks.photos", "limit", str(catalogs[max(SIZES)]), str(root / "unused"))
+    rates = {row["side"]: row["items_per_s"] for row in rows}
     summary = {"pipeline_over_plain_best": round(rates["pipeline"] / rates["plain_best"], 2),
                "pipeline_over_plain_fp32": round(rates["pipeline"] / rates["plain_fp32"], 2),
                "pipeline_over_compute_limit": round(rates["pipeline"] / limit["images_per_s"], 2),
                "compute_limit": {"images_per_s": round(limit["images_per_s"], 1), "batch_size": limit["batch_size"]},
-               "compute_limit_by_batch": {b: round(r, 1) for b, r in limit["by_batch"].items()}}
+               "compute_limit_by_batch": {b: round(r, 1) for b, r in limit["by_batch"].items()},
+               "large_jpegs": measure_in_fresh_process("benchmarks.photos", "draft", str(large), str(root / "unused"))}
     return "photos", {"runs": rows, "summary": summary}, rows
 
 if __name__ == "__main__":

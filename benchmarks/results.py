@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,28 @@ def save_section(path: str, section: str, data: Any) -> None:
         results = {}
     results[section] = data
     out.write_text(json.dumps(results, indent=2))
+
+
+def run_command(argv: list[str]) -> tuple[str, float]:
+    """A command's stdout and its wall time as a user sees it (interpreter, imports, model load and work)."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return done.stdout, time.perf_counter() - started
+
+
+def measure_in_fresh_process(module: str, *args: str) -> dict:
+    """`python -m MODULE --one ARGS`: the JSON object it prints last, with the command's wall time."""
+    stdout, seconds = run_command([sys.executable, "-m", module, "--one", *args])
+    return dict(json.loads(stdout.strip().splitlines()[-1]), command_s=seconds)
+
+
+def marginal_rate(seconds: dict[int, float]) -> dict:
+    """Items/s between the smallest and largest catalog, so that fixed start-up cancels out, and that
+    start-up: the small catalog's time less its items at the marginal rate."""
+    small, large = min(seconds), max(seconds)
+    rate = (large - small) / (seconds[large] - seconds[small])
+    return {"items_per_s": round(rate, 1), "startup_s": round(seconds[small] - small / rate, 1),
+            **{f"seconds_{n}": round(s, 1) for n, s in sorted(seconds.items())}}
 
 
 def run_benchmark(parser: argparse.ArgumentParser, one: Callable[..., None],

@@ -54,7 +54,7 @@ class EncoderConfig:
     weight: float = 1.0
     weights_file: str | None = None
     pretrained: str | None = None
-    batch_size: int = 32
+    batch_size: int | str = "auto"   # or "auto": the fastest, measured on each worker's device
     device: str = "auto"
     precision: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
@@ -191,9 +191,9 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     weight = raw.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"encoders.{name}.weight must be a number >= 0, got {weight!r}")
-    batch_size = raw.get("batch_size", 32)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"encoders.{name}.batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = raw.get("batch_size", "auto")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"encoders.{name}.batch_size must be a positive integer or 'auto', got {batch_size!r}")
     device = raw.get("device", "auto")
     if device not in DEVICES:
         raise ConfigError(f"encoders.{name}.device '{device}' is unknown; use one of: {', '.join(DEVICES)}")

@@ -71,20 +71,21 @@ def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
     return queries
 
 
-def load_query_image(path: str) -> Image.Image:
-    """A picture given on the command line, checked and decoded as the job does catalog images."""
+def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
+    """A picture given on the command line, checked and decoded as the job does catalog images (for an
+    encoder, at its `decode_side`)."""
     try:
         data = read_bytes(path)
         check_image(data, RunConfig().max_pixels)
-        return decode_image(data)
+        return decode_image(data, min_side)
     except (OSError, ValueError) as err:
         raise QueryError(f"cannot use image {path}: {err}") from err
 
 
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
-    picture = load_query_image(path)
-    queries = {e.name: e.encode(e.load(), [picture])[0] for e in table.encoders() if e.modality == "image"}
+    queries = {e.name: e.encode(e.load(), [load_query_image(path, e.decode_side)])[0]
+               for e in table.encoders() if e.modality == "image"}
     if not queries:
         raise QueryError("the table has no image encoder")
     return queries

@@ -56,9 +56,7 @@ def classify(table: Table, paths: Sequence[str], labels: Sequence[str], template
         raise QueryError("--labels needs at least two different labels, e.g. \"cat,dog\"")
     encoder = multimodal_encoder(table, encoder_name)
     image_model, text_model = encoder.load(), encoder.load_text_model()
-    images = [load_query_image(path) for path in paths]
-    size = encoder.config.batch_size
-    vectors = np.concatenate([encoder.encode(image_model, images[i:i + size]) for i in range(0, len(images), size)])
+    vectors = encoder.encode(image_model, [load_query_image(path, encoder.decode_side) for path in paths])
     probabilities = label_probabilities(vectors, label_vectors(encoder, text_model, labels, templates),
                                         encoder.logit_scale(text_model))
     results = []

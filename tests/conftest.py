@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import skimage.data
 import sklearn.datasets
+from PIL import Image
 
 from demo.build_catalog import build as build_demo_catalog
 from pipelines.config import Config, parse_config
@@ -39,6 +40,15 @@ DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "
 
 def photo(name: str) -> Path:
     return next(d / name for d in PHOTO_DIRS if (d / name).exists())
+
+
+def open_photo(path: Path | str, min_side: int | None = None) -> Image.Image:
+    """A photo in RGB as PIL opens it; with `min_side`, a JPEG at the DCT scale that keeps both sides at
+    least that long (PIL's draft): the reference pixels of an encoder with that `decode_side`."""
+    image = Image.open(path)
+    if min_side:
+        image.draft(None, (min_side, min_side))
+    return image.convert("RGB")
 
 
 def copy_photo(name: str, dest: Path) -> Path:

@@ -131,7 +131,7 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_embedded(dirty_catalog
         caption, image = good[row["id"]]
         text = reference_text.encode([caption], normalize_embeddings=True)[0]
         assert float(text @ np.asarray(row["text_vec"])) > 0.9999
-        picture = decode_image((Path(config.catalog.path).parent / image).read_bytes())
+        picture = color.decode((Path(config.catalog.path).parent / image).read_bytes())
         np.testing.assert_allclose(color.encode(None, [picture])[0], row["color_vec"], atol=1e-6)
 
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     captioned_catalog,
     copy_photo,
     make_config,
+    open_photo,
     photo,
     read_table,
     run,
@@ -35,6 +36,7 @@ from tests.conftest import (
 from transforms import inference
 from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
 from transforms.encoders import ColorEncoder
+from transforms.images import decode_image
 
 TEXT_AND_COLOR = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 IMAGE_ENCODERS = {"image": {"kind": "cnn", "weight": 0.5, "batch_size": 8},
@@ -157,6 +159,10 @@ def test_one_decode_and_one_forward_pass_serve_every_image_encoder(tmp_path, ope
     real_features = FeatureModel.features
     monkeypatch.setattr(FeatureModel, "features",
                         lambda self, pixels: forward_passes.append(len(pixels)) or real_features(self, pixels))
+    decodes = []
+    real_decode = decode_image
+    monkeypatch.setattr("transforms.encoders.decode_image",
+                        lambda data, side=None: decodes.append(side) or real_decode(data, side))
     config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
                                     "text_fields": ["caption"]}, IMAGE_ENCODERS)
     summary = run(config)
@@ -164,6 +170,7 @@ def test_one_decode_and_one_forward_pass_serve_every_image_encoder(tmp_path, ope
     unique = len(rows) - 1                                        # copy.png has 0.png's bytes
     assert summary["encoded"] == {"image": unique, "conse": unique, "color": unique}
     assert sum(forward_passes) == unique                          # cnn and conse: one pass per picture
+    assert decodes == [512] * unique                              # one decode, at the CNN's scale, for all three
     opens = Counter(opened)                                       # each file hashed once, each input decoded once
     assert sum(opens.values()) == len(rows) + unique
     assert all(opens[f"{i}.png"] == 2 for i in range(1, unique)) and opens["0.png"] + opens["copy.png"] == 3
@@ -178,7 +185,7 @@ def test_one_decode_and_one_forward_pass_serve_every_image_encoder(tmp_path, ope
     transform = imagenet_transform((0.5,) * 3, (0.5,) * 3, "bicubic")
     for row in table.values():
         with torch.inference_mode():
-            probabilities = network(transform(Image.open(row["image_uri"]).convert("RGB"))[None]).softmax(-1)[0]
+            probabilities = network(transform(open_photo(row["image_uri"], 512))[None]).softmax(-1)[0]
         top = probabilities.topk(10)
         reference = (top.values / top.values.sum()).numpy() @ classes[top.indices.numpy()]
         reference /= np.linalg.norm(reference)

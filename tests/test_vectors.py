@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -11,8 +13,12 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 from torchvision import transforms as T
 
-from tests.conftest import photo, read_table
+from pipelines.config import EncoderConfig
+from tests.conftest import PHOTOS, open_photo, photo, read_table
 from transforms.cnn_models import load_efficientnet_lite0
+from transforms.encoders import build_encoder
+from transforms.images import decode_image
+from transforms.inference import AUTO_BATCH_SIZES, LazyModels
 from transforms.lance_sink import METADATA_KEY
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -56,7 +62,7 @@ def test_image_vectors_equal_a_direct_forward_pass(demo_run, effnet):
                            T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     stored = _column(table, "image_vec")
     for row, vector in zip(table.to_pylist(), stored, strict=True):
-        pixels = reference(Image.open(row["image_uri"]).convert("RGB"))[None]
+        pixels = reference(open_photo(row["image_uri"], 512))[None]
         with torch.inference_mode():
             direct = effnet.features(pixels)[0].numpy()
         direct /= np.linalg.norm(direct)
@@ -130,7 +136,7 @@ def test_bf16_vectors_agree_with_fp32_references(tmp_path, effnet):
     assert not np.allclose(stored_text, text_reference, atol=1e-5)     # bf16 did run: the bits moved
     reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                            T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    pixels = torch.stack([reference(Image.open(uri).convert("RGB")) for uri in table["image_uri"].to_pylist()])
+    pixels = torch.stack([reference(open_photo(uri, 512)) for uri in table["image_uri"].to_pylist()])
     with torch.inference_mode():
         image_reference = effnet.features(pixels).numpy()
     image_reference /= np.linalg.norm(image_reference, axis=1, keepdims=True)
@@ -156,3 +162,36 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it(monkeypatch):
     pair = encoders.build_encoders([EncoderConfig(name="image", kind="cnn", device="cpu"),
                                     EncoderConfig(name="conse", kind="conse", device="cpu")])
     assert [e.precision for e in pair] == ["fp32", "fp32"] and pair[1].parts[0].precision == "fp32"
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_and_keep_their_vectors():
+    """Product photos are larger than the networks' input: a JPEG at least twice the decode side decodes
+    at a DCT scale, the encoder id says so, and the vectors keep the images' agreement level (mean cosine
+    0.998) with a full decode."""
+    jpegs = []
+    for name in PHOTOS:
+        picture = Image.open(photo(name)).convert("RGB")
+        large = picture.resize((picture.width * 3, picture.height * 3), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        large.save(buffer, "JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    encoders = [build_encoder(EncoderConfig(name=kind, kind=kind, precision="fp32")) for kind in ("cnn", "color")]
+    assert {encoder.decode_side for encoder in encoders} == {512}     # one decode serves both
+    for encoder in encoders:
+        assert json.loads(encoder.encoder_id)["decode"] == "jpeg-draft-512"
+        full = [decode_image(data) for data in jpegs]
+        drafted = [encoder.decode(data) for data in jpegs]
+        assert all(min(small.size) >= encoder.decode_side for small in drafted)
+        assert sum(small.width < whole.width for small, whole in zip(drafted, full, strict=True)) >= len(jpegs) // 2
+        model = encoder.load()
+        cosines = np.sum(encoder.encode(model, full) * encoder.encode(model, drafted), axis=1)
+        assert cosines.mean() >= 0.998, (encoder.name, cosines)
+
+
+def test_batch_size_auto_is_measured_on_the_device_and_logged(caplog):
+    encoder = build_encoder(EncoderConfig(name="image", kind="cnn"))
+    with caplog.at_level(logging.INFO, logger="transforms.inference"):
+        size = LazyModels([encoder], remembered=0).batch_size(["image"])
+    assert size in AUTO_BATCH_SIZES["image"]["cpu"]
+    [line] = [r.getMessage() for r in caplog.records if "batch_size auto" in r.getMessage()]
+    assert line.startswith(f"encoder image: batch_size auto -> {size} on cpu (inputs/s by batch size: 4: ")

@@ -80,6 +80,26 @@ def _map_in_order(source: dict, target: dict) -> dict:
     return mapped
 
 
+RESAMPLING = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
 def imagenet_transform(mean: tuple, std: tuple, resample: str) -> T.Compose:
-    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[resample]
-    return T.Compose([T.Resize(256, interpolation=mode), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    """The usual torchvision composition, one picture at a time: what a plain loop would use. The encoder
+    computes the same pixels in two halves, `imagenet_pixels` and `normalise_pixels`."""
+    return T.Compose([T.Resize(256, interpolation=RESAMPLING[resample]), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+def imagenet_pixels(images: list, resample: str) -> torch.Tensor:
+    """Pictures resized to 256 on the shorter side and centre-cropped to 224, as one uint8 batch."""
+    import torchvision.transforms.functional as F
+
+    return torch.stack([F.pil_to_tensor(F.center_crop(F.resize(image, 256, interpolation=RESAMPLING[resample]), 224))
+                        for image in images])
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 pixels to the network's float input, in the order ToTensor and Normalize do it (same values)."""
+    scale = pixels.new_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    shift = pixels.new_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels.float() / 255 - shift) / scale

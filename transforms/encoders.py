@@ -2,8 +2,13 @@
 
 An encoder object is light and picklable: it holds its config, and `load()` builds the model on a
 worker (once, through the model handler in inference.py). `encoder_id` names everything that
-determines the vectors (kind, model, weights, preprocessing, dimension); it is recorded in the
-table's metadata and hashed into every fingerprint, so any change to it re-embeds.
+determines the vectors (kind, model, weights, preprocessing, decoding, dimension); it is recorded in
+the table's metadata and hashed into every fingerprint, so any change to it re-embeds.
+
+Encoding is three steps, so that the pipeline can keep the network busy (inference.py):
+- `decode`: an item's input as the encoder takes it (a picture decoded at the size it needs);
+- `prepare`: the CPU work that needs no network (resizing, tokenising), run ahead on other threads;
+- `embed`: the network's forward pass on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import ConfigError, EncoderConfig
+from transforms.images import decode_image
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -45,6 +51,14 @@ AUTO_PRECISION = {
     "conse": {"cuda": "fp16"},
 }
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+# The DCT's downscale does not filter like a resize: decoded at 1x the input side, CNN vectors of real
+# photos keep a mean cosine of 0.994 to a full decode (a texture 0.966); at 2x, the bicubic resize that
+# follows does the filtering and they keep 0.9994 or more (README, "Decoding, batching and keeping the
+# network busy").
+DRAFT_MARGIN = 2
+SHARED_INPUT_SIDE = 256   # a CNN's input side
+QUERY_BATCH_SIZE = 32   # queries and labels, where an encoder's batch size is `auto`
+SAMPLE_TITLE = "slim fit organic cotton crew neck t-shirt in navy blue, model"  # a catalog title's length
 
 
 def cpu_runs_bf16() -> bool:
@@ -133,6 +147,8 @@ class Encoder(ABC):
 
     modality: str
     queries_by_text: bool = False
+    # The shorter side an image encoder resizes pictures to (None for text). See `decode_side`.
+    input_side: int | None = None
 
     def __init__(self, config: EncoderConfig):
         self.config = config
@@ -147,22 +163,68 @@ class Encoder(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """What determines the vectors, besides the dimension."""
+        """What determines the vectors, besides the dimension and the decoding."""
 
     @abstractmethod
     def load(self) -> Any:
         """Build the model on this worker's device. Called once per worker."""
 
+    def decode(self, source: Any) -> Any:
+        """An item's input as this encoder takes it: a text as it is, a picture decoded from its bytes."""
+        if self.modality == "text":
+            return source
+        return decode_image(source, self.decode_side)
+
+    @property
+    def decode_side(self) -> int | None:
+        """JPEGs decode straight to the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
+        this long, far cheaper than a full decode of a large photo. Encoders with smaller inputs than a
+        CNN's decode as a CNN does, so that one decode serves every image encoder of a job: a second,
+        smaller decode of the same photo costs more than it saves."""
+        return self.input_side and DRAFT_MARGIN * max(self.input_side, SHARED_INPUT_SIDE)
+
+    def prepare(self, model: Any, inputs: list) -> Any:
+        """The CPU work on a batch that needs no network (resizing, tokenising). Runs on the pipeline's
+        decode threads while the network embeds the previous batch, so it must not touch the device."""
+        return inputs
+
     @abstractmethod
-    def encode(self, model: Any, inputs: list, memo: dict | None = None) -> np.ndarray:
-        """A batch of inputs (texts, or decoded RGB images) to an (n, dim) array of unit vectors.
+    def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
+        """A prepared batch to an (n, dim) array of unit vectors: the forward pass.
 
         `memo` is shared by the encoders that run on the same batch: encoders on one network keep its
-        outputs there, so that the network runs once per batch (see CnnEncoder.forward)."""
+        outputs there under `forward_key`, so that the network runs once per batch (see CnnEncoder.forward)."""
+
+    def encode(self, model: Any, inputs: list) -> np.ndarray:
+        """Decoded inputs (texts, or RGB images) to unit vectors, a batch at a time: for queries and labels.
+        The pipeline runs the same steps, overlapped (inference.py)."""
+        size = self.config.batch_size if isinstance(self.config.batch_size, int) else QUERY_BATCH_SIZE
+        return np.concatenate([self.embed(model, self.prepare(model, inputs[start:start + size]))
+                               for start in range(0, len(inputs), size)] or [np.zeros((0, self.dim), np.float32)])
+
+    @property
+    def prepare_key(self) -> tuple:
+        """Encoders with the same key prepare a batch the same way: it is prepared once for all of them."""
+        return ("encoder", self.name)
+
+    @property
+    def forward_key(self) -> tuple:
+        """What identifies the forward pass: encoders with the same key share it (and a measured batch size)."""
+        return ("encoder", self.encoder_id)
+
+    def sample_inputs(self, count: int) -> list | None:
+        """Inputs to time the network on, for `batch_size: auto`; None where batch size does not matter."""
+        if self.modality == "text":
+            return [f"{SAMPLE_TITLE} {i}" for i in range(count)]
+        rng = np.random.default_rng(0)
+        return [Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)) for _ in range(count)]
 
     @cached_property
     def encoder_id(self) -> str:
-        return json.dumps(dict(self.describe(), kind=self.config.kind, dim=self.dim), sort_keys=True)
+        described = dict(self.describe(), kind=self.config.kind, dim=self.dim)
+        if self.input_side:
+            described["decode"] = f"jpeg-draft-{self.decode_side}"
+        return json.dumps(described, sort_keys=True)
 
     @property
     def device(self) -> str:
@@ -188,6 +250,14 @@ class Encoder(ABC):
 
         dtype = getattr(torch, AUTOCAST_DTYPES.get(self.precision, "float32"))
         return torch.autocast(self.device_type, dtype=dtype, enabled=self.precision != "fp32")
+
+    def to_device(self, tensor: Any) -> Any:
+        """A batch prepared on the CPU onto the device; from pinned memory without waiting, on a GPU."""
+        return tensor.to(self.device, non_blocking=True)
+
+    def pinned(self, tensor: Any) -> Any:
+        """A prepared tensor in page-locked memory where it goes to a GPU, so that the copy is asynchronous."""
+        return tensor.pin_memory() if self.device_type == "cuda" else tensor
 
     def load_text_model(self) -> Any:
         """What `encode_text` needs: for most encoders their model, for multimodal ones only the text side."""
@@ -242,11 +312,18 @@ class SentenceTransformerEncoder(Encoder):
         path, device = self.model_path, self.device
         return shared_model(("sentence-transformers", path, device), lambda: SentenceTransformer(path, device=device))
 
-    def encode(self, model: Any, inputs: list[str], memo: dict | None = None) -> np.ndarray:
-        with self.autocast():
-            vectors = model.encode(inputs, batch_size=self.config.batch_size, normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32)
+    def prepare(self, model: Any, inputs: list[str]) -> Any:
+        # Tokenising as SentenceTransformer.encode does, with the model's default prompt where it has one.
+        prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+        return model.preprocess(inputs, prompt=prompt)
+
+    def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        with torch.inference_mode(), self.autocast():
+            vectors = model(batch_to_device(prepared, model.device))["sentence_embedding"]
+        return l2_normalise(vectors[:, :model.truncate_dim].float().cpu().numpy())
 
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         return self.encode(model, texts)
@@ -256,6 +333,7 @@ class CnnEncoder(Encoder):
     """Penultimate-layer (pooled) features of an ImageNet CNN."""
 
     modality = "image"
+    input_side = 256   # resized to 256, then cropped to 224 (the preprocessing in `describe`)
 
     @property
     def arch(self) -> dict[str, Any]:
@@ -292,34 +370,41 @@ class CnnEncoder(Encoder):
         _, name, weights, device = self.network
         return shared_model(self.network, lambda: load_cnn(name, weights, device))
 
-    def preprocess(self, images: list[Image.Image]):
-        import torch
+    def prepare(self, model: Any, inputs: list[Image.Image]) -> Any:
+        """Resized and cropped 8-bit pixels: a quarter of float32's bytes to move to the device."""
+        from transforms.cnn_models import imagenet_pixels
 
-        from transforms.cnn_models import imagenet_transform
+        return self.pinned(imagenet_pixels(inputs, self.arch["resample"]))
 
-        transform = imagenet_transform(self.arch["mean"], self.arch["std"], self.arch["resample"])
-        return torch.stack([transform(image) for image in images])
+    @property
+    def prepare_key(self) -> tuple:
+        return "imagenet-pixels", self.arch["resample"]
 
-    def forward(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> tuple[Any, Any]:
+    @property
+    def forward_key(self) -> tuple:
+        return (*self.network, self.precision)
+
+    def forward(self, model: Any, prepared: Any, memo: dict | None = None) -> tuple[Any, Any]:
         """Pooled features and ImageNet logits of a batch. With a memo, the network runs once per batch
         for every encoder built on it (`cnn` and `conse` on the same CNN)."""
         import torch
 
-        key = (*self.network, self.precision)
-        if memo is not None and key in memo:
-            return memo[key]
-        pixels = self.preprocess(inputs).to(self.device, memory_format=torch.channels_last)
+        from transforms.cnn_models import normalise_pixels
+
+        if memo is not None and self.forward_key in memo:
+            return memo[self.forward_key]
+        pixels = normalise_pixels(self.to_device(prepared), self.arch["mean"], self.arch["std"])
         with torch.inference_mode():
             with self.autocast():
-                features = model.features(pixels).float()
+                features = model.features(pixels.contiguous(memory_format=torch.channels_last)).float()
             # The classifier in fp32: ConSE ranks classes by these logits, and bf16 ones reorder close calls.
             outputs = features, model.classifier(features)
         if memo is not None:
-            memo[key] = outputs
+            memo[self.forward_key] = outputs
         return outputs
 
-    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
-        features, _ = self.forward(model, inputs, memo)
+    def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
+        features, _ = self.forward(model, prepared, memo)
         return l2_normalise(features.float().cpu().numpy())
 
 
@@ -327,6 +412,7 @@ class ColorEncoder(Encoder):
     """A joint histogram in CIE Lab, square-rooted (Hellinger) so that cosine compares distributions."""
 
     modality = "image"
+    input_side = 64    # the thumbnail it histograms
 
     @property
     def bins(self) -> tuple[int, int, int]:
@@ -342,8 +428,14 @@ class ColorEncoder(Encoder):
     def load(self) -> None:
         return None
 
-    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
-        return l2_normalise(np.stack([self._histogram(image) for image in inputs]))
+    def prepare(self, model: Any, inputs: list[Image.Image]) -> np.ndarray:
+        return np.stack([self._histogram(image) for image in inputs])   # all of its work: off the network's thread
+
+    def embed(self, model: Any, prepared: np.ndarray, memo: dict | None = None) -> np.ndarray:
+        return l2_normalise(prepared)
+
+    def sample_inputs(self, count: int) -> None:
+        return None
 
     def _histogram(self, image: Image.Image) -> np.ndarray:
         from skimage.color import rgb2lab
@@ -415,10 +507,25 @@ class ConseEncoder(Encoder):
         classes = torch.from_numpy(text.encode(text_model, names)).to(image.device)
         return ConseModel(image=image.load(), text=text_model, classes=classes)
 
-    def encode(self, model: Any, inputs: list[Image.Image], memo: dict | None = None) -> np.ndarray:
+    @property
+    def input_side(self) -> int:
+        return self.parts[0].input_side
+
+    def prepare(self, model: Any, inputs: list[Image.Image]) -> Any:
+        return self.parts[0].prepare(model.image, inputs)
+
+    @property
+    def prepare_key(self) -> tuple:
+        return self.parts[0].prepare_key
+
+    @property
+    def forward_key(self) -> tuple:
+        return self.parts[0].forward_key
+
+    def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
         import torch
 
-        _, logits = self.parts[0].forward(model.image, inputs, memo)
+        _, logits = self.parts[0].forward(model.image, prepared, memo)
         with torch.inference_mode():
             top = logits.softmax(-1).topk(self.top_t, dim=-1)
             weights = top.values / top.values.sum(-1, keepdim=True)
@@ -522,21 +629,34 @@ class OpenClipEncoder(Encoder):
         name, pretrained, device = self.model_name, self.config.pretrained, self.device
         return shared_model(("open-clip", name, pretrained, device), lambda: _load_open_clip(name, pretrained, device))
 
-    def encode(self, model: ClipModel, inputs: list, memo: dict | None = None) -> np.ndarray:
+    @cached_property
+    def input_side(self) -> int | None:
         if self.modality == "text":
-            return self.encode_text(model, inputs)
+            return None
+        import open_clip
+
+        size = open_clip.get_model_config(self.model_name)["vision_cfg"]["image_size"]
+        return min(size) if isinstance(size, (list, tuple)) else int(size)
+
+    def prepare(self, model: ClipModel, inputs: list) -> Any:
+        if self.modality == "text":
+            return model.tokenizer(inputs)
         import torch
 
-        batch = torch.stack([model.preprocess(image) for image in inputs]).to(self.device)
-        with torch.inference_mode(), self.autocast():
-            return l2_normalise(model.network.encode_image(batch).float().cpu().numpy())
+        return self.pinned(torch.stack([model.preprocess(image) for image in inputs]))
+
+    def embed(self, model: ClipModel, prepared: Any, memo: dict | None = None) -> np.ndarray:
+        return self._tower(model, self.modality, prepared)
 
     def encode_text(self, model: ClipModel, texts: list[str]) -> np.ndarray:
+        return self._tower(model, "text", model.tokenizer(texts))
+
+    def _tower(self, model: ClipModel, modality: str, batch: Any) -> np.ndarray:
         import torch
 
-        tokens = model.tokenizer(texts).to(self.device)
+        tower = model.network.encode_text if modality == "text" else model.network.encode_image
         with torch.inference_mode(), self.autocast():
-            return l2_normalise(model.network.encode_text(tokens).float().cpu().numpy())
+            return l2_normalise(tower(self.to_device(batch)).float().cpu().numpy())
 
     def logit_scale(self, model: ClipModel) -> float:
         return float(self.config.options.get("logit_scale", model.network.logit_scale.detach().exp()))

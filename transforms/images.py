@@ -29,11 +29,17 @@ def check_image(data: bytes, max_pixels: int) -> None:
         raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels} (run.max_pixels)")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes that passed `check_image` to an upright RGB image. Raises on truncated files."""
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Bytes that passed `check_image` to an upright RGB image. Raises on truncated files.
+
+    With `min_side`, a JPEG is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that keeps both
+    sides at least `min_side` long: a 2400x1600 photo wanted at 256 decodes at 600x400, about 10 times
+    faster. Other formats, and JPEGs under twice `min_side`, decode at full size."""
     with _no_pillow_bomb_check():
         image = Image.open(io.BytesIO(data))
         image.seek(0)
+        if min_side:
+            image.draft(None, (min_side, min_side))
         image.load()
     return to_rgb(ImageOps.exif_transpose(image))
 

@@ -4,25 +4,33 @@ Inputs shared by many items (the same photo, the same caption) are encoded once:
 - Images are grouped by the digest of their bytes, so a shared picture is read, decoded and encoded
   once per run, on one worker: the group's first item stands for it, and the vectors are copied to
   the rest of the group in place. Only references cross the grouping: the image's bytes are read here,
-  by the worker that decodes them. A picture is decoded once for all image encoders, and encoders on
-  one network (`cnn` and `conse` on EfficientNet-Lite0) share its forward pass.
+  by the worker that decodes them. A picture is decoded once per size its encoders need (a JPEG straight
+  at a reduced scale), and encoders on one network (`cnn` and `conse` on EfficientNet-Lite0) share its
+  preparation and forward pass.
 - Texts are not grouped: the text rides in the item already, and a text grouping after the image
   stage would carry every item's image vectors through a shuffle (before it, the image grouping would
   carry the text vectors). A worker encodes each distinct text of a batch once and remembers the
   vectors of the texts it saw last (`RECENT_TEXTS`), so a caption shared by a whole class (Food-101)
   is encoded about once per worker.
 
-RunInference gives the rest: models loaded once per worker process and shared by its threads,
-batches sized by the handler, and metrics. Models load on the first batch, so a run with nothing to
-encode loads none.
+The network never waits for the CPU work: RunInference hands the handler large batches, which it cuts
+into sub-batches of the encoders' `batch_size` (with `auto`, the fastest size measured on the worker's
+device when the model loads). Sub-batches are read, decoded and prepared (resized, tokenised) on other
+threads while the network embeds the one before; PIL, tokenisers and torch release the GIL.
+
+RunInference gives the rest: models loaded once per worker process and shared by its threads, and
+metrics. Models load on the first batch, so a run with nothing to encode loads none.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -32,7 +40,6 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.encoders import Encoder
 from transforms.fingerprint import read_bytes
-from transforms.images import decode_image
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,12 @@ log = logging.getLogger(__name__)
 ENCODE_ORDER = ("image", "text")         # the grouped stage first, so that its grouping carries no vectors
 GROUPED_MODALITIES = frozenset({"image"})
 RECENT_TEXTS = 50_000                    # per worker: about 75 MB of MiniLM vectors
+RUN_INFERENCE_BATCH = 512                # items per RunInference call; the network runs sub-batches of it
+# What `batch_size: auto` tries, by modality and device. Each try holds that batch's activations: on a CPU,
+# CNN batches over 16 were never the fastest (README, "Benchmark") and trying 32 costs 200 MB more.
+AUTO_BATCH_SIZES = {"image": {"cpu": (4, 8, 16), "cuda": (32, 64, 128, 256, 512)},
+                    "text": {"cpu": (16, 32, 64, 128), "cuda": (64, 128, 256, 512, 1024)}}
+UNTIMED_BATCH_SIZE = 32                  # the sub-batch of encoders with no network to time (color)
 
 
 def needs(item: dict, encoder: Encoder) -> bool:
@@ -47,11 +60,46 @@ def needs(item: dict, encoder: Encoder) -> bool:
     return encoder.name not in item["keep"] and encoder.name not in item["vectors"]
 
 
-def load_input(modality: str, item: dict) -> Any:
-    """What a modality's encoders take: the item's text, or its picture decoded from the file."""
-    if modality == "text":
-        return item["text"]
-    return decode_image(read_bytes(item["image_uri"]))
+def read_input(modality: str, item: dict) -> Any:
+    """What a modality's encoders decode their inputs from: the item's text, or its picture's bytes."""
+    return item["text"] if modality == "text" else read_bytes(item["image_uri"])
+
+
+def prepared_ahead(pool: ThreadPoolExecutor, prepare: Callable[[list], Any], chunks: list[list],
+                   ahead: int) -> Iterator:
+    """prepare(chunk) for each chunk, in order, with up to `ahead` chunks prepared on the pool in advance:
+    the caller runs the network on one chunk while the next ones are read, decoded and prepared."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(prepare, chunk))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def fastest_batch_size(encoder: Encoder, model: Any) -> int | None:
+    """The batch size at which the encoder's forward pass embeds the most inputs per second here, timed
+    on sample inputs (the best of two passes after a warm-up at each size); None where it makes no
+    difference."""
+    candidates = AUTO_BATCH_SIZES[encoder.modality][encoder.device_type]
+    inputs = encoder.sample_inputs(max(candidates))
+    if inputs is None:
+        return None
+    rates = {}
+    for size in candidates:
+        prepared = encoder.prepare(model, inputs[:size])
+        encoder.embed(model, prepared)          # the first pass at a shape builds its kernels
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            encoder.embed(model, prepared)
+            seconds.append(time.perf_counter() - started)
+        rates[size] = size / min(seconds)
+    best = max(rates, key=rates.get)
+    log.info("encoder %s: batch_size auto -> %d on %s (inputs/s by batch size: %s)", encoder.name, best,
+             encoder.device, ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items()))
+    return best
 
 
 class RecentVectors:
@@ -81,14 +129,20 @@ class RecentVectors:
 
 
 class LazyModels:
-    """The encoders' models on this worker, each built on its first use, and the vectors it
-    encoded last (an object, not a dict: Beam's model sharing holds it by weak reference)."""
+    """The encoders' models on this worker, each built on its first use, with their batch sizes, the
+    threads that prepare batches, and the vectors encoded last (an object, not a dict: Beam's model
+    sharing holds it by weak reference)."""
 
     def __init__(self, encoders: Sequence[Encoder], remembered: int):
         self._encoders = {e.name: e for e in encoders}
         self._models: dict[str, Any] = {}
+        self._batch_sizes: dict[tuple, int | None] = {}
         self._lock = threading.Lock()
         self.recent = RecentVectors(remembered)
+        on_gpu = any(e.device_type == "cuda" for e in encoders)
+        # On a CPU the network needs the cores: one thread prepares ahead. On a GPU, all but one do.
+        self.threads = max(1, (os.cpu_count() or 2) - 1) if on_gpu else 1
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="prepare")
 
     def get(self, name: str) -> Any:
         with self._lock:
@@ -97,6 +151,22 @@ class LazyModels:
                 log.info("loading encoder %s (%s) on %s", name, encoder.config.kind, encoder.device)
                 self._models[name] = encoder.load()
             return self._models[name]
+
+    def batch_size(self, names: Iterable[str]) -> int:
+        """The sub-batch the stage runs these encoders at: the smallest of their sizes, `auto` ones measured
+        once per network on this worker."""
+        sizes = []
+        for name in names:
+            encoder = self._encoders[name]
+            if isinstance(encoder.config.batch_size, int):
+                sizes.append(encoder.config.batch_size)
+                continue
+            model = self.get(name)
+            with self._lock:
+                if encoder.forward_key not in self._batch_sizes:
+                    self._batch_sizes[encoder.forward_key] = fastest_batch_size(encoder, model)
+                sizes.append(self._batch_sizes[encoder.forward_key])
+        return min((size for size in sizes if size), default=UNTIMED_BATCH_SIZE)
 
 
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
@@ -120,12 +190,15 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
                       inference_args: dict | None = None) -> Iterable[tuple]:
         groups = list(batch)
         wanted: dict[str, set[str]] = {}      # digest -> the encoders that some item of the batch needs
+        firsts: dict[str, dict] = {}          # digest -> the item that stands for it
         for key, items in groups:
             names = {e.name for e in self._encoders if any(needs(item, e) for item in items)}
             if names:
                 wanted.setdefault(key, set()).update(names)
+                firsts.setdefault(key, items[0])
         recalled = {key: model.recent.recall(key, names) for key, names in wanted.items()}
-        vectors, errors = self._encode(model, groups, {k: n for k, n in wanted.items() if recalled[k] is None})
+        missing = {key: names for key, names in wanted.items() if recalled[key] is None}
+        vectors, errors = self._encode(model, {key: firsts[key] for key in missing}, missing)
         paid: set[str] = set()
         for key, items in groups:
             if key in errors:
@@ -136,36 +209,63 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
             else:
                 yield items, recalled.get(key) or {}, [], None
 
-    def _encode(self, model: LazyModels, groups: list[tuple], missing: dict[str, set[str]]) -> tuple[dict, dict]:
-        """Read, decode and encode each missing input once: vectors by digest, and the errors of the
-        inputs that could not be loaded."""
-        firsts: dict[str, dict] = {}
-        for key, items in groups:
-            if key in missing:
-                firsts.setdefault(key, items[0])
-        keys, inputs, errors = [], [], {}
-        for key, item in firsts.items():
-            try:
-                inputs.append(load_input(self._modality, item))
-                keys.append(key)
-            except (OSError, ValueError) as err:
-                errors[key] = err
-        vectors: dict[str, dict] = {key: {} for key in keys}
-        shared_passes: dict[tuple, dict] = {}
-        for encoder in self._encoders:
-            chosen = [k for k, key in enumerate(keys) if encoder.name in missing[key]]
-            if not chosen:
-                continue
-            passes = shared_passes.setdefault(tuple(chosen), {})
-            for k, vector in zip(chosen, encoder.encode(model.get(encoder.name), [inputs[k] for k in chosen], passes),
-                                 strict=True):
-                vectors[keys[k]][encoder.name] = vector
-        for key in keys:
-            model.recent.remember(key, vectors[key])
+    def _encode(self, model: LazyModels, firsts: dict[str, dict], missing: dict[str, set[str]]) -> tuple[dict, dict]:
+        """Encode each missing input once, in sub-batches whose inputs are read, decoded and prepared on
+        the model's threads while the network runs: vectors by digest, and the errors of the inputs that
+        could not be read or decoded."""
+        keys = list(firsts)
+        if not keys:
+            return {}, {}
+        if self._modality == "text":   # similar lengths in a sub-batch pad less (as SentenceTransformer.encode)
+            keys.sort(key=lambda key: -len(firsts[key]["text"]))
+        size = model.batch_size(set().union(*missing.values()))
+        chunks = [keys[start:start + size] for start in range(0, len(keys), size)]
+        vectors: dict[str, dict] = {}
+        errors: dict[str, Exception] = {}
+        for done, jobs, failed in prepared_ahead(
+                model.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, model.threads + 1):
+            errors.update(failed)
+            found = {key: {} for key in done}
+            memos: dict[tuple, dict] = {}
+            for encoder, chosen, prepared in jobs:
+                embedded = encoder.embed(model.get(encoder.name), prepared, memos.setdefault(chosen, {}))
+                for k, vector in zip(chosen, embedded, strict=True):
+                    found[done[k]][encoder.name] = vector
+            for key, encoded in found.items():
+                model.recent.remember(key, encoded)
+            vectors.update(found)
         return vectors, errors
 
+    def _prepare(self, model: LazyModels, chunk: list[str], firsts: dict[str, dict],
+                 missing: dict[str, set[str]]) -> tuple[list[str], list[tuple], dict]:
+        """Read and decode a sub-batch's inputs, once per decoding, and prepare them once per preparation:
+        the inputs that loaded, (encoder, their positions, prepared batch) for each encoder, and errors."""
+        decoded: dict[str, dict] = {key: {} for key in chunk}
+        errors: dict[str, Exception] = {}
+        for key in chunk:
+            try:
+                source = read_input(self._modality, firsts[key])
+                for encoder in self._encoders:
+                    if encoder.name in missing[key] and encoder.decode_side not in decoded[key]:
+                        decoded[key][encoder.decode_side] = encoder.decode(source)
+            except (OSError, ValueError) as err:
+                errors[key] = err
+        done = [key for key in chunk if key not in errors]
+        jobs, prepared = [], {}
+        for encoder in self._encoders:
+            chosen = tuple(k for k, key in enumerate(done) if encoder.name in missing[key])
+            if chosen:
+                shared = (encoder.decode_side, encoder.prepare_key, chosen)
+                if shared not in prepared:
+                    inputs = [decoded[done[k]][encoder.decode_side] for k in chosen]
+                    prepared[shared] = encoder.prepare(model.get(encoder.name), inputs)
+                jobs.append((encoder, chosen, prepared[shared]))
+        return done, jobs, errors
+
     def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": min(e.config.batch_size for e in self._encoders)}
+        # Fixed, large batches: the sub-batches that the network runs at are cut inside (`_encode`), where
+        # the next ones are prepared while it runs. Beam's adaptive sizing would keep batches small here.
+        return {"min_batch_size": RUN_INFERENCE_BATCH, "max_batch_size": RUN_INFERENCE_BATCH}
 
     def get_metrics_namespace(self) -> str:
         return f"catalog_embed_{self._modality}"
