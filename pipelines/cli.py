@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import logging
+import secrets
 import sys
 from datetime import datetime, timezone
 
@@ -26,12 +27,12 @@ examples:
   catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
   catalog-embed query --uri ./lancedb --table demo --like chelsea --weights image=0.8,color=0.2
   catalog-embed query --uri ./lancedb --table demo --text "a horse" --weights conse=1 --where "category = 'animals'"
-  catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z
+  catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z-3f9a1c
   catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 --html out/cat.html
   catalog-embed classify --uri ./lancedb --table demo --labels "cat,dog,coffee,rocket" photo1.jpg photo2.png
   catalog-embed evaluate --config configs/food101.yaml --out food101-evaluation.json
   catalog-embed versions --uri ./lancedb --table demo
-  catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z
+  catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z-3f9a1c
 """
 
 
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the nightly job. Arguments it does not know are Beam pipeline options "
                     "(--runner, --direct_num_workers, --project, ...); the default runner is DirectRunner.")
     run.add_argument("--config", required=True, help="the job's YAML config (see configs/)")
-    run.add_argument("--run-id", help="a name for this run (default: the UTC time); tags the table version")
+    run.add_argument("--run-id", help="a name for this run, unique per table (default: the UTC time and a random "
+                                      "suffix); tags the table version run-<run id>")
     run.add_argument("--reembed", action="store_true",
                      help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
     run.add_argument("--rehash", action="store_true",
@@ -154,13 +156,18 @@ def entry_point() -> None:
     sys.exit(code)
 
 
+def new_run_id() -> str:
+    """The UTC time and a random suffix: runs started in the same second still tag their own versions."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
 def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.config import load_config
     from pipelines.nightly import run_job
     from pipelines.report import print_run_summary
 
     config = load_config(args.config)
-    run_id = args.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = args.run_id or new_run_id()
     try:
         run = run_job(config, run_id, beam_args, reembed=args.reembed, rehash=args.rehash)
     except ConfigError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import apache_beam as beam
@@ -13,7 +14,9 @@ from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
 from pipelines.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
+from transforms import commit
 from transforms.lance_sink import dataset_uri
+from transforms.run_log import read_runs
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 
@@ -117,9 +120,10 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog):
     write_catalog(folder, rows)
     slow = plan_job(config, "slow")          # reads the table, then another run commits first
     run(config, "fast")
-    with pytest.raises(Exception, match="changed during this run"):
-        with beam.Pipeline() as pipeline:
-            build_pipeline(pipeline, slow)
+    with beam.Pipeline() as pipeline:
+        build_pipeline(pipeline, slow)
+    [record] = [r for r in read_runs(config.output.uri, config.output.table) if r["run_id"] == "slow"]
+    assert record["status"] == "failed" and record["message"].startswith("table moved:")
     ids = read_table(config)["id"].to_pylist()
     assert ids.count("item-race") == 1
     assert run(config, "slow-again")["unchanged"] == len(rows)
@@ -210,3 +214,40 @@ def test_a_failed_upkeep_step_leaves_the_run_committed(catalog, tmp_path, monkey
     summary = run(config, "r1")
     assert summary["status"] == "committed" and summary["message"].startswith("index skipped: LanceError")
     assert read_table(config).num_rows == len(rows) and _latest(config) == summary["table_version"]
+
+
+def test_two_runs_started_at_once_commit_once_and_the_other_exits_1(tmp_path, monkeypatch, capsys):
+    folder, rows = captioned_catalog(tmp_path)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"catalog: {{format: manifest, path: {folder / 'catalog.csv'}, text_fields: [caption]}}\n"
+                           f"encoders: {{color: {{kind: color}}}}\noutput: {{uri: {tmp_path / 'db'}, table: items}}\n")
+    assert main(["run", "--config", str(config_file)]) == 0
+    copy_photo(PHOTOS[7], folder / "images" / "1.png")              # one photo changed
+    uri = dataset_uri(str(tmp_path / "db"), "items")
+    before = lance.dataset(uri)
+    both_planned = threading.Barrier(2, timeout=120)                 # both read the table before either commits
+    real_commit = commit.commit_run
+
+    def commit_when_both_are_there(*args):
+        both_planned.wait()
+        return real_commit(*args)
+
+    monkeypatch.setattr(commit, "commit_run", commit_when_both_are_there)
+    codes: list[int] = []
+    runs = [threading.Thread(target=lambda: codes.append(main(["run", "--config", str(config_file)])))
+            for _ in range(2)]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join()
+
+    assert sorted(codes) == [0, 1]
+    assert "table moved" in capsys.readouterr().err
+    first, *raced = read_runs(str(tmp_path / "db"), "items")
+    assert sorted(r["status"] for r in raced) == ["committed", "failed"]
+    assert len({r["run_id"] for r in [first, *raced]}) == 3                # started in the same second, still unique
+    [winner] = [r for r in raced if r["status"] == "committed"]
+    tags = lance.dataset(uri).tags.list()
+    assert {t for t in tags if t.startswith("run-")} == {f"run-{first['run_id']}", f"run-{winner['run_id']}"}
+    after = lance.dataset(uri, version=tags[f"run-{winner['run_id']}"]["version"])
+    assert after.version == before.version + 1 and after.count_rows() == before.count_rows()

@@ -16,7 +16,7 @@ from datetime import datetime
 import apache_beam as beam
 
 from pipelines.config import OutputConfig
-from transforms.lance_sink import commit_run
+from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
 
@@ -55,18 +55,26 @@ class CommitRun(beam.DoFn):
             run.update(status="failed", message=refusal, table_version=ctx.read_version)
             log.error("run %s commits nothing: %s", ctx.run_id, refusal)
         else:
-            fragments = [raw for batch in written for raw in batch["fragments"]]
-            run["table_version"] = commit_run(ctx.dataset_uri, self._schema, fragments, deletions, ctx.run_id,
-                                              ctx.read_version, ctx.overwrite)
-            if run["table_version"] != ctx.read_version:
-                problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
-                                    ctx.output.compact)
-                run["message"] = "; ".join(problems)
-            else:
-                run["status"] = "unchanged"
+            self._commit(run, [raw for batch in written for raw in batch["fragments"]], deletions)
         commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]])
         record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()))
         yield run
+
+    def _commit(self, run: dict, fragments: list[str], deletions: list[tuple]) -> None:
+        ctx = self._context
+        try:
+            run["table_version"] = commit_run(ctx.dataset_uri, self._schema, fragments, deletions, ctx.run_id,
+                                              ctx.read_version, ctx.overwrite)
+        except ConcurrentRunError as err:   # recorded as failed, not retried: the table moved on
+            run.update(status="failed", message=str(err), table_version=ctx.read_version)
+            log.error("run %s commits nothing: %s", ctx.run_id, err)
+            return
+        if run["table_version"] != ctx.read_version:
+            problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
+                                ctx.output.compact)
+            run["message"] = "; ".join(problems)
+        else:
+            run["status"] = "unchanged"
 
     def _refusal(self, run: dict) -> str:
         """Why the run must not commit, or "" when it may. A broken mount must not wipe the table."""

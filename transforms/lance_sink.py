@@ -10,8 +10,10 @@ leaves the table as it was, and the commit step handles metadata per fragment, n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from transforms.fingerprint import fingerprints
@@ -28,6 +31,7 @@ from transforms.fingerprint import fingerprints
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"catalog_embed"
+COMMIT_LOCK_FILE = "_catalog_embed.lock"
 ID_LOOKUP_SLICE = 10_000
 RESERVED_COLUMNS = ("id", "label", "image_uri", "image_stat", "image_digest", "vector", "run_id", "embedded_at")
 REPLACED = "replaced"  # (fragment id, item id) of stored rows that a written row replaces
@@ -155,12 +159,13 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     `fragments` are the new fragments' metadata (JSON); `deletions` are (fragment id, its metadata with
     the new deletion file, or None to remove the fragment); `overwrite` replaces the whole table (its
     schema changed). A run with nothing to change tags the current version and creates none.
-    Re-committing a run that already committed (a retried bundle) changes nothing.
+    Re-committing a run that already committed (a retried bundle) changes nothing: the version tagged
+    with its run id must hold its fragments, else the id was used by another run.
     """
     dataset = open_dataset(uri)
     current = dataset.version if dataset is not None else None
     if dataset is not None and run_tag(run_id) in dataset.tags.list():
-        return dataset.tags.list()[run_tag(run_id)]["version"]
+        return _own_commit(dataset, run_id, fragments)
     if current != read_version:
         raise _moved(uri, read_version, current)
     if dataset is not None and not overwrite and not fragments and not deletions:
@@ -178,7 +183,7 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     try:
         committed = lance.LanceDataset.commit(
             uri, operation, read_version=read_version, commit_message=message, max_retries=0,
-            commit_lock=_expect_version(read_version))
+            commit_lock=_expect_version(uri, read_version))
     except OSError as err:
         if "table moved" in str(err):
             raise _moved(uri, read_version, open_dataset(uri).version) from err
@@ -188,27 +193,86 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     return committed.version
 
 
-def _expect_version(read_version: int | None):
+def _own_commit(dataset: lance.LanceDataset, run_id: str, fragments: Sequence[str]) -> int:
+    """The version this run committed before (a retry), recognised by its fragments' data files."""
+    version = dataset.tags.list()[run_tag(run_id)]["version"]
+    ours = {data.path for raw in fragments for data in FragmentMetadata.from_json(raw).files}
+    stored = {data.path for fragment in dataset.checkout_version(version).get_fragments()
+              for data in fragment.metadata.files}
+    if not ours <= stored:
+        raise ConcurrentRunError(f"run id {run_id} already tags version {version}, committed by another run; "
+                                 "give each run its own --run-id")
+    return version
+
+
+def _expect_version(uri: str, read_version: int | None):
     """A commit lock that lets the commit through only if it creates the version after ours.
 
     Lance would otherwise rebase a commit made from a stale version over a newer one, and two runs
-    adding the same new id would both land. Checked inside the commit, this leaves no window.
+    adding the same new id would both land. Lance calls the lock around its manifest write, and two
+    runs that read the same version ask for the same one: under a lock on the table's folder, the
+    first records the version it wrote, and the second finds it taken.
     """
     expected = (read_version or 0) + 1
 
     @contextlib.contextmanager
     def lock(version: int):
-        if version != expected:
-            raise RuntimeError(f"table moved: this run would create version {version}, not {expected}")
-        yield
+        with _table_lock(uri) as last_committed:
+            if version != expected or last_committed.read() >= version:
+                raise CommitConflictError(f"table moved: this run would create version {version}, not {expected}",
+                                          retryable=False)
+            yield
+            last_committed.write(version)
 
     return lock
 
 
+class _LastCommitted:
+    """The version the last run wrote, kept in the lock file (Lance cannot be asked from inside its commit)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def read(self) -> int:
+        self._handle.seek(0)
+        return int(self._handle.read().strip() or 0)
+
+    def write(self, version: int) -> None:
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(str(version))
+        self._handle.flush()
+
+
+@contextlib.contextmanager
+def _table_lock(uri: str):
+    """An exclusive lock on a local table's folder, released when the process ends however it ends. An
+    object store has no such lock: there the scheduler must not start a table's runs side by side
+    (README, "Scheduling"), and Lance's own atomic commit keeps versions from being overwritten."""
+    if "://" in uri:
+        yield _NothingKept()
+        return
+    os.makedirs(uri, exist_ok=True)
+    with open(os.path.join(uri, COMMIT_LOCK_FILE), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield _LastCommitted(handle)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _NothingKept:
+    def read(self) -> int:
+        return 0
+
+    def write(self, version: int) -> None:
+        pass
+
+
 def _moved(uri: str, read_version: int | None, current: int | None) -> ConcurrentRunError:
     return ConcurrentRunError(
-        f"{uri} changed during this run (read at version {read_version}, now {current}): another run "
-        "committed first. Nothing was committed; run again to embed against the new version.")
+        f"table moved: {uri} changed during this run (read at version {read_version}, now {current}): another "
+        "run committed first. Nothing was committed; run again to embed against the new version.")
 
 
 def rows_by_id(dataset: lance.LanceDataset, ids: Sequence[str], columns: Sequence[str]) -> pa.Table:
