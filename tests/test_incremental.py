@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import apache_beam as beam
 import lance
 import numpy as np
+import pyarrow as pa
 import pytest
+from lance.fragment import write_fragments
 
 from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
 from pipelines.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
 from transforms import commit
-from transforms.lance_sink import dataset_uri
+from transforms.lance_sink import ConcurrentRunError, commit_run, dataset_uri
 from transforms.run_log import read_runs
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
@@ -251,3 +254,18 @@ def test_two_runs_started_at_once_commit_once_and_the_other_exits_1(tmp_path, mo
     assert {t for t in tags if t.startswith("run-")} == {f"run-{first['run_id']}", f"run-{winner['run_id']}"}
     after = lance.dataset(uri, version=tags[f"run-{winner['run_id']}"]["version"])
     assert after.version == before.version + 1 and after.count_rows() == before.count_rows()
+
+
+def test_a_retried_commit_is_known_by_its_fragments_and_a_reused_run_id_is_refused(tmp_path):
+    uri, schema = str(tmp_path / "t.lance"), pa.schema([pa.field("id", pa.string())])
+
+    def fragments(ids: list[str]) -> list[str]:
+        written = write_fragments(pa.table({"id": ids}, schema=schema), uri, schema=schema, mode="append")
+        return [json.dumps(fragment.to_json()) for fragment in written]
+
+    ours = fragments(["a"])
+    version = commit_run(uri, schema, ours, [], "r1", None, False)
+    assert commit_run(uri, schema, ours, [], "r1", None, False) == version      # Beam retried the commit
+    with pytest.raises(ConcurrentRunError, match="run id r1 already tags version 1"):
+        commit_run(uri, schema, fragments(["b"]), [], "r1", version, False)      # another run, same id
+    assert lance.dataset(uri).to_table()["id"].to_pylist() == ["a"]
