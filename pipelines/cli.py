@@ -36,8 +36,26 @@ examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, where a scheduler's log shows them whole: what is wrong and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def unknown_beam_options(args: list[str]) -> list[str]:
+    """The arguments that no Beam PipelineOptions class declares: Beam would drop them with a log line, and a
+    mistyped flag would become a real run."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for options in {str(cls): cls for cls in PipelineOptions.__subclasses__()}.values():
+        options._add_argparse_args(parser)
+    return parser.parse_known_args(args)[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="catalog-embed",
         description="Embed a product or image catalog into a versioned LanceDB table, and search it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,8 +135,12 @@ def _table_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command != "run" and extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    unknown = unknown_beam_options(extra) if args.command == "run" else extra
+    if unknown:
+        known = "catalog-embed's or Beam's pipeline options" if args.command == "run" else "its options"
+        print(f"catalog-embed {args.command}: error: unrecognized arguments: {' '.join(unknown)} (not among {known}; "
+              f"see catalog-embed {args.command} --help)", file=sys.stderr)
+        return 2
     _log_our_lines()
     try:
         handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,

@@ -135,8 +135,14 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
     if where:
         request = request.where(where, prefilter=True)
     norm = float(np.linalg.norm(vector))
+    try:
+        rows = request.to_arrow().to_pylist()
+    except ValueError as err:         # LanceDB checks the filter only when the query runs
+        if not where:
+            raise
+        raise QueryError(f"--where {where!r} is not a valid filter: {str(err).splitlines()[0]}") from err
     # Stored vectors are unit length, so q.v = |q| * cos(q, v): the weighted sum of cosines.
-    return [_result(row, norm) for row in request.to_arrow().to_pylist()]
+    return [_result(row, norm) for row in rows]
 
 
 def _rebuild(described: dict) -> Encoder:
