@@ -19,6 +19,8 @@ from pipelines.query import QueryError
 EXAMPLES = """\
 examples:
   catalog-embed run --config configs/demo.yaml
+  catalog-embed run --config configs/demo.yaml --dry-run          # what a run would do; writes nothing
+  catalog-embed run --config configs/demo.yaml --json             # last stdout line: the run's record
   catalog-embed run --config configs/demo.yaml --direct_num_workers=2 --direct_running_mode=multi_processing
   catalog-embed run --config configs/food101.yaml --rehash        # weekly: read and hash every image
   catalog-embed run --config configs/food101.yaml --runner=DataflowRunner --project=P --region=R \\
@@ -68,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="the job's YAML config (see configs/)")
     run.add_argument("--run-id", help="a name for this run, unique per table (default: the UTC time and a random "
                                       "suffix); tags the table version run-<run id>")
+    run.add_argument("--dry-run", action="store_true",
+                     help="read the catalog and compare it with the table, then print what a run would do (new, "
+                          "changed per encoder, unchanged, deleted, rejected, encode work) and write nothing")
+    run.add_argument("--json", action="store_true",
+                     help="end stdout with the run's record (as in <table>_runs: status, counts, encoded per encoder, "
+                          "table version, seconds) as one JSON line")
     run.add_argument("--reembed", action="store_true",
                      help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
     run.add_argument("--rehash", action="store_true",
@@ -186,10 +194,16 @@ def new_run_id() -> str:
 def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.config import load_config
     from pipelines.nightly import run_job
-    from pipelines.report import print_run_summary
+    from pipelines.report import print_plan, print_run_summary, run_json
 
     config = load_config(args.config)
     run_id = args.run_id or new_run_id()
+    if args.dry_run:
+        plan = run_job(config, run_id, beam_args, reembed=args.reembed, rehash=args.rehash, dry_run=True)
+        print_plan(plan)
+        if args.json:
+            print(json.dumps(plan, sort_keys=True))
+        return 0
     try:
         run = run_job(config, run_id, beam_args, reembed=args.reembed, rehash=args.rehash)
     except ConfigError:
@@ -197,12 +211,14 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     except Exception as err:  # noqa: BLE001 - any failure of the run is reported and exits 1
         logging.getLogger("catalog_embed").exception("run %s failed", run_id)
         print(f"catalog-embed: run {run_id} failed, nothing committed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print_run_summary(run)
-    if run["status"] == "failed":
-        print(f"catalog-embed: run {run_id} failed, nothing committed: {run['message']}", file=sys.stderr)
-        return 1
-    return 0
+        run = {"run_id": run_id, "status": "failed", "message": f"{type(err).__name__}: {err}"}
+    else:
+        print_run_summary(run)
+        if run["status"] == "failed":
+            print(f"catalog-embed: run {run_id} failed, nothing committed: {run['message']}", file=sys.stderr)
+    if args.json:
+        print(run_json(run))
+    return 1 if run["status"] == "failed" else 0
 
 
 def _query(args: argparse.Namespace, _extra: list[str]) -> int:

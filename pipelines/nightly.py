@@ -11,13 +11,16 @@ options name (DirectRunner by default) and returns the run's record.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from pipelines.config import Config, ConfigError
 from transforms.combine import combine
@@ -36,6 +39,7 @@ from transforms.lance_sink import (
     table_metadata,
     table_schema,
 )
+from transforms.plan import count_plan
 from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
@@ -54,6 +58,7 @@ class JobPlan:
     schema: pa.Schema
     context: RunContext
     rehash: bool
+    plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
 
 
 def plan_job(config: Config, run_id: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
@@ -100,6 +105,17 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         UNCHANGED, main=ITEMS)
     items = decided[ITEMS]
     rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
+    # Counted as read, independently of the outcomes, so that the summary can check they add up.
+    rows_read = (
+        (read[ITEMS] | "Count items read" >> beam.combiners.Count.Globally(),
+         read[REJECTS] | "Count rejects read" >> beam.combiners.Count.Globally())
+        | "Both counts" >> beam.Flatten()
+        | "Rows read" >> beam.CombineGlobally(sum)
+    )
+    if plan.plan_path:
+        count_plan(pipeline, items, decided[UNCHANGED], compared[DELETES], rejects | "Rejects so far" >> beam.Flatten(),
+                   beam.pvalue.AsSingleton(rows_read), {e.name: e.modality for e in plan.encoders}, plan.plan_path)
+        return
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
@@ -122,13 +138,6 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
         | "Batch rejects" >> beam.BatchElements(min_batch_size=REJECT_BATCH, max_batch_size=REJECT_BATCH)
         | "Write rejects" >> beam.ParDo(WriteRejects(ctx.output.uri, ctx.output.table, ctx.run_id))
-    )
-    # Counted as read, independently of the outcomes, so that the summary can check they add up.
-    rows_read = (
-        (read[ITEMS] | "Count items read" >> beam.combiners.Count.Globally(),
-         read[REJECTS] | "Count rejects read" >> beam.combiners.Count.Globally())
-        | "Both counts" >> beam.Flatten()
-        | "Rows read" >> beam.CombineGlobally(sum)
     )
     (
         pipeline
@@ -167,17 +176,29 @@ def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):
 
 
 def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool = False,
-            rehash: bool = False) -> dict:
-    """Run the job to completion and return its row of `<table>_runs`."""
+            rehash: bool = False, dry_run: bool = False) -> dict:
+    """Run the job to completion and return its row of `<table>_runs`; with `dry_run`, what it would do."""
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
     plan = plan_job(config, run_id, reembed, rehash)
-    log.info("run %s: %s -> %s (from version %s)", run_id, config.catalog.path, plan.context.dataset_uri,
-             plan.context.read_version)
+    if dry_run:
+        scratch = options.view_as(GoogleCloudOptions).temp_location or tempfile.gettempdir()
+        plan = replace(plan, plan_path=FileSystems.join(scratch, f"catalog-embed-plan-{run_id}.json"))
+    log.info("run %s%s: %s -> %s (from version %s)", run_id, " (dry run)" if dry_run else "", config.catalog.path,
+             plan.context.dataset_uri, plan.context.read_version)
     with beam.Pipeline(options=options) as pipeline:
         build_pipeline(pipeline, plan)
+    if dry_run:
+        return _read_plan(plan)
     return next(r for r in reversed(read_runs(config.output.uri, config.output.table)) if r["run_id"] == run_id)
+
+
+def _read_plan(plan: JobPlan) -> dict:
+    with FileSystems.open(plan.plan_path) as handle:
+        counts = json.loads(handle.read())
+    FileSystems.delete([plan.plan_path])
+    return {"run_id": plan.context.run_id, "dry_run": True, "table_version": plan.context.read_version, **counts}
 
 
 def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:

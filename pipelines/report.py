@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 
@@ -18,6 +19,24 @@ def print_run_summary(run: dict) -> None:
         print(f"  rejected at {key}: {count}")
     if run["message"]:
         print(f"  {run['message']}")
+
+
+def print_plan(plan: dict) -> None:
+    print(f"dry run {plan['run_id']}: against table version {plan['table_version']}, nothing written")
+    print(f"  read {plan['read']}: new {plan['new']}, changed {plan['changed']}, unchanged {plan['unchanged']}, "
+          f"rejected so far {plan['rejected']};  deleted {plan['deleted']}")
+    if plan["changed_by_encoder"]:
+        print("  changed, by encoder: " + ", ".join(f"{k} {v}" for k, v in sorted(plan["changed_by_encoder"].items())))
+    if plan["encode"]:
+        print("  would encode (distinct inputs): " + ", ".join(f"{k} {v}" for k, v in sorted(plan["encode"].items())))
+
+
+def run_json(run: dict) -> str:
+    """The run's record as in `<table>_runs`, with its seconds, as one JSON line for schedulers."""
+    record = dict(run)
+    if record.get("started_at") and record.get("ended_at"):
+        record["seconds"] = round((record["ended_at"] - record["started_at"]).total_seconds(), 3)
+    return json.dumps(record, default=lambda value: value.isoformat(), sort_keys=True)
 
 
 def print_results(results: Sequence[dict], truncate: bool = True) -> None:

@@ -1,0 +1,58 @@
+"""What schedulers read: the dry run's plan and the run's record, each as one JSON line on stdout."""
+
+from __future__ import annotations
+
+import json
+
+import lance
+
+from pipelines.cli import main
+from tests.conftest import PHOTOS, copy_photo, write_catalog
+from transforms.lance_sink import dataset_uri
+from transforms.run_log import read_runs
+
+ITEMS = 20
+
+
+def _catalog(tmp_path):
+    """20 captioned items over the real photos (each its own file), and a config with text and color."""
+    folder, rows = tmp_path / "catalog", []
+    for i in range(ITEMS):
+        copy_photo(PHOTOS[i % len(PHOTOS)], folder / "images" / f"{i}.png")
+        rows.append({"id": f"item-{i:02d}", "caption": f"photo {i} of the catalog", "image": f"images/{i}.png"})
+    write_catalog(folder, rows)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"catalog: {{format: manifest, path: {folder / 'catalog.csv'}, text_fields: [caption]}}\n"
+                      "encoders: {text: {kind: sentence-transformers}, color: {kind: color}}\n"
+                      f"output: {{uri: {tmp_path / 'db'}, table: items}}\n")
+    return folder, rows, config
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
+    folder, rows, config = _catalog(tmp_path)
+    assert main(["run", "--config", str(config), "--json"]) == 0
+    record = _last_json(capsys)
+    [stored] = read_runs(str(tmp_path / "db"), "items")
+    assert record == json.loads(json.dumps(dict(stored, seconds=record["seconds"]), default=lambda v: v.isoformat()))
+    assert (record["status"], record["written"]) == ("committed", ITEMS)
+    assert record["encoded"] == {"text": ITEMS, "color": len(PHOTOS)}     # equal photo files are encoded once
+
+    rows[3]["caption"] = "a new caption"                                  # a caption changes
+    copy_photo(PHOTOS[7], folder / "images" / "5.png")                    # a photo changes
+    del rows[9]                                                           # an item is deleted
+    write_catalog(folder, rows)
+    uri = dataset_uri(str(tmp_path / "db"), "items")
+    version = lance.dataset(uri).version
+    assert main(["run", "--config", str(config), "--dry-run", "--json"]) == 0
+    plan = _last_json(capsys)
+    assert (plan["new"], plan["changed"], plan["deleted"], plan["rejected"]) == (0, 2, 1, 0)
+    assert plan["unchanged"] == ITEMS - 3 and plan["read"] == ITEMS - 1
+    assert plan["changed_by_encoder"] == {"text": 1, "color": 1} and plan["encode"] == {"text": 1, "color": 1}
+    assert lance.dataset(uri).version == version                          # the table did not move
+    assert len(read_runs(str(tmp_path / "db"), "items")) == 1             # nor did its side tables
+    assert main(["run", "--config", str(config), "--json"]) == 0
+    assert _last_json(capsys)["encoded"] == plan["encode"]                # the plan was the run's work
