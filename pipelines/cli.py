@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the run failed (nothing committed); 2 bad usage or bad 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -14,7 +15,8 @@ import sys
 from datetime import datetime, timezone
 
 from pipelines.config import ConfigError
-from pipelines.query import QueryError
+from pipelines.errors import QueryError
+from pipelines.logs import configure_logging
 
 EXAMPLES = """\
 examples:
@@ -62,8 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed a product or image catalog into a versioned LanceDB table, and search it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("-v", "--verbose", action="store_true",
+                      help="also show the libraries' logs, warnings and progress bars (quiet by default)")
+    logs.add_argument("--log-format", choices=("text", "json"), default="text",
+                      help="log lines as text (default) or one JSON object per line, for log collectors")
+    add_command = functools.partial(commands.add_parser, parents=[logs])
 
-    run = commands.add_parser(
+    run = add_command(
         "run", help="run the embedding job for a config",
         description="Run the nightly job. Arguments it does not know are Beam pipeline options "
                     "(--runner, --direct_num_workers, --project, ...); the default runner is DirectRunner.")
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read and hash every image instead of trusting an unchanged size and modification time "
                           "(catches files rewritten in place with the same stat; costs a read of every image)")
 
-    query = commands.add_parser("query", help="find similar items in a table",
+    query = add_command("query", help="find similar items in a table",
                                 description="Search a table; scores are higher for more similar items.")
     _table_arguments(query)
     what = query.add_mutually_exclusive_group(required=True)
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--html", metavar="FILE",
                         help="also write a self-contained contact sheet (thumbnails, ids, fields, scores)")
 
-    classify = commands.add_parser(
+    classify = add_command(
         "classify", help="zero-shot labels for images, through the table's multimodal encoder",
         description="Give each image a probability per label, from the cosines between the image and the label "
                     "words (through prompt templates) in a multimodal encoder's space (conse or open-clip).")
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--encoder", metavar="NAME", help="which multimodal encoder, if the table has several")
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    evaluate = commands.add_parser(
+    evaluate = add_command(
         "evaluate", help="retrieval and zero-shot quality of a config's table, from its labels",
         description="Per vector column, leave-one-out retrieval quality with the catalog's labels (recall@1/5/10, "
                     "mAP@10, exact search); per multimodal encoder, zero-shot top-1 accuracy over the set of labels.")
@@ -122,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="FILE", help="the JSON report (default: <table>-evaluation.json)")
     evaluate.add_argument("--template", action="append", metavar="TEXT", help="zero-shot prompt with {}, repeatable")
 
-    versions = commands.add_parser("versions", help="list a table's versions, tags and runs")
+    versions = add_command("versions", help="list a table's versions, tags and runs")
     _table_arguments(versions)
     versions.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    rollback = commands.add_parser(
+    rollback = add_command(
         "rollback", help="restore an earlier version as the table's new latest version",
         description="Restore the content of an earlier version (a number or a tag such as run-ID) as a new "
                     "version. Nothing is lost: the versions after it stay in the history.")
@@ -143,13 +151,13 @@ def _table_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    configure_logging(args.verbose, args.log_format)      # before Beam is imported: it logs as it loads
     unknown = unknown_beam_options(extra) if args.command == "run" else extra
     if unknown:
         known = "catalog-embed's or Beam's pipeline options" if args.command == "run" else "its options"
         print(f"catalog-embed {args.command}: error: unrecognized arguments: {' '.join(unknown)} (not among {known}; "
               f"see catalog-embed {args.command} --help)", file=sys.stderr)
         return 2
-    _log_our_lines()
     try:
         handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,
                    "classify": _classify, "evaluate": _evaluate}[args.command]
@@ -160,21 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     except (QueryError, FileNotFoundError) as err:
         print(f"catalog-embed: {err}", file=sys.stderr)
         return 2
-
-
-OUR_LOGGERS = ("pipelines", "transforms", "catalog_embed")
-
-
-def _log_our_lines() -> None:
-    """Our progress and decisions at INFO on stderr. Not through the root logger: a library that logs at
-    import (Beam) has already configured it at WARNING, and lowering it would let every library's INFO in."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in OUR_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def entry_point() -> None:

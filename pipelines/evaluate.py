@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelines.query import QueryError, Table
+from pipelines.errors import QueryError
+from pipelines.query import Table
 from pipelines.zero_shot import DEFAULT_TEMPLATES, label_probabilities, label_vectors
 
 RECALL_AT = (1, 5, 10)

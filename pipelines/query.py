@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import EncoderConfig, RunConfig
+from pipelines.errors import QueryError
 from transforms.combine import normalise_weights, reweighted_query
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import read_bytes
@@ -21,10 +22,6 @@ from transforms.images import check_image, decode_image
 from transforms.lance_sink import table_metadata
 
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at", "image_stat", "image_digest")
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered, said in one line."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lance
 
-from pipelines.query import QueryError
+from pipelines.errors import QueryError
 from transforms.lance_sink import dataset_uri, open_dataset
 from transforms.run_log import read_runs
 

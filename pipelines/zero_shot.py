@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.query import QueryError, Table, load_query_image
+from pipelines.errors import QueryError
+from pipelines.query import Table, load_query_image
 from transforms.encoders import Encoder, l2_normalise
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.", "an image of {}.")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import lance
 
@@ -56,3 +60,25 @@ def test_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
     assert len(read_runs(str(tmp_path / "db"), "items")) == 1             # nor did its side tables
     assert main(["run", "--config", str(config), "--json"]) == 0
     assert _last_json(capsys)["encoded"] == plan["encode"]                # the plan was the run's work
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    """The console script as a scheduler runs it: a fresh process, no terminal."""
+    script = Path(sys.executable).with_name("catalog-embed")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, check=False)
+
+
+def test_logs_are_ours_only_unless_verbose_and_json_lines_on_request(tmp_path):
+    _, _, config = _catalog(tmp_path)
+    quiet = _command("run", "--config", str(config), "--log-format", "json", "--json")
+    assert quiet.returncode == 0, quiet.stderr
+    entries = [json.loads(line) for line in quiet.stderr.splitlines()]      # every line is one JSON object
+    assert entries and {e["logger"].split(".")[0] for e in entries} <= {"pipelines", "transforms", "catalog_embed"}
+    assert any("batch_size auto" in e["message"] for e in entries)
+    assert json.loads(quiet.stdout.splitlines()[-1])["status"] == "committed"
+
+    verbose = _command("run", "--config", str(config), "-v")
+    assert verbose.returncode == 0
+    ours = re.compile(r"\d{4}-\d\d-\d\d \S+ (INFO|WARNING|ERROR) (pipelines|transforms|catalog_embed)[.:]")
+    libraries = [line for line in verbose.stderr.splitlines() if not ours.match(line)]
+    assert libraries, verbose.stderr                                        # -v lets the libraries speak
