@@ -1,6 +1,7 @@
 """The `catalog-embed` command line.
 
-Exit codes: 0 success; 1 the run failed (nothing committed); 2 bad usage or bad config (nothing done).
+Exit codes: 0 success; 1 the run failed or was refused (nothing committed); 2 bad usage or bad config
+(nothing done); 3 the run committed, but its reject ratio crossed `run.warn_reject_ratio`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ examples:
   catalog-embed evaluate --config configs/food101.yaml --out food101-evaluation.json
   catalog-embed versions --uri ./lancedb --table demo
   catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z-3f9a1c
+
+exit codes: 0 done; 1 the run failed or was refused (nothing committed); 2 bad usage, config or input
+(nothing done); 3 the run committed, but more rows were rejected than run.warn_reject_ratio
 """
 
 
@@ -211,7 +215,18 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
             print(f"catalog-embed: run {run_id} failed, nothing committed: {run['message']}", file=sys.stderr)
     if args.json:
         print(run_json(run))
-    return 1 if run["status"] == "failed" else 0
+    if run["status"] == "failed":
+        return 1
+    return 3 if _warn_rejects(run, config.run.warn_reject_ratio) else 0
+
+
+def _warn_rejects(run: dict, warn_ratio: float) -> bool:
+    ratio = run["rejected"] / run["read"] if run["read"] else 0.0
+    if ratio <= warn_ratio:
+        return False
+    print(f"catalog-embed: run {run['run_id']} committed with {run['rejected']} of {run['read']} rows rejected "
+          f"({ratio:.1%}), over run.warn_reject_ratio {warn_ratio:.1%}; see the rejects table", file=sys.stderr)
+    return True
 
 
 def _query(args: argparse.Namespace, _extra: list[str]) -> int:

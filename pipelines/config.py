@@ -73,7 +73,8 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    max_reject_ratio: float = 0.05
+    max_reject_ratio: float = 0.05      # over it, the run commits nothing (exit 1)
+    warn_reject_ratio: float = 0.01     # over it, the run commits and exits 3, for the scheduler to alert
     max_pixels: int = 100_000_000
     rehash: bool = False  # read and hash every image, whatever its stat says (e.g. a weekly run)
 
@@ -236,16 +237,19 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
     unknown = set(raw) - {f.name for f in fields(RunConfig)}
     if unknown:
         raise ConfigError(f"unknown run keys: {', '.join(sorted(unknown))}")
-    ratio = raw.get("max_reject_ratio", 0.05)
-    if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        raise ConfigError(f"run.max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
+    ratios = {}
+    for key in ("max_reject_ratio", "warn_reject_ratio"):
+        ratio = raw.get(key, getattr(RunConfig, key))
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ConfigError(f"run.{key} must be a number from 0 to 1, got {ratio!r}")
+        ratios[key] = float(ratio)
     pixels = raw.get("max_pixels", 100_000_000)
     if not isinstance(pixels, int) or pixels < 1:
         raise ConfigError(f"run.max_pixels must be a positive integer, got {pixels!r}")
     rehash = raw.get("rehash", False)
     if not isinstance(rehash, bool):
         raise ConfigError(f"run.rehash must be true or false, got {rehash!r}")
-    return RunConfig(max_reject_ratio=float(ratio), max_pixels=pixels, rehash=rehash)
+    return RunConfig(**ratios, max_pixels=pixels, rehash=rehash)
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

@@ -82,3 +82,15 @@ def test_logs_are_ours_only_unless_verbose_and_json_lines_on_request(tmp_path):
     ours = re.compile(r"\d{4}-\d\d-\d\d \S+ (INFO|WARNING|ERROR) (pipelines|transforms|catalog_embed)[.:]")
     libraries = [line for line in verbose.stderr.splitlines() if not ours.match(line)]
     assert libraries, verbose.stderr                                        # -v lets the libraries speak
+
+
+def test_a_run_over_the_warning_level_of_rejects_commits_and_exits_3(tmp_path, capsys):
+    folder, rows, config = _catalog(tmp_path)
+    rows[0]["image"] = "images/missing.png"                                # 1 row of 20 rejected: 5%
+    write_catalog(folder, rows)
+    assert main(["run", "--config", str(config), "--json"]) == 3
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "committed"
+    assert "over run.warn_reject_ratio 1.0%" in err.strip().splitlines()[-1]
+    config.write_text(config.read_text() + "run: {warn_reject_ratio: 0.05}\n")
+    assert main(["run", "--config", str(config)]) == 0                     # at the level: no warning
