@@ -18,6 +18,7 @@ CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
 ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIME_KEYS = frozenset({"batch_size", "device"})   # how an encoder runs, not what it makes
 # What each published layout brings with it unless the config says otherwise: the text to embed, the
 # label, and the columns worth passing through. A manifest's columns are the user's to name.
 FORMAT_PRESETS: dict[str, dict[str, Any]] = {
@@ -99,7 +100,11 @@ class Config:
         return tuple(dict.fromkeys(self.catalog.text_fields + self.catalog.fields))
 
     def config_hash(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if k != "source_path"}
+        """What shapes the table's rows: the catalog and the encoders, not how or where they run. It is in
+        the table's schema metadata, and a table whose schema changes is rewritten whole: a new batch size
+        or reject level must not rewrite 100M rows."""
+        encoders = [{k: v for k, v in asdict(e).items() if k not in RUNTIME_KEYS} for e in self.encoders]
+        data = {"catalog": asdict(self.catalog), "encoders": encoders}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

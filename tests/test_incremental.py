@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
@@ -269,3 +270,12 @@ def test_a_retried_commit_is_known_by_its_fragments_and_a_reused_run_id_is_refus
     with pytest.raises(ConcurrentRunError, match="run id r1 already tags version 1"):
         commit_run(uri, schema, fragments(["b"]), [], "r1", version, False)      # another run, same id
     assert lance.dataset(uri).to_table()["id"].to_pylist() == ["a"]
+
+
+def test_how_encoders_run_does_not_rewrite_the_table(catalog):
+    config, _, rows = catalog
+    run(config, "r1")
+    retuned = replace(config, encoders=tuple(replace(e, batch_size=2, device="cpu") for e in config.encoders),
+                      run=replace(config.run, max_reject_ratio=0.5, warn_reject_ratio=0.2))
+    summary = run(retuned, "r2")
+    assert (summary["written"], summary["unchanged"]) == (0, len(rows))
