@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli import main, unknown_beam_options
 from tests.conftest import ALL_ENCODERS, make_config, read_table, run
 
 MULTI_PROCESS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
@@ -54,3 +56,14 @@ def test_run_command_and_bad_config_exit_codes(tmp_path, capsys):
     assert main(["run", "--config", str(bad)]) == 2
     assert "catalog.format 'nope' is unknown" in capsys.readouterr().err
     assert main(["query", "--uri", str(tmp_path), "--table", "missing", "--like", "x"]) == 2
+
+
+def test_the_readme_dataflow_gpu_command_uses_only_beam_options():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Dataflow GPU workers"):]
+    block = section[section.index("```sh") + len("```sh"):section.index("```", section.index("```sh") + 5)]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["catalog-embed", "run"]
+    beam_args = [arg for arg in argv[2:] if arg.startswith("--") and not arg.startswith("--config")]
+    assert len(beam_args) == 11 and unknown_beam_options(beam_args) == []
+    assert unknown_beam_options(["--machine_typ=g2-standard-8"]) == ["--machine_typ=g2-standard-8"]
