@@ -7,8 +7,10 @@ Exit codes: 0 success; 1 the run failed or was refused (nothing committed); 2 ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
+import io
 import json
 import logging
 import secrets
@@ -86,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the catalog and compare it with the table, then print what a run would do (new, "
                           "changed per encoder, unchanged, deleted, rejected, encode work) and write nothing")
     run.add_argument("--json", action="store_true",
-                     help="end stdout with the run's record (as in <table>_runs: status, counts, encoded per encoder, "
-                          "table version, seconds) as one JSON line")
+                     help="print the run's record (as in <table>_runs: status, counts, encoded per encoder, table "
+                          "version, seconds), or with --dry-run the plan, as one JSON line: all of stdout")
     run.add_argument("--reembed", action="store_true",
                      help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
     run.add_argument("--rehash", action="store_true",
@@ -195,9 +197,12 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     config = load_config(args.config)
     run_id = args.run_id or new_run_id()
+    # With --json, stdout is the one JSON line (a file of runs is JSON lines); the summary is logged.
+    summary_to = _logged_lines() if args.json else contextlib.nullcontext()
     if args.dry_run:
         plan = run_job(config, run_id, beam_args, reembed=args.reembed, rehash=args.rehash, dry_run=True)
-        print_plan(plan)
+        with summary_to:
+            print_plan(plan)
         if args.json:
             print(json.dumps(plan, sort_keys=True))
         return 0
@@ -210,7 +215,8 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(f"catalog-embed: run {run_id} failed, nothing committed: {type(err).__name__}: {err}", file=sys.stderr)
         run = {"run_id": run_id, "status": "failed", "message": f"{type(err).__name__}: {err}"}
     else:
-        print_run_summary(run)
+        with summary_to:
+            print_run_summary(run)
         if run["status"] == "failed":
             print(f"catalog-embed: run {run_id} failed, nothing committed: {run['message']}", file=sys.stderr)
     if args.json:
@@ -218,6 +224,16 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if run["status"] == "failed":
         return 1
     return 3 if _warn_rejects(run, config.run.warn_reject_ratio) else 0
+
+
+@contextlib.contextmanager
+def _logged_lines():
+    """What the block prints, as log lines on stderr instead (in the log format asked for)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        yield
+    for line in printed.getvalue().splitlines():
+        logging.getLogger("catalog_embed").info(line)
 
 
 def _warn_rejects(run: dict, warn_ratio: float) -> bool:

@@ -75,7 +75,10 @@ def test_logs_are_ours_only_unless_verbose_and_json_lines_on_request(tmp_path):
     entries = [json.loads(line) for line in quiet.stderr.splitlines()]      # every line is one JSON object
     assert entries and {e["logger"].split(".")[0] for e in entries} <= {"pipelines", "transforms", "catalog_embed"}
     assert any("batch_size auto" in e["message"] for e in entries)
-    assert json.loads(quiet.stdout.splitlines()[-1])["status"] == "committed"
+    [record] = quiet.stdout.splitlines()                                  # stdout is the one JSON line
+    assert json.loads(record)["status"] == "committed"
+    query = _command("query", "--uri", str(tmp_path / "db"), "--table", "items", "--text", "a photo", "-k", "2")
+    assert query.returncode == 0 and query.stderr == "" and "item-" in query.stdout
 
     verbose = _command("run", "--config", str(config), "-v")
     assert verbose.returncode == 0

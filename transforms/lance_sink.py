@@ -248,7 +248,7 @@ class _LastCommitted:
 def _table_lock(uri: str):
     """An exclusive lock on a local table's folder, released when the process ends however it ends. An
     object store has no such lock: there the scheduler must not start a table's runs side by side
-    (README, "Scheduling"), and Lance's own atomic commit keeps versions from being overwritten."""
+    (README, "Run it every night"), and Lance's own atomic commit keeps versions from being overwritten."""
     if "://" in uri:
         yield _NothingKept()
         return
