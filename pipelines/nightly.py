@@ -4,6 +4,8 @@ combine -> write -> delete replaced rows -> commit.
 Elements carry references (paths, digests, ids), never image bytes or stored vectors: bytes are read
 where they are hashed or decoded, stored vectors only for the items written again that keep them.
 
+A dry run takes the same path up to the decisions, then counts them instead (transforms/plan.py).
+
 `run_job` builds what the pipeline needs on the launcher (encoder ids and dimensions, the table
 schema, the table version the run starts from), then runs the graph on whichever Beam runner the
 options name (DirectRunner by default) and returns the run's record.
@@ -39,7 +41,7 @@ from transforms.lance_sink import (
     table_metadata,
     table_schema,
 )
-from transforms.plan import count_plan
+from transforms.plan import count, count_plan
 from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
@@ -145,7 +147,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "Commit" >> beam.ParDo(
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
             rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
-            deleted=_count(compared[DELETES], "deleted"), unchanged=_count(decided[UNCHANGED], "unchanged"),
+            deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
             read=beam.pvalue.AsSingleton(rows_read))
     )
 
@@ -160,10 +162,6 @@ def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollecti
         | "Group by fragment" >> beam.GroupByKey()
         | "Delete rows" >> beam.ParDo(DeleteRows(ctx.dataset_uri, ctx.read_version))
     )
-
-
-def _count(items: beam.PCollection, label: str):
-    return beam.pvalue.AsSingleton(items | f"Count {label}" >> beam.combiners.Count.Globally())
 
 
 def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):

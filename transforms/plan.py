@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 
 def count(pcoll: beam.PCollection, label: str):
+    """The number of elements, as a side input."""
     return beam.pvalue.AsSingleton(pcoll | f"Count {label}" >> beam.combiners.Count.Globally())
 
 
