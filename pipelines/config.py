@@ -18,7 +18,7 @@ CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
 ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RUNTIME_KEYS = frozenset({"batch_size", "device"})   # how an encoder runs, not what it makes
+RUNTIME_KEYS = frozenset({"batch_size", "device", "large_model", "model_copies"})   # how it runs, not what it makes
 # What each published layout brings with it unless the config says otherwise: the text to embed, the
 # label, and the columns worth passing through. A manifest's columns are the user's to name.
 FORMAT_PRESETS: dict[str, dict[str, Any]] = {
@@ -58,6 +58,8 @@ class EncoderConfig:
     batch_size: int | str = "auto"   # or "auto": the fastest, measured on each worker's device
     device: str = "auto"
     precision: str = "auto"
+    large_model: bool = False      # Beam serves one model per worker VM to its processes (RunInference)
+    model_copies: int = 1          # or this many, shared by the processes
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -206,7 +208,14 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     precision = raw.get("precision", "auto")
     if precision not in PRECISIONS:
         raise ConfigError(f"encoders.{name}.precision '{precision}' is unknown; use one of: {', '.join(PRECISIONS)}")
-    known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device", "precision"}
+    large_model = raw.get("large_model", False)
+    if not isinstance(large_model, bool):
+        raise ConfigError(f"encoders.{name}.large_model must be true or false, got {large_model!r}")
+    copies = raw.get("model_copies", 1)
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ConfigError(f"encoders.{name}.model_copies must be a positive integer, got {copies!r}")
+    known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device", "precision",
+             "large_model", "model_copies"}
     return EncoderConfig(
         name=name,
         kind=kind,
@@ -217,6 +226,8 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
         batch_size=batch_size,
         device=device,
         precision=precision,
+        large_model=large_model,
+        model_copies=copies,
         options={k: v for k, v in raw.items() if k not in known},
     )
 

@@ -7,18 +7,22 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipelines.cli import main, unknown_beam_options
 from tests.conftest import ALL_ENCODERS, make_config, read_table, run
+from transforms import inference
 
 MULTI_PROCESS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
 
 
-def test_two_worker_run_writes_the_same_table(demo_run, tmp_path):
+@pytest.mark.parametrize("served", [False, True], ids=["model per process", "large_model: one served model"])
+def test_two_worker_run_writes_the_same_table(served, demo_run, tmp_path):
     demo_config, _ = demo_run
     catalog = {"format": "manifest", "path": demo_config.catalog.path, "text_fields": ["title", "description"],
                "label_field": "category", "fields": ["category"]}
-    config = make_config(tmp_path, catalog, ALL_ENCODERS, table="demo")
+    encoders = {name: dict(settings, large_model=served) for name, settings in ALL_ENCODERS.items()}
+    config = make_config(tmp_path, catalog, encoders, table="demo")
     summary = run(config, beam_args=MULTI_PROCESS)
     single, multi = read_table(demo_config), read_table(config)
     assert summary["written"] == multi.num_rows == single.num_rows
@@ -67,3 +71,25 @@ def test_the_readme_dataflow_gpu_command_uses_only_beam_options():
     beam_args = [arg for arg in argv[2:] if arg.startswith("--") and not arg.startswith("--config")]
     assert len(beam_args) == 11 and unknown_beam_options(beam_args) == []
     assert unknown_beam_options(["--machine_typ=g2-standard-8"]) == ["--machine_typ=g2-standard-8"]
+
+
+def test_large_model_stages_call_a_served_model_through_its_proxy(demo_run, tmp_path, monkeypatch):
+    demo_config, _ = demo_run
+    models = []
+    real_encode = inference.ModalityModelHandler._encode
+
+    def encode_and_note_the_model(self, model, *args):
+        models.append(type(model).__name__)
+        return real_encode(self, model, *args)
+
+    monkeypatch.setattr(inference.ModalityModelHandler, "_encode", encode_and_note_the_model)
+    encoders = {"text": dict(ALL_ENCODERS["text"], large_model=True),
+                "color": dict(ALL_ENCODERS["color"], model_copies=2)}
+    catalog = {"format": "manifest", "path": demo_config.catalog.path, "text_fields": ["title", "description"]}
+    config = make_config(tmp_path, catalog, encoders, table="demo")
+    assert run(config)["encoded"] == {"text": 22, "color": 22}
+    assert set(models) == {"_AutoProxyWrapper"}                      # Beam's proxy to the model's own process
+    served, local = read_table(config), read_table(demo_config)
+    for column in ("text_vec", "color_vec"):
+        np.testing.assert_allclose(np.stack(served[column].to_numpy(zero_copy_only=False)),
+                                   np.stack(local[column].to_numpy(zero_copy_only=False)), atol=1e-5)

@@ -191,7 +191,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_and_keep_their_vectors():
 def test_batch_size_auto_is_measured_on_the_device_and_logged(caplog):
     encoder = build_encoder(EncoderConfig(name="image", kind="cnn"))
     with caplog.at_level(logging.INFO, logger="transforms.inference"):
-        size = LazyModels([encoder], remembered=0).batch_size(["image"])
+        size = LazyModels([encoder]).batch_size(["image"])
     assert size in AUTO_BATCH_SIZES["image"]["cpu"]
     [line] = [r.getMessage() for r in caplog.records if "batch_size auto" in r.getMessage()]
     assert line.startswith(f"encoder image: batch_size auto -> {size} on cpu (inputs/s by batch size: 4: ")

@@ -149,6 +149,8 @@ class Encoder(ABC):
     queries_by_text: bool = False
     # The shorter side an image encoder resizes pictures to (None for text). See `decode_side`.
     input_side: int | None = None
+    # Whether `prepare` needs the loaded model (a tokeniser, CLIP's transform); others prepare without it.
+    prepares_with_model: bool = False
 
     def __init__(self, config: EncoderConfig):
         self.config = config
@@ -282,6 +284,7 @@ class Encoder(ABC):
 class SentenceTransformerEncoder(Encoder):
     modality = "text"
     queries_by_text = True
+    prepares_with_model = True
 
     @cached_property
     def model_path(self) -> str:
@@ -512,7 +515,7 @@ class ConseEncoder(Encoder):
         return self.parts[0].input_side
 
     def prepare(self, model: Any, inputs: list[Image.Image]) -> Any:
-        return self.parts[0].prepare(model.image, inputs)
+        return self.parts[0].prepare(None, inputs)       # pixels need no network
 
     @property
     def prepare_key(self) -> tuple:
@@ -558,6 +561,7 @@ class OpenClipEncoder(Encoder):
     """
 
     queries_by_text = True
+    prepares_with_model = True
 
     @property
     def modality(self) -> str:

@@ -18,8 +18,9 @@ into sub-batches of the encoders' `batch_size` (with `auto`, the fastest size me
 device when the model loads). Sub-batches are read, decoded and prepared (resized, tokenised) on other
 threads while the network embeds the one before; PIL, tokenisers and torch release the GIL.
 
-RunInference gives the rest: models loaded once per worker process and shared by its threads, and
-metrics. Models load on the first batch, so a run with nothing to encode loads none.
+RunInference gives the rest: models loaded once per worker process and shared by its threads (or, with
+an encoder's `large_model`/`model_copies`, served once per machine to its processes), and metrics.
+Models load on the first batch, so a run with nothing to encode loads none.
 """
 
 from __future__ import annotations
@@ -129,28 +130,37 @@ class RecentVectors:
 
 
 class LazyModels:
-    """The encoders' models on this worker, each built on its first use, with their batch sizes, the
-    threads that prepare batches, and the vectors encoded last (an object, not a dict: Beam's model
-    sharing holds it by weak reference)."""
+    """The encoders' models on a worker, each built on its first use, and their batch sizes.
 
-    def __init__(self, encoders: Sequence[Encoder], remembered: int):
+    With `large_model` or `model_copies`, Beam serves this object from a process of its own and the
+    stage calls it through a proxy: the stage only calls its methods, with arguments and results that
+    pickle (prepared batches in, vectors out), and keeps its threads and recent vectors itself.
+    """
+
+    def __init__(self, encoders: Sequence[Encoder]):
         self._encoders = {e.name: e for e in encoders}
         self._models: dict[str, Any] = {}
         self._batch_sizes: dict[tuple, int | None] = {}
         self._lock = threading.Lock()
-        self.recent = RecentVectors(remembered)
-        on_gpu = any(e.device_type == "cuda" for e in encoders)
-        # On a CPU the network needs the cores: one thread prepares ahead. On a GPU, all but one do.
-        self.threads = max(1, (os.cpu_count() or 2) - 1) if on_gpu else 1
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="prepare")
 
-    def get(self, name: str) -> Any:
+    def _model(self, name: str) -> Any:
         with self._lock:
             if name not in self._models:
                 encoder = self._encoders[name]
                 log.info("loading encoder %s (%s) on %s", name, encoder.config.kind, encoder.device)
                 self._models[name] = encoder.load()
             return self._models[name]
+
+    def prepare(self, name: str, inputs: list) -> Any:
+        """Prepare with the encoder's model at hand (a tokeniser); encoders that need none prepare in the stage."""
+        return self._encoders[name].prepare(self._model(name), inputs)
+
+    def embed(self, jobs: list[tuple[str, tuple, Any]]) -> list[np.ndarray]:
+        """Vectors for (encoder name, positions, prepared batch) jobs of one sub-batch; encoders on one
+        network share its forward pass over the same positions."""
+        memos: dict[tuple, dict] = {}
+        return [self._encoders[name].embed(self._model(name), prepared, memos.setdefault(chosen, {}))
+                for name, chosen, prepared in jobs]
 
     def batch_size(self, names: Iterable[str]) -> int:
         """The sub-batch the stage runs these encoders at: the smallest of their sizes, `auto` ones measured
@@ -161,12 +171,27 @@ class LazyModels:
             if isinstance(encoder.config.batch_size, int):
                 sizes.append(encoder.config.batch_size)
                 continue
-            model = self.get(name)
+            model = self._model(name)
             with self._lock:
                 if encoder.forward_key not in self._batch_sizes:
                     self._batch_sizes[encoder.forward_key] = fastest_batch_size(encoder, model)
                 sizes.append(self._batch_sizes[encoder.forward_key])
         return min((size for size in sizes if size), default=UNTIMED_BATCH_SIZE)
+
+
+class StageThreads:
+    """A worker process's part of a stage, beside the model wherever that is served: the threads that
+    prepare sub-batches ahead and the vectors encoded last."""
+
+    def __init__(self, encoders: Sequence[Encoder], remembered: int):
+        on_gpu = any(e.device_type == "cuda" for e in encoders)
+        # On a CPU the network needs the cores: one thread prepares ahead. On a GPU, all but one do.
+        self.threads = max(1, (os.cpu_count() or 2) - 1) if on_gpu else 1
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="prepare")
+        self.recent = RecentVectors(remembered)
+
+
+_STAGE_LOCK = threading.Lock()
 
 
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
@@ -182,9 +207,25 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         self._modality = modality
         self._encoders = list(encoders)
         self._remembered = remembered
+        self._stage: StageThreads | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _stage=None)      # threads stay in the process that made them
 
     def load_model(self) -> LazyModels:
-        return LazyModels(self._encoders, self._remembered)
+        return LazyModels(self._encoders)
+
+    def share_model_across_processes(self) -> bool:
+        return any(e.config.large_model or e.config.model_copies > 1 for e in self._encoders)
+
+    def model_copies(self) -> int:
+        return max(e.config.model_copies for e in self._encoders)
+
+    def _threads(self) -> StageThreads:
+        with _STAGE_LOCK:
+            if self._stage is None:
+                self._stage = StageThreads(self._encoders, self._remembered)
+            return self._stage
 
     def run_inference(self, batch: Sequence[tuple], model: LazyModels,
                       inference_args: dict | None = None) -> Iterable[tuple]:
@@ -196,9 +237,10 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
             if names:
                 wanted.setdefault(key, set()).update(names)
                 firsts.setdefault(key, items[0])
-        recalled = {key: model.recent.recall(key, names) for key, names in wanted.items()}
+        stage = self._threads()
+        recalled = {key: stage.recent.recall(key, names) for key, names in wanted.items()}
         missing = {key: names for key, names in wanted.items() if recalled[key] is None}
-        vectors, errors = self._encode(model, {key: firsts[key] for key in missing}, missing)
+        vectors, errors = self._encode(model, stage, {key: firsts[key] for key in missing}, missing)
         paid: set[str] = set()
         for key, items in groups:
             if key in errors:
@@ -209,37 +251,36 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
             else:
                 yield items, recalled.get(key) or {}, [], None
 
-    def _encode(self, model: LazyModels, firsts: dict[str, dict], missing: dict[str, set[str]]) -> tuple[dict, dict]:
+    def _encode(self, model: LazyModels, stage: StageThreads, firsts: dict[str, dict],
+                missing: dict[str, set[str]]) -> tuple[dict, dict]:
         """Encode each missing input once, in sub-batches whose inputs are read, decoded and prepared on
-        the model's threads while the network runs: vectors by digest, and the errors of the inputs that
+        the stage's threads while the network runs: vectors by digest, and the errors of the inputs that
         could not be read or decoded."""
         keys = list(firsts)
         if not keys:
             return {}, {}
         if self._modality == "text":   # similar lengths in a sub-batch pad less (as SentenceTransformer.encode)
             keys.sort(key=lambda key: -len(firsts[key]["text"]))
-        size = model.batch_size(set().union(*missing.values()))
+        size = model.batch_size(sorted(set().union(*missing.values())))
         chunks = [keys[start:start + size] for start in range(0, len(keys), size)]
         vectors: dict[str, dict] = {}
         errors: dict[str, Exception] = {}
         for done, jobs, failed in prepared_ahead(
-                model.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, model.threads + 1):
+                stage.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, stage.threads + 1):
             errors.update(failed)
             found = {key: {} for key in done}
-            memos: dict[tuple, dict] = {}
-            for encoder, chosen, prepared in jobs:
-                embedded = encoder.embed(model.get(encoder.name), prepared, memos.setdefault(chosen, {}))
+            for (name, chosen, _), embedded in zip(jobs, model.embed(jobs), strict=True):
                 for k, vector in zip(chosen, embedded, strict=True):
-                    found[done[k]][encoder.name] = vector
+                    found[done[k]][name] = vector
             for key, encoded in found.items():
-                model.recent.remember(key, encoded)
+                stage.recent.remember(key, encoded)
             vectors.update(found)
         return vectors, errors
 
     def _prepare(self, model: LazyModels, chunk: list[str], firsts: dict[str, dict],
                  missing: dict[str, set[str]]) -> tuple[list[str], list[tuple], dict]:
         """Read and decode a sub-batch's inputs, once per decoding, and prepare them once per preparation:
-        the inputs that loaded, (encoder, their positions, prepared batch) for each encoder, and errors."""
+        the inputs that loaded, (encoder name, their positions, prepared batch) for each encoder, and errors."""
         decoded: dict[str, dict] = {key: {} for key in chunk}
         errors: dict[str, Exception] = {}
         for key in chunk:
@@ -258,8 +299,9 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
                 shared = (encoder.decode_side, encoder.prepare_key, chosen)
                 if shared not in prepared:
                     inputs = [decoded[done[k]][encoder.decode_side] for k in chosen]
-                    prepared[shared] = encoder.prepare(model.get(encoder.name), inputs)
-                jobs.append((encoder, chosen, prepared[shared]))
+                    prepared[shared] = (model.prepare(encoder.name, inputs) if encoder.prepares_with_model
+                                        else encoder.prepare(None, inputs))
+                jobs.append((encoder.name, chosen, prepared[shared]))
         return done, jobs, errors
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
