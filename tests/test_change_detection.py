@@ -4,6 +4,7 @@ read once to hash and once to decode, kept vectors stay bit for bit, and the shi
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -35,7 +36,7 @@ from tests.conftest import (
 )
 from transforms import inference
 from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
-from transforms.encoders import ColorEncoder
+from transforms.encoders import ColorEncoder, build_encoder
 from transforms.images import decode_image
 
 TEXT_AND_COLOR = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
@@ -233,3 +234,16 @@ def test_shipped_configs_run_as_shipped_with_their_format_text(shipped, layout, 
     for item_id, text in texts.items():
         assert float(minilm.encode([text], normalize_embeddings=True)[0] @ table[item_id]["text_vec"]) > 0.9999
 
+
+
+def test_handler_copies_of_one_stage_share_their_threads_and_recent_vectors():
+    """Beam deserialises a handler per harness thread: the copies share one prepare pool and one memory
+    of recent vectors per process, as they share the model; another stage has its own."""
+    encoders = [build_encoder(EncoderConfig(name="text", kind="sentence-transformers"))]
+    handler = inference.ModalityModelHandler("text", encoders, remembered=10)
+    first, second = (pickle.loads(pickle.dumps(handler)) for _ in range(2))
+    first._threads().recent.remember("digest", {"text": np.ones(3)})
+    assert second._threads() is first._threads()
+    assert second._threads().recent.recall("digest", {"text"}) is not None
+    other = inference.ModalityModelHandler("text", encoders, remembered=10)
+    assert other._threads() is not first._threads()

@@ -15,6 +15,7 @@ import yaml
 
 from demo.build_catalog import build as build_demo_catalog
 from pipelines.cli import main
+from pipelines.logs import OUR_LOGGERS
 from tests.conftest import COLOR_ONLY, DEMO_CATALOG
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -62,5 +63,6 @@ def test_each_example_runs_the_real_command(example, demo_config):
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout.splitlines()[-1])                  # what the scheduler keeps
     assert plan["dry_run"] and plan["unchanged"] == plan["read"] > 0, plan
-    if "--log-format" in command:
-        assert all(json.loads(line)["level"] for line in done.stderr.splitlines())
+    if "--log-format" in command:                                   # our log lines, each one JSON object
+        lines = done.stderr.splitlines()
+        assert lines and all(json.loads(line)["logger"].split(".")[0] in OUR_LOGGERS for line in lines), lines

@@ -29,6 +29,8 @@ import logging
 import os
 import threading
 import time
+import uuid
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -191,7 +193,11 @@ class StageThreads:
         self.recent = RecentVectors(remembered)
 
 
-_STAGE_LOCK = threading.Lock()
+# A process's StageThreads by stage: Beam deserialises a copy of the handler for each DoFn instance
+# (one per harness thread), and they all share one pool and one memory of recent vectors, as they share
+# the model. A stage's entry goes when its last handler copy does.
+_STAGES: weakref.WeakValueDictionary[str, StageThreads] = weakref.WeakValueDictionary()
+_STAGES_LOCK = threading.Lock()
 
 
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
@@ -207,6 +213,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         self._modality = modality
         self._encoders = list(encoders)
         self._remembered = remembered
+        self._stage_key = uuid.uuid4().hex             # the same in every copy of this stage's handler
         self._stage: StageThreads | None = None
 
     def __getstate__(self) -> dict:
@@ -222,9 +229,10 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         return max(e.config.model_copies for e in self._encoders)
 
     def _threads(self) -> StageThreads:
-        with _STAGE_LOCK:
+        with _STAGES_LOCK:
             if self._stage is None:
-                self._stage = StageThreads(self._encoders, self._remembered)
+                self._stage = _STAGES.get(self._stage_key) or StageThreads(self._encoders, self._remembered)
+                _STAGES[self._stage_key] = self._stage
             return self._stage
 
     def run_inference(self, batch: Sequence[tuple], model: LazyModels,
