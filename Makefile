@@ -24,7 +24,7 @@ browser:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
 
 demo: install
-	$(BIN)/python demo/build_catalog.py data/demo
+	$(BIN)/python -m demo.build_catalog data/demo
 	$(BIN)/catalog-embed run --config configs/demo.yaml
 	@echo; echo "== items most like the photo 'chelsea' (text 0.4, image 0.3, color 0.1, conse 0.2) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
@@ -39,17 +39,28 @@ demo: install
 	    --html out/coffee.html
 	@echo; echo "== retrieval and zero-shot quality of each vector column, by the photos' categories =="
 	$(BIN)/catalog-embed evaluate --config configs/demo.yaml --out out/demo-evaluation.json
+	@echo; echo "== night 2: two photos re-uploaded as new listings, two captions pasted onto each other's picture =="
+	$(BIN)/python -m demo.build_catalog data/demo --night 2
+	$(BIN)/catalog-embed run --config configs/demo.yaml
+	@echo; echo "== catalog health: near-duplicates (the image encoder, cosine >= 0.75), also as out/duplicates.html =="
+	$(BIN)/catalog-embed duplicates --uri ./lancedb --table demo --html out/duplicates.html
+	@echo; echo "== captions that do not describe their picture (text against conse) =="
+	$(BIN)/catalog-embed outliers --uri ./lancedb --table demo -k 4
+	@echo; echo "== how night 2 moved the table from night 1 =="
+	$(BIN)/catalog-embed drift --uri ./lancedb --table demo
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
 
 # Texts against plain loops, Beam MLTransform and the LanceDB embedding registry (benchmarks/throughput.py),
 # photos against plain loops and the network's compute limit (benchmarks/photos.py), then the nightly cost
-# at 10k and 100k Food-101-layout items (benchmarks/scale.py). Results: out/bench.json.
+# at 10k and 100k Food-101-layout items (benchmarks/scale.py), then the health reports' duplicate threshold on real
+# photos and their cost on a 1M-row table (benchmarks/health.py). Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 	$(BIN)/python -m benchmarks.photos --out out/bench.json
 	$(BIN)/python -m benchmarks.scale --out out/bench.json
+	$(BIN)/python -m benchmarks.health --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

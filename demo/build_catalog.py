@@ -1,39 +1,65 @@
 """Build the demo catalog: the real photographs that ship inside scikit-image and scikit-learn,
-copied into `<out>/images/`, with `<out>/catalog.csv` holding the captions from demo/captions.csv."""
+copied into `<out>/images/`, with `<out>/catalog.csv` holding the captions from demo/captions.csv.
+
+`--night 2` builds the next night's export of the same catalog, with what health reports are for:
+two photos re-uploaded as new listings, and two captions pasted onto each other's picture.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import shutil
-import sys
 from pathlib import Path
 
 import skimage.data
 import sklearn.datasets
 
+from demo.reuploads import reupload
+
 PHOTO_FOLDERS = {
     "skimage": Path(skimage.data.__file__).parent,
     "sklearn": Path(sklearn.datasets.__file__).parent / "images",
 }
+NIGHT_TWO_REUPLOADS = {"chelsea": "resized", "coffee": "recompressed"}
+NIGHT_TWO_SWAPPED = ("rocket", "flower")
+FIELDS = ["id", "title", "description", "category", "image"]
 
 
-def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv") -> Path:
+def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv", night: int = 1) -> Path:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     with captions.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [{"id": row["id"], "title": row["title"], "description": row["description"],
+                 "category": row["category"], "image": f"images/{row['file']}", "source": PHOTO_FOLDERS[row["source"]]}
+                for row in csv.DictReader(handle)]
     for row in rows:
-        source = PHOTO_FOLDERS[row["source"]] / row["file"]
-        shutil.copyfile(source, images / row["file"])
+        shutil.copyfile(row.pop("source") / Path(row["image"]).name, out / row["image"])
+    if night == 2:
+        rows = _night_two(out, rows)
     manifest = out / "catalog.csv"
     with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "title", "description", "category", "image"])
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
-        for row in rows:
-            writer.writerow({"id": row["id"], "title": row["title"], "description": row["description"],
-                             "category": row["category"], "image": f"images/{row['file']}"})
+        writer.writerows(rows)
     return manifest
 
 
+def _night_two(out: Path, rows: list[dict]) -> list[dict]:
+    by_id = {row["id"]: row for row in rows}
+    for item, variant in NIGHT_TWO_REUPLOADS.items():
+        image = reupload(out / by_id[item]["image"], variant, out / "images" / f"{item}-{variant}.jpg")
+        rows.append(dict(by_id[item], id=f"{item}-2", title=by_id[item]["title"] + ", new photo",
+                         image=str(image.relative_to(out))))
+    first, second = (by_id[item] for item in NIGHT_TWO_SWAPPED)
+    for field in ("title", "description"):
+        first[field], second[field] = second[field], first[field]
+    return rows
+
+
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo")))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", nargs="?", default="data/demo", help="the catalog's folder (default data/demo)")
+    parser.add_argument("--night", type=int, choices=(1, 2), default=1, help="which night's export (default 1)")
+    args = parser.parse_args()
+    print(build(Path(args.out), night=args.night))

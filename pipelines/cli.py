@@ -1,7 +1,8 @@
 """The `catalog-embed` command line.
 
 Exit codes: 0 success; 1 the run failed or was refused (nothing committed); 2 bad usage or bad config
-(nothing done); 3 the run committed, but its reject ratio crossed `run.warn_reject_ratio`.
+(nothing done); 3 the run committed, but its reject ratio crossed `run.warn_reject_ratio` or its drift from the
+previous version `run.warn_drift`.
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ examples:
   catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 --html out/cat.html
   catalog-embed classify --uri ./lancedb --table demo --labels "cat,dog,coffee,rocket" photo1.jpg photo2.png
   catalog-embed evaluate --config configs/food101.yaml --out food101-evaluation.json
+  catalog-embed duplicates --uri ./lancedb --table demo --html out/duplicates.html
+  catalog-embed outliers --uri ./lancedb --table demo -k 5               # captions that do not fit their picture
+  catalog-embed outliers --uri ./lancedb --table demo --isolated --column image
+  catalog-embed drift --uri ./lancedb --table demo --from 2 --to 3 --json
   catalog-embed versions --uri ./lancedb --table demo
   catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z-3f9a1c
 
 exit codes: 0 done; 1 the run failed or was refused (nothing committed); 2 bad usage, config or input
-(nothing done); 3 the run committed, but more rows were rejected than run.warn_reject_ratio
+(nothing done); 3 the run committed, but more rows were rejected than run.warn_reject_ratio, or the table
+drifted more than run.warn_drift from its previous version
 """
 
 
@@ -108,13 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--weights", metavar="NAME=W,...",
                        help="weigh the encoders for this query, e.g. text=0.2,image=0.8 (default: the table's)")
     query.add_argument("--where", metavar="SQL", help="filter items first, e.g. \"category = 'food'\"")
-    at = query.add_mutually_exclusive_group()
-    at.add_argument("--version", type=int, help="search the table as it was at this version")
-    at.add_argument("--tag", help="search the table as it was at this tag (each run tags run-<run id>)")
-    output = query.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    output.add_argument("--html", metavar="FILE",
-                        help="also write a self-contained contact sheet (thumbnails, ids, fields, scores)")
+    _version_arguments(query)
+    _report_outputs(query)
 
     classify = add_command(
         "classify", help="zero-shot labels for images, through the table's multimodal encoder",
@@ -136,6 +137,50 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="FILE", help="the JSON report (default: <table>-evaluation.json)")
     evaluate.add_argument("--template", action="append", metavar="TEXT", help="zero-shot prompt with {}, repeatable")
 
+    duplicates = add_command(
+        "duplicates", help="groups of near-duplicate items (re-uploaded photos, repeated listings)",
+        description="Group items whose vectors in one column are linked by cosines at or over a threshold (connected "
+                    "components of such pairs); a group's score is the lowest cosine between two of its members. "
+                    "Exact on small tables, partitioned like an IVF index on large ones.")
+    _table_arguments(duplicates)
+    duplicates.add_argument("--column", metavar="NAME",
+                            help="an encoder's name, or 'vector' for the combined one (default: the first image "
+                                 "encoder, else 'vector')")
+    duplicates.add_argument("--threshold", type=float, metavar="X",
+                            help="the cosine that makes two items duplicates (default per encoder kind, measured: "
+                                 "0.75 for cnn; see README 'Catalog health')")
+    _version_arguments(duplicates)
+    _report_outputs(duplicates)
+
+    outliers = add_command(
+        "outliers", help="captions that do not describe their picture, or items far from all others",
+        description="Rank items by how much their text and image vectors disagree, in a space both share (a text "
+                    "encoder and conse over its model, or CLIP's towers), held against their best matches among "
+                    "other items; with --isolated, by 1 - the mean cosine to their nearest neighbours in one column.")
+    _table_arguments(outliers)
+    outliers.add_argument("--between", metavar="A,B",
+                          help="the text and image encoders to compare (default: the table's text encoder and the "
+                               "first image encoder in its space)")
+    outliers.add_argument("-k", type=int, default=20, help="how many items (default 20)")
+    outliers.add_argument("--isolated", action="store_true", help="items farthest from their nearest neighbours")
+    outliers.add_argument("--column", default="vector", metavar="NAME",
+                          help="with --isolated: an encoder's name or 'vector' (default)")
+    outliers.add_argument("--neighbours", type=int, default=5, metavar="M",
+                          help="with --isolated: how many nearest neighbours (default 5)")
+    _version_arguments(outliers)
+    _report_outputs(outliers)
+
+    drift = add_command(
+        "drift", help="how the table moved between two versions",
+        description="Per vector column, the energy distance between two versions' vectors (0 when they agree, up "
+                    "to 2) and how far the mean moved, on a sample of each; the items added and removed, and the "
+                    "items whose vectors moved most.")
+    _table_arguments(drift)
+    drift.add_argument("--from", dest="version_from", metavar="V",
+                       help="a version number or tag (default: the version of the run before the one that made --to)")
+    drift.add_argument("--to", dest="version_to", metavar="W", help="a version number or tag (default: the latest)")
+    _report_outputs(drift)
+
     versions = add_command("versions", help="list a table's versions, tags and runs")
     _table_arguments(versions)
     versions.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -147,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     _table_arguments(rollback)
     rollback.add_argument("--to", required=True, metavar="TAG_OR_VERSION", help="the version number or tag")
     return parser
+
+
+def _version_arguments(parser: argparse.ArgumentParser) -> None:
+    at = parser.add_mutually_exclusive_group()
+    at.add_argument("--version", type=int, help="the table as it was at this version")
+    at.add_argument("--tag", help="the table as it was at this tag (each run tags run-<run id>)")
+
+
+def _report_outputs(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--html", metavar="FILE",
+                        help="also write a self-contained contact sheet (thumbnails, ids, fields, scores)")
 
 
 def _table_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,
-                   "classify": _classify, "evaluate": _evaluate}[args.command]
+                   "classify": _classify, "evaluate": _evaluate, "duplicates": _duplicates, "outliers": _outliers,
+                   "drift": _drift}[args.command]
         return handler(args, extra)
     except ConfigError as err:
         print(f"catalog-embed: config error: {err}", file=sys.stderr)
@@ -223,7 +282,8 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(run_json(run))
     if run["status"] == "failed":
         return 1
-    return 3 if _warn_rejects(run, config.run.warn_reject_ratio) else 0
+    warnings = [_warn_rejects(run, config.run.warn_reject_ratio), _warn_drift(run, config.run.warn_drift)]
+    return 3 if any(warnings) else 0
 
 
 @contextlib.contextmanager
@@ -242,6 +302,16 @@ def _warn_rejects(run: dict, warn_ratio: float) -> bool:
         return False
     print(f"catalog-embed: run {run['run_id']} committed with {run['rejected']} of {run['read']} rows rejected "
           f"({ratio:.1%}), over run.warn_reject_ratio {warn_ratio:.1%}; see the rejects table", file=sys.stderr)
+    return True
+
+
+def _warn_drift(run: dict, warn_score: float) -> bool:
+    over = {name: score for name, score in (run.get("drift") or {}).items() if score > warn_score}
+    if not over:
+        return False
+    print(f"catalog-embed: run {run['run_id']} committed version {run['table_version']}, which drifted from the "
+          f"previous one over run.warn_drift {warn_score}: " + ", ".join(f"{k} {v:.4f}" for k, v in over.items())
+          + "; see catalog-embed drift", file=sys.stderr)
     return True
 
 
@@ -267,7 +337,7 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.html:
         from pipelines import contact_sheet
 
-        contact_sheet.write(args.html, results, f"{args.table}: {len(results)} results", _describe_query(args))
+        contact_sheet.write(args.html, [("", results)], f"{args.table}: {len(results)} results", _describe_query(args))
         print(f"contact sheet: {args.html}")
     return 0
 
@@ -307,6 +377,55 @@ def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
         json.dump(report, handle, indent=2)
     print_evaluation(report)
     print(f"report: {out}")
+    return 0
+
+
+def _duplicates(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.health import duplicates_report
+    from pipelines.query import open_table
+
+    table = open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    return _print_report(args, table, duplicates_report(table, args.column, args.threshold))
+
+
+def _outliers(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.health import outliers_report
+    from pipelines.query import open_table
+
+    if args.k < 1 or args.neighbours < 1:
+        print("catalog-embed: -k and --neighbours must be at least 1", file=sys.stderr)
+        return 2
+    table = open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    report = outliers_report(table, args.between, args.k, args.isolated, args.column, args.neighbours)
+    return _print_report(args, table, report)
+
+
+def _drift(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.drift import previous_run_version
+    from pipelines.health import drift_report
+    from pipelines.query import open_table
+    from transforms.lance_sink import dataset_uri
+
+    at = int(args.version_to) if args.version_to and args.version_to.isdigit() else args.version_to
+    table = open_table(args.uri, args.table, at)
+    to = args.version_to or str(table.handle.version)
+    before = args.version_from or str(previous_run_version(args.uri, args.table, table.handle.version))
+    return _print_report(args, table, drift_report(table, dataset_uri(args.uri, args.table), before, to))
+
+
+def _print_report(args: argparse.Namespace, table, report) -> int:
+    from pipelines import contact_sheet
+    from pipelines.report import print_results
+
+    if args.json:
+        print(json.dumps(report.data))
+        return 0
+    print(report.title)
+    print_results(report.rows)
+    if args.html:
+        contact_sheet.write(args.html, report.html_sections(table), f"{args.table}: {args.command}", report.title,
+                            report.numbers)
+        print(f"contact sheet: {args.html}")
     return 0
 
 

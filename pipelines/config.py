@@ -78,6 +78,7 @@ class OutputConfig:
 class RunConfig:
     max_reject_ratio: float = 0.05      # over it, the run commits nothing (exit 1)
     warn_reject_ratio: float = 0.01     # over it, the run commits and exits 3, for the scheduler to alert
+    warn_drift: float = 0.05            # likewise over this drift score in any column (README "Catalog health")
     max_pixels: int = 100_000_000
     rehash: bool = False  # read and hash every image, whatever its stat says (e.g. a weekly run)
 
@@ -254,10 +255,10 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown run keys: {', '.join(sorted(unknown))}")
     ratios = {}
-    for key in ("max_reject_ratio", "warn_reject_ratio"):
+    for key, most in (("max_reject_ratio", 1), ("warn_reject_ratio", 1), ("warn_drift", 2)):
         ratio = raw.get(key, getattr(RunConfig, key))
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            raise ConfigError(f"run.{key} must be a number from 0 to 1, got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= most:
+            raise ConfigError(f"run.{key} must be a number from 0 to {most}, got {ratio!r}")
         ratios[key] = float(ratio)
     pixels = raw.get("max_pixels", 100_000_000)
     if not isinstance(pixels, int) or pixels < 1:

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipelines.errors import QueryError
 from pipelines.query import Table
+from pipelines.vectors import matrix
 from pipelines.zero_shot import DEFAULT_TEMPLATES, label_probabilities, label_vectors
 
 RECALL_AT = (1, 5, 10)
@@ -37,12 +38,12 @@ def evaluate(table: Table, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict
         raise QueryError("the table has fewer than two labelled items; evaluate needs catalog.label_field "
                          "(or a format with labels: food101, digikala, fashion)")
     labels = np.asarray(data["label"].to_pylist(), dtype=object)
-    vectors = {name: _matrix(data[column]) for name, column in columns.items()}
+    vectors = {name: matrix(data[column]) for name, column in columns.items()}
     retrieval = {}
-    for name, matrix in vectors.items():
+    for name, found in vectors.items():
         started = time.perf_counter()
-        retrieval[name] = retrieval_quality(matrix, labels)
-        log.info("retrieval by %s: %d items searched in %.1fs", name, len(matrix), time.perf_counter() - started)
+        retrieval[name] = retrieval_quality(found, labels)
+        log.info("retrieval by %s: %d items searched in %.1fs", name, len(found), time.perf_counter() - started)
     zero_shot = {e.name: {"top1_accuracy": zero_shot_accuracy(e, vectors[e.name], labels, templates)}
                  for e in table.encoders() if e.text_to_image}
     return {"table": table.handle.name, "version": table.handle.version, "items": data.num_rows,
@@ -86,6 +87,3 @@ def _others_with_label(labels: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     return counts[inverse] - 1
 
-
-def _matrix(column) -> np.ndarray:
-    return np.asarray(column.combine_chunks().flatten(), dtype=np.float32).reshape(len(column), -1)

@@ -142,6 +142,21 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
     return [_result(row, norm) for row in rows]
 
 
+def items_by_id(table: Table, ids: list[str]) -> dict[str, dict]:
+    """Stored items as results show them (id, fields, label, image_uri; no vectors), by id."""
+    columns = [name for name in table.handle.schema.names if _shown(name)]
+    found = {}
+    for start in range(0, len(ids), 1000):
+        quoted = ", ".join("'" + item.replace("'", "''") + "'" for item in ids[start:start + 1000])
+        rows = table.handle.to_lance().to_table(columns=columns, filter=f"id IN ({quoted})").to_pylist()
+        found.update((row["id"], row) for row in rows)
+    return found
+
+
+def _shown(column: str) -> bool:
+    return column not in HIDDEN_COLUMNS and not column.endswith(("_vec", "_fp"))
+
+
 def _rebuild(described: dict) -> Encoder:
     cfg = described["config"]
     return build_encoder(EncoderConfig(
@@ -151,6 +166,5 @@ def _rebuild(described: dict) -> Encoder:
 
 def _result(row: dict, norm: float) -> dict:
     out = {"id": row["id"], "score": round((1.0 - float(row["_distance"])) * norm, 6)}
-    out.update({k: v for k, v in row.items() if k not in HIDDEN_COLUMNS and k != "id"
-                and not k.endswith("_vec") and not k.endswith("_fp")})
+    out.update({k: v for k, v in row.items() if _shown(k) and k != "id"})
     return out

@@ -15,6 +15,8 @@ def print_run_summary(run: dict) -> None:
           f"+ rejected {run['rejected']};  deleted {run['deleted']}")
     if run["encoded"]:
         print("  encoded (forward passes): " + ", ".join(f"{k} {v}" for k, v in sorted(run["encoded"].items())))
+    if run.get("drift"):
+        print("  drift from the previous version: " + ", ".join(f"{k} {v:.4f}" for k, v in run["drift"].items()))
     for key, count in run["rejects_by"].items():
         print(f"  rejected at {key}: {count}")
     if run["message"]:

@@ -35,6 +35,15 @@ CASES = {
     "classify with one label": (["classify", *TABLE, "--labels", "cat", "{photo}"], "at least two different labels"),
     "classify a picture that is not there": (["classify", *TABLE, "--labels", "cat,dog", "/nowhere.jpg"],
                                              "cannot use image"),
+    "duplicates by an unknown column": (["duplicates", *TABLE, "--column", "nosuch"], "has no encoder 'nosuch'"),
+    "duplicates with a threshold that is no cosine": (["duplicates", *TABLE, "--threshold", "3"],
+                                                      "--threshold is a cosine"),
+    "outliers between encoders of two spaces": (["outliers", *TABLE, "--between", "text,image"],
+                                                "do not embed into one space"),
+    "outliers between one encoder": (["outliers", *TABLE, "--between", "text"], "--between takes two"),
+    "outliers with k of 0": (["outliers", *TABLE, "-k", "0"], "must be at least 1"),
+    "drift from a version that is not there": (["drift", *TABLE, "--from", "999"], "has no version or tag '999'"),
+    "drift with no run before": (["drift", *TABLE], "give --from"),
     "evaluate without its config": (["evaluate", "--config", "/nowhere/job.yaml"], "config file not found"),
 }
 

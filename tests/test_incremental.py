@@ -224,7 +224,8 @@ def test_two_runs_started_at_once_commit_once_and_the_other_exits_1(tmp_path, mo
     folder, rows = captioned_catalog(tmp_path)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(f"catalog: {{format: manifest, path: {folder / 'catalog.csv'}, text_fields: [caption]}}\n"
-                           f"encoders: {{color: {{kind: color}}}}\noutput: {{uri: {tmp_path / 'db'}, table: items}}\n")
+                           f"encoders: {{color: {{kind: color}}}}\noutput: {{uri: {tmp_path / 'db'}, table: items}}\n"
+                           "run: {warn_drift: 2}\n")                # a sixth of the items changes: no drift warning
     assert main(["run", "--config", str(config_file)]) == 0
     copy_photo(PHOTOS[7], folder / "images" / "1.png")              # one photo changed
     uri = dataset_uri(str(tmp_path / "db"), "items")

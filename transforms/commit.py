@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import apache_beam as beam
+import lance
 
 from pipelines.config import OutputConfig
+from pipelines.drift import column_scores
 from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
@@ -70,11 +72,21 @@ class CommitRun(beam.DoFn):
             log.error("run %s commits nothing: %s", ctx.run_id, err)
             return
         if run["table_version"] != ctx.read_version:
+            run["drift"] = self._drift(run["table_version"])
             problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
                                 ctx.output.compact)
             run["message"] = "; ".join(problems)
         else:
             run["status"] = "unchanged"
+
+    def _drift(self, version: int) -> dict[str, float]:
+        """Per vector column, how far the new version moved from the one the run started from (pipelines/drift)."""
+        ctx = self._context
+        if ctx.read_version is None:
+            return {}
+        before = lance.dataset(ctx.dataset_uri, version=ctx.read_version)
+        after = lance.dataset(ctx.dataset_uri, version=version)
+        return {name: found["score"] for name, found in column_scores(before, after).items()}
 
     def _refusal(self, run: dict) -> str:
         """Why the run must not commit, or "" when it may. A broken mount must not wipe the table."""
@@ -103,5 +115,6 @@ class CommitRun(beam.DoFn):
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
             "deleted": deleted, "rejected": rejected,
             "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
+            "drift": {},
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),
         }

@@ -270,6 +270,12 @@ class Encoder(ABC):
         raise NotImplementedError(f"{self.config.kind} encoders cannot encode text")
 
     @property
+    def space(self) -> tuple | None:
+        """What the vectors' space is named by where encoders of other kinds share it (a text model's
+        and ConSE over it, CLIP's towers), so that cosines across their columns mean something; else None."""
+        return None
+
+    @property
     def text_to_image(self) -> bool:
         """Item images and text queries in one space: text-to-image search and zero-shot labels."""
         return self.queries_by_text and self.modality == "image"
@@ -330,6 +336,11 @@ class SentenceTransformerEncoder(Encoder):
 
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         return self.encode(model, texts)
+
+    @property
+    def space(self) -> tuple:
+        described = self.describe()
+        return ("sentence-transformers", described["model"], described["weights"])
 
 
 class CnnEncoder(Encoder):
@@ -538,6 +549,10 @@ class ConseEncoder(Encoder):
     def load_text_model(self) -> Any:
         return self.parts[1].load()
 
+    @property
+    def space(self) -> tuple:
+        return self.parts[1].space
+
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         return self.parts[1].encode(model, texts)
 
@@ -664,6 +679,10 @@ class OpenClipEncoder(Encoder):
 
     def logit_scale(self, model: ClipModel) -> float:
         return float(self.config.options.get("logit_scale", model.network.logit_scale.detach().exp()))
+
+    @property
+    def space(self) -> tuple:
+        return ("open-clip", self.model_name, self.weights)
 
 
 def _load_open_clip(name: str, pretrained: str | None, device: str) -> ClipModel:

@@ -33,6 +33,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("rejected", pa.int64()),
     pa.field("encoded", pa.string()),
     pa.field("rejects_by", pa.string()),
+    pa.field("drift", pa.string()),
     pa.field("table_version", pa.int64()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
@@ -88,20 +89,27 @@ def commit_rejects(db_uri: str, table: str, fragments: Sequence[str]) -> None:
         lance.LanceDataset.commit(uri, lance.LanceOperation.Append(metadata), read_version=existing.version)
 
 
+SQL_TYPES = {pa.string(): "STRING", pa.int64(): "BIGINT"}
+
+
 def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema) -> None:
     if not rows:
         return
     db = lancedb.connect(db_uri)
     data = pa.Table.from_pylist(list(rows), schema=schema)
     if name in db.table_names():
-        db.open_table(name).add(data)
+        table = db.open_table(name)
+        missing = [f for f in schema if f.name not in table.schema.names]   # written by an older release
+        if missing:
+            table.add_columns({f.name: f"CAST(NULL AS {SQL_TYPES[f.type]})" for f in missing})
+        table.add(data)
     else:
         db.create_table(name, data, schema=schema)
 
 
 def record_run(db_uri: str, table: str, run: dict) -> None:
     row = dict(run, encoded=json.dumps(run["encoded"]), rejects_by=json.dumps(run["rejects_by"]),
-               encoder_ids=json.dumps(run["encoder_ids"]))
+               encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}))
     append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA)
 
 
@@ -111,7 +119,7 @@ def read_runs(db_uri: str, table: str) -> list[dict]:
         return []
     rows = db.open_table(runs_table_name(table)).to_arrow().to_pylist()
     for row in rows:
-        for key in ("encoded", "rejects_by", "encoder_ids"):
+        for key in ("encoded", "rejects_by", "encoder_ids", "drift"):
             row[key] = json.loads(row[key]) if row[key] else {}
     return sorted(rows, key=lambda r: r["started_at"])
 

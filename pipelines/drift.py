@@ -1,0 +1,134 @@
+"""How a table moved between two versions: per vector column, and per item.
+
+Per column, on a random sample of each version (all rows of a small table):
+- `score`: the energy distance 2E|a-b| - E|a-a'| - E|b-b'| between the two versions' vectors (V-statistics,
+  so two equal sets score exactly 0). It is 0 when the distributions agree and grows as they part; for
+  unit vectors it is at most 2. Two captions edited in a catalog of thousands score near 0, half the
+  catalog replaced by another kind of item scores far higher (README "Catalog health" has numbers).
+- `centroid_shift`: how far the mean vector moved (Euclidean).
+Per table: rows before and after, the ids added and removed; per column, how many items kept in both
+versions changed their vector and the ones that moved most (1 - cosine between their old and new vector).
+
+Memory: the samples, the two versions' ids, and the vectors of the rows written since the older
+version, a batch at a time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from datetime import timezone
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.errors import QueryError
+from pipelines.vectors import COMBINED, VectorColumn, matrix
+
+SAMPLE_ROWS = 2000
+MOST_MOVED = 10
+UNMOVED_COSINE = 0.999999      # float32 noise: a vector written again unchanged
+
+
+def column_scores(before: lance.LanceDataset, after: lance.LanceDataset, sample_rows: int = SAMPLE_ROWS) -> dict:
+    """{column name: {"score", "centroid_shift"}} for the vector columns both versions have alike."""
+    scores = {}
+    for name, column in _shared_columns(before, after).items():
+        old = VectorColumn(before, column).sample_positions(sample_rows, seed=1)
+        new = VectorColumn(after, column).sample_positions(sample_rows, seed=2)
+        a, b = VectorColumn(before, column).take(old), VectorColumn(after, column).take(new)
+        scores[name] = {"score": round(energy_distance(a, b), 6),
+                        "centroid_shift": round(float(np.linalg.norm(a.mean(axis=0) - b.mean(axis=0))), 6)}
+    return scores
+
+
+def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """2 mean|a_i - b_j| - mean|a_i - a_j| - mean|b_i - b_j|, over unit vectors."""
+    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.sqrt(np.maximum(2.0 - 2.0 * (x @ y.T), 0.0)).mean())
+
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    return max(0.0, 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b))
+
+
+def drift(before: lance.LanceDataset, after: lance.LanceDataset, sample_rows: int = SAMPLE_ROWS) -> dict:
+    """The report: column scores, added and removed ids, and per column the items that moved most."""
+    old_ids = before.to_table(columns=["id"])["id"].combine_chunks()
+    new_ids = after.to_table(columns=["id"])["id"].combine_chunks()
+    new_only = pc.invert(pc.is_in(new_ids, value_set=old_ids))
+    added = int(pc.sum(new_only).as_py() or 0)
+    removed = int(pc.sum(pc.invert(pc.is_in(old_ids, value_set=new_ids))).as_py() or 0)
+    columns = column_scores(before, after, sample_rows)
+    for name, moved in _moved(before, after, old_ids).items():
+        columns[name].update(moved)
+    return {"from": before.version, "to": after.version, "rows_from": len(old_ids), "rows_to": len(new_ids),
+            "added": added, "removed": removed, "added_examples": new_ids.filter(new_only)[:MOST_MOVED].to_pylist(),
+            "columns": columns}
+
+
+def open_version(uri: str, version: str) -> lance.LanceDataset:
+    """A table's version by number or tag."""
+    try:
+        return lance.dataset(uri, version=int(version) if version.isdigit() else version)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise QueryError(f"the table has no version or tag {version!r}") from err
+
+
+def previous_run_version(db_uri: str, table: str, version: int) -> int:
+    """The version that the last committed run before `version` left: what a nightly run moved from."""
+    from transforms.run_log import read_runs
+
+    earlier = [r["table_version"] for r in read_runs(db_uri, table)
+               if r["status"] == "committed" and r["table_version"] is not None and r["table_version"] < version]
+    if not earlier:
+        raise QueryError(f"no run committed a version of '{table}' before version {version}; give --from")
+    return max(earlier)
+
+
+def _shared_columns(before: lance.LanceDataset, after: lance.LanceDataset) -> dict[str, str]:
+    """Report name -> column, for the vector columns of the same name and size in both versions."""
+    shared = {}
+    for field in after.schema:
+        if pa.types.is_fixed_size_list(field.type) and field.name in before.schema.names \
+                and before.schema.field(field.name).type == field.type:
+            shared[COMBINED if field.name == COMBINED else field.name[: -len("_vec")]] = field.name
+    return shared
+
+
+def _moved(before: lance.LanceDataset, after: lance.LanceDataset, old_ids: pa.Array) -> dict[str, dict]:
+    """Per column, among the items in both versions and written since `before`: how many changed their
+    vector and the MOST_MOVED that moved most. Rows not written since keep their vectors by construction."""
+    columns = _shared_columns(before, after)
+    since = _version_time(before)
+    moved = {name: {"moved": 0, "most_moved": []} for name in columns}
+    heaps: dict[str, list] = {name: [] for name in columns}
+    scanner = after.to_batches(columns=["id", *columns.values()], filter=f"embedded_at > timestamp '{since}'",
+                               batch_size=4096)
+    for batch in scanner:
+        where = pc.index_in(batch["id"], value_set=old_ids)
+        kept = pc.is_valid(where)
+        if not pc.any(kept).as_py():
+            continue
+        batch, positions = batch.filter(kept), np.asarray(where.filter(kept), np.int64)
+        old = before.take(positions, columns=list(columns.values()))
+        ids = batch["id"].to_pylist()
+        for name, column in columns.items():
+            cosines = np.einsum("ij,ij->i", matrix(batch[column]), matrix(old[column]))
+            changed = np.flatnonzero(cosines < UNMOVED_COSINE)
+            moved[name]["moved"] += len(changed)
+            for row in changed:
+                heapq.heappush(heaps[name], (1.0 - float(cosines[row]), ids[row]))
+                if len(heaps[name]) > MOST_MOVED:
+                    heapq.heappop(heaps[name])
+    for name, heap in heaps.items():
+        moved[name]["most_moved"] = [{"id": item, "distance": round(distance, 6)}
+                                     for distance, item in sorted(heap, reverse=True)]
+    return moved
+
+
+def _version_time(dataset: lance.LanceDataset) -> str:
+    """When the version was committed, in UTC (Lance gives it in local time, without a zone)."""
+    stamp = next(v["timestamp"] for v in dataset.versions() if v["version"] == dataset.version)
+    return stamp.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
