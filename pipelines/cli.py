@@ -322,7 +322,7 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.k < 1:
         print("catalog-embed: -k must be at least 1", file=sys.stderr)
         return 2
-    table = q.open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    table = _open_at(args)
     if args.like is not None:
         queries = q.item_queries(table, args.like)
     elif args.text is not None:
@@ -382,20 +382,18 @@ def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _duplicates(args: argparse.Namespace, _extra: list[str]) -> int:
     from pipelines.health import duplicates_report
-    from pipelines.query import open_table
 
-    table = open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    table = _open_at(args)
     return _print_report(args, table, duplicates_report(table, args.column, args.threshold))
 
 
 def _outliers(args: argparse.Namespace, _extra: list[str]) -> int:
     from pipelines.health import outliers_report
-    from pipelines.query import open_table
 
     if args.k < 1 or args.neighbours < 1:
         print("catalog-embed: -k and --neighbours must be at least 1", file=sys.stderr)
         return 2
-    table = open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
+    table = _open_at(args)
     report = outliers_report(table, args.between, args.k, args.isolated, args.column, args.neighbours)
     return _print_report(args, table, report)
 
@@ -411,6 +409,13 @@ def _drift(args: argparse.Namespace, _extra: list[str]) -> int:
     to = args.version_to or str(table.handle.version)
     before = args.version_from or str(previous_run_version(args.uri, args.table, table.handle.version))
     return _print_report(args, table, drift_report(table, dataset_uri(args.uri, args.table), before, to))
+
+
+def _open_at(args: argparse.Namespace):
+    """The table of --uri/--table, at --version or --tag when given."""
+    from pipelines.query import open_table
+
+    return open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
 
 
 def _print_report(args: argparse.Namespace, table, report) -> int:

@@ -104,14 +104,17 @@ def _moved(before: lance.LanceDataset, after: lance.LanceDataset, old_ids: pa.Ar
     since = _version_time(before)
     moved = {name: {"moved": 0, "most_moved": []} for name in columns}
     heaps: dict[str, list] = {name: [] for name in columns}
-    scanner = after.to_batches(columns=["id", *columns.values()], filter=f"embedded_at > timestamp '{since}'",
-                               batch_size=4096)
-    for batch in scanner:
-        where = pc.index_in(batch["id"], value_set=old_ids)
-        kept = pc.is_valid(where)
+    written_since = f"embedded_at > timestamp '{since}'"
+    # One lookup of every candidate id in the older version (a hash of its ids), not one per batch.
+    where = pc.index_in(after.to_table(columns=["id"], filter=written_since)["id"], value_set=old_ids)
+    start = 0
+    for batch in after.to_batches(columns=["id", *columns.values()], filter=written_since, batch_size=4096):
+        found = where[start:start + batch.num_rows]
+        start += batch.num_rows
+        kept = pc.is_valid(found)
         if not pc.any(kept).as_py():
             continue
-        batch, positions = batch.filter(kept), np.asarray(where.filter(kept), np.int64)
+        batch, positions = batch.filter(kept), np.asarray(found.filter(kept), np.int64)
         old = before.take(positions, columns=list(columns.values()))
         ids = batch["id"].to_pylist()
         for name, column in columns.items():

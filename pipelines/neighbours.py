@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 EXACT_MAX_ROWS = 20_000        # up to here one exact block set: (rows x rows) cosines, a block at a time
 QUERY_BLOCK = 2048             # query rows per matrix product
-GROUP_ROWS = 40_000            # partition members held at once (their vectors and their queries')
+GROUP_BYTES = 256 * 2**20      # vectors held at once: a group's members and the items that probe them
 TRAINING_PER_PARTITION = 40    # k-means sample per centroid (as the table's index trains)
 KMEANS_ITERATIONS = 10
 DEFAULT_PROBES = 3             # partitions an item looks in: README "Catalog health" measures the recall
@@ -55,7 +55,8 @@ def neighbour_blocks(column: VectorColumn, probes: int = DEFAULT_PROBES,
         return
     partitions = Partitions.train(column, max(2, round(math.sqrt(rows))))
     stored, probed = partitions.assign(column, probes)
-    yield from _partition_blocks(column, stored, probed)
+    group_rows = max(1, GROUP_BYTES // ((1 + probed.shape[1]) * column.dim * 4))
+    yield from _partition_blocks(column, stored, probed, group_rows)
 
 
 def _exact_blocks(column: VectorColumn) -> Iterator[Block]:
@@ -100,16 +101,17 @@ class Partitions:
         return stored, probed
 
 
-def _partition_blocks(column: VectorColumn, stored: np.ndarray, probed: np.ndarray) -> Iterator[Block]:
+def _partition_blocks(column: VectorColumn, stored: np.ndarray, probed: np.ndarray,
+                      group_rows: int) -> Iterator[Block]:
     """One block per partition: the items that probe it against the items stored in it. Partitions are
-    taken in groups of about GROUP_ROWS stored items, whose vectors (and their queries') are read together."""
+    taken in groups of about `group_rows` stored items, whose vectors (and their queries') are read together."""
     order = np.argsort(stored, kind="stable")
     bounds = np.searchsorted(stored[order], np.arange(stored.max() + 2))
     probe_order = np.argsort(probed.ravel(), kind="stable")
     probe_bounds = np.searchsorted(probed.ravel()[probe_order], np.arange(stored.max() + 2))
     group_start = 0
     while group_start < len(bounds) - 1:
-        group_end = int(np.searchsorted(bounds, bounds[group_start] + GROUP_ROWS, side="right")) - 1
+        group_end = int(np.searchsorted(bounds, bounds[group_start] + group_rows, side="right")) - 1
         group_end = max(group_end, group_start + 1)
         members = [order[bounds[p]:bounds[p + 1]] for p in range(group_start, group_end)]
         askers = [probe_order[probe_bounds[p]:probe_bounds[p + 1]] // probed.shape[1]

@@ -241,6 +241,7 @@ def test_handler_copies_of_one_stage_share_their_threads_and_recent_vectors():
     of recent vectors per process, as they share the model; another stage has its own."""
     encoders = [build_encoder(EncoderConfig(name="text", kind="sentence-transformers"))]
     handler = inference.ModalityModelHandler("text", encoders, remembered=10)
+    # As Beam ships a DoFn's handler to each harness thread: our own bytes, round-tripped in this process.
     first, second = (pickle.loads(pickle.dumps(handler)) for _ in range(2))
     first._threads().recent.remember("digest", {"text": np.ones(3)})
     assert second._threads() is first._threads()

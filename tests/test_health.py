@@ -107,7 +107,7 @@ def test_reuploads_are_grouped_with_their_photo_and_different_photos_never_merge
     assert all(0.75 <= g["score"] <= 1 for g in groups) and set(groups[0]) == {"ids", "score"}
 
 
-def test_a_group_scores_its_least_similar_pair():
+def test_pairs_linked_through_a_shared_item_form_one_group():
     first, second = np.array([0, 1, 7]), np.array([1, 2, 8])      # 0-1-2 linked through 1; 7-8 apart
     assert [list(c) for c in connected_components(first, second)] == [[0, 1, 2], [7, 8]]
 
