@@ -23,11 +23,14 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
 
+# Night 1 runs with --reembed: a ./lancedb left by an older checkout was embedded with other encoders.
 demo: install
 	$(BIN)/python -m demo.build_catalog data/demo
-	$(BIN)/catalog-embed run --config configs/demo.yaml
-	@echo; echo "== items most like the photo 'chelsea' (text 0.4, image 0.3, color 0.1, conse 0.2) =="
+	$(BIN)/catalog-embed run --config configs/demo.yaml --reembed
+	@echo; echo "== items most like the photo 'chelsea' (text 0.4, image 0.3, color 0.1, conse 0.2, behaviour 0.2) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
+	@echo; echo "== bought with 'chelsea' in the demo sessions (data/demo/sessions.csv), by behaviour alone =="
+	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea --weights behaviour=1 -k 4
 	@echo; echo "== photos found by words alone, through the conse encoder (text-to-image) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 -k 3
 	@echo; echo "== zero-shot labels for two photos, through the conse encoder =="
@@ -55,12 +58,14 @@ test: install browser
 # Texts against plain loops, Beam MLTransform and the LanceDB embedding registry (benchmarks/throughput.py),
 # photos against plain loops and the network's compute limit (benchmarks/photos.py), then the nightly cost
 # at 10k and 100k Food-101-layout items (benchmarks/scale.py), then the health reports' duplicate threshold on real
-# photos and their cost on a 1M-row table (benchmarks/health.py). Results: out/bench.json.
+# photos and their cost on a 1M-row table (benchmarks/health.py), then item2vec at 10k and 100k items against a
+# plain gensim script (benchmarks/behaviour.py). Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 	$(BIN)/python -m benchmarks.photos --out out/bench.json
 	$(BIN)/python -m benchmarks.scale --out out/bench.json
 	$(BIN)/python -m benchmarks.health --out out/bench.json
+	$(BIN)/python -m benchmarks.behaviour --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

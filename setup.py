@@ -27,6 +27,7 @@ setup(
         "pillow>=11",
         "scikit-image>=0.24",
         "PyYAML>=6",
+        "gensim>=4.4,<5",
     ],
     entry_points={"console_scripts": ["catalog-embed=pipelines.cli:entry_point"]},
 )

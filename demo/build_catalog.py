@@ -1,6 +1,10 @@
 """Build the demo catalog: the real photographs that ship inside scikit-image and scikit-learn,
 copied into `<out>/images/`, with `<out>/catalog.csv` holding the captions from demo/captions.csv.
 
+`<out>/sessions.csv` is the shoppers' interaction log (session_id,item_id,ts) for the item2vec
+encoder: sessions drawn from planted groups of items bought together, which their content alone does
+not tell (the cat with the coffee cup), a few items never bought, and one malformed row.
+
 `--night 2` builds the next night's export of the same catalog, with what health reports are for:
 two photos re-uploaded as new listings, and two captions pasted onto each other's picture.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import random
 import shutil
 from pathlib import Path
 
@@ -24,6 +29,14 @@ PHOTO_FOLDERS = {
 NIGHT_TWO_REUPLOADS = {"chelsea": "resized", "coffee": "recompressed"}
 NIGHT_TWO_SWAPPED = ("rocket", "flower")
 FIELDS = ["id", "title", "description", "category", "image"]
+BOUGHT_TOGETHER = {
+    "space": ["astronaut", "rocket", "moon", "hubble"],
+    "cafe": ["coffee", "chelsea", "china", "flower"],
+    "outdoors": ["horse", "grass", "gravel", "motorcycle"],
+    "print shop": ["camera", "page", "text", "color"],
+    "lab": ["cell", "retina", "ihc"],
+}   # brick, coins and logo are never bought: no behaviour vector
+SESSIONS_PER_GROUP = 40
 
 
 def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv", night: int = 1) -> Path:
@@ -37,12 +50,29 @@ def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv", ni
         shutil.copyfile(row.pop("source") / Path(row["image"]).name, out / row["image"])
     if night == 2:
         rows = _night_two(out, rows)
+    write_sessions(out / "sessions.csv")
     manifest = out / "catalog.csv"
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def write_sessions(path: Path, seed: int = 7) -> None:
+    """Sessions of 2 to 4 items of one group, in time order; one row lacks its item."""
+    rng = random.Random(seed)
+    rows, clock = [], 1_700_000_000
+    for group, items in BOUGHT_TOGETHER.items():
+        for n in range(SESSIONS_PER_GROUP):
+            for item in rng.sample(items, rng.randint(2, min(4, len(items)))):
+                clock += rng.randint(5, 300)
+                rows.append((f"{group}-{n}", item, clock))
+    rows.append(("broken-export", "", clock))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["session_id", "item_id", "ts"])
+        writer.writerows(rows)
 
 
 def _night_two(out: Path, rows: list[dict]) -> list[dict]:

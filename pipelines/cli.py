@@ -34,6 +34,7 @@ examples:
   catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
   catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
   catalog-embed query --uri ./lancedb --table demo --like chelsea --weights image=0.8,color=0.2
+  catalog-embed query --uri ./lancedb --table demo --like chelsea --weights behaviour=1
   catalog-embed query --uri ./lancedb --table demo --text "a horse" --weights conse=1 --where "category = 'animals'"
   catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z-3f9a1c
   catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 --html out/cat.html
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Search a table; scores are higher for more similar items.")
     _table_arguments(query)
     what = query.add_mutually_exclusive_group(required=True)
-    what.add_argument("--like", metavar="ID", help="items similar to this stored item, by every encoder")
+    what.add_argument("--like", metavar="ID", help="items like this stored item, by every encoder it has a vector from")
     what.add_argument("--text", metavar="TEXT",
                       help="items matching these words: their text, and their images through multimodal encoders")
     what.add_argument("--image", metavar="PATH", help="items that look like this picture, by every image encoder")

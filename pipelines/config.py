@@ -9,13 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import yaml
 
 CATALOG_FORMATS = ("manifest", "food101", "fashion", "digikala")
-ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse")
+ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse", "item2vec")
+# item2vec's settings and their defaults: skip-gram with negative sampling over sessions (README, "Behaviour").
+# `sample` is word2vec's down-sampling of frequent items: off by default, as at 1e-3 (word2vec's) it ruined a
+# 120-item catalog (neighbours from the own cluster 26% against 100%; README, "Behaviour").
+ITEM2VEC_DEFAULTS = {"dim": 64, "window": 5, "epochs": 10, "min_count": 1, "negative": 5, "sample": 0.0, "seed": 1}
+INTERACTION_COLUMNS = ("session_id", "item_id")   # and optionally `ts`
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIME_KEYS = frozenset({"batch_size", "device", "large_model", "model_copies"})   # how it runs, not what it makes
@@ -43,6 +48,7 @@ class CatalogConfig:
     image_field: str = "image"
     label_field: str | None = None
     fields: tuple[str, ...] = ()
+    interactions: str | None = None   # session_id,item_id[,ts] rows for item2vec encoders
 
 
 @dataclass(frozen=True)
@@ -129,9 +135,10 @@ def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
     unknown = set(raw) - {"catalog", "encoders", "output", "run"}
     if unknown:
         raise ConfigError(f"unknown top-level config keys: {', '.join(sorted(unknown))}")
+    catalog = _parse_catalog(_section(raw, "catalog"))
     config = Config(
-        catalog=_parse_catalog(_section(raw, "catalog")),
-        encoders=_parse_encoders(_section(raw, "encoders")),
+        catalog=catalog,
+        encoders=_parse_encoders(_section(raw, "encoders"), catalog.interactions),
         output=_parse_output(_section(raw, "output")),
         run=_parse_run(raw.get("run") or {}),
         source_path=source_path,
@@ -166,7 +173,7 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         raise ConfigError("catalog.path is required")
     if "://" not in path and not os.path.exists(path):
         raise ConfigError(f"catalog.path does not exist: {path}")
-    allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields"}
+    allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields", "interactions"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown catalog keys: {', '.join(sorted(unknown))}")
@@ -179,11 +186,25 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         image_field=raw.get("image_field", "image"),
         label_field=raw.get("label_field"),
         fields=_strings(raw.get("fields"), "fields"),
+        interactions=_interactions_path(raw.get("interactions")),
     )
 
 
-def _parse_encoders(raw: dict[str, Any]) -> tuple[EncoderConfig, ...]:
+def _interactions_path(path: Any) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise ConfigError("catalog.interactions must be the path of a CSV, Parquet or JSONL file")
+    if "://" not in path and not os.path.isfile(path):
+        raise ConfigError(f"catalog.interactions does not exist: {path}")
+    return path
+
+
+def _parse_encoders(raw: dict[str, Any], interactions: str | None) -> tuple[EncoderConfig, ...]:
     encoders = tuple(_parse_encoder(name, spec) for name, spec in raw.items())
+    # An item2vec encoder's input is the interaction log: it travels with the encoder (into the table's metadata).
+    encoders = tuple(replace(e, options={**e.options, "interactions": interactions}) if e.kind == "item2vec" else e
+                     for e in encoders)
     if sum(e.weight for e in encoders) <= 0:
         raise ConfigError("encoder weights are all zero; give at least one encoder a weight > 0")
     return encoders
@@ -217,6 +238,8 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
         raise ConfigError(f"encoders.{name}.model_copies must be a positive integer, got {copies!r}")
     known = {"kind", "model", "weight", "weights_file", "pretrained", "batch_size", "device", "precision",
              "large_model", "model_copies"}
+    if kind == "item2vec":
+        _check_item2vec(name, {k: v for k, v in raw.items() if k not in known})
     return EncoderConfig(
         name=name,
         kind=kind,
@@ -231,6 +254,21 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
         model_copies=copies,
         options={k: v for k, v in raw.items() if k not in known},
     )
+
+
+def _check_item2vec(name: str, options: dict[str, Any]) -> None:
+    unknown = set(options) - set(ITEM2VEC_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"encoders.{name}: unknown item2vec settings {', '.join(sorted(unknown))}; "
+                          f"use {', '.join(ITEM2VEC_DEFAULTS)}")
+    for key, value in options.items():
+        if key == "sample":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"encoders.{name}.sample must be a number from 0 to 1 (excluded), got {value!r}")
+            continue
+        least = 0 if key == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"encoders.{name}.{key} must be an integer >= {least}, got {value!r}")
 
 
 def _parse_output(raw: dict[str, Any]) -> OutputConfig:
@@ -270,6 +308,12 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:
+    behaviour = [e.name for e in config.encoders if e.kind == "item2vec"]
+    if behaviour and not config.catalog.interactions:
+        raise ConfigError(f"encoders.{behaviour[0]} is an item2vec encoder: it needs catalog.interactions, "
+                          "a file of session_id,item_id[,ts] rows")
+    if config.catalog.interactions and not behaviour:
+        raise ConfigError("catalog.interactions is set but no encoder uses it; add one with kind: item2vec")
     for enc in config.encoders:
         encodes_text = enc.kind == "sentence-transformers" or enc.options.get("input") == "text"
         if encodes_text and not config.catalog.text_fields:

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.errors import QueryError
-from pipelines.vectors import COMBINED, VectorColumn, matrix
+from pipelines.vectors import COMBINED, VectorColumn
+from transforms.lance_sink import vector_matrix
 
 SAMPLE_ROWS = 2000
 MOST_MOVED = 10
@@ -118,7 +119,9 @@ def _moved(before: lance.LanceDataset, after: lance.LanceDataset, old_ids: pa.Ar
         old = before.take(positions, columns=list(columns.values()))
         ids = batch["id"].to_pylist()
         for name, column in columns.items():
-            cosines = np.einsum("ij,ij->i", matrix(batch[column]), matrix(old[column]))
+            now, then = vector_matrix(batch[column]), vector_matrix(old[column])
+            cosines = np.einsum("ij,ij->i", now, then)
+            cosines[~now.any(axis=1) & ~then.any(axis=1)] = 1.0    # without this vector in both: not moved
             changed = np.flatnonzero(cosines < UNMOVED_COSINE)
             moved[name]["moved"] += len(changed)
             for row in changed:

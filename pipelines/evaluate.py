@@ -21,8 +21,8 @@ import numpy as np
 
 from pipelines.errors import QueryError
 from pipelines.query import Table
-from pipelines.vectors import matrix
 from pipelines.zero_shot import DEFAULT_TEMPLATES, label_probabilities, label_vectors
+from transforms.lance_sink import vector_matrix
 
 RECALL_AT = (1, 5, 10)
 MAP_DEPTH = 10
@@ -38,7 +38,7 @@ def evaluate(table: Table, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict
         raise QueryError("the table has fewer than two labelled items; evaluate needs catalog.label_field "
                          "(or a format with labels: food101, digikala, fashion)")
     labels = np.asarray(data["label"].to_pylist(), dtype=object)
-    vectors = {name: matrix(data[column]) for name, column in columns.items()}
+    vectors = {name: vector_matrix(data[column]) for name, column in columns.items()}
     retrieval = {}
     for name, found in vectors.items():
         started = time.perf_counter()

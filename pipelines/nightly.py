@@ -1,5 +1,7 @@
 """The nightly job: read -> inspect -> compare -> hash what changed -> encode per modality -> keep ->
-combine -> write -> delete replaced rows -> commit.
+behaviour -> combine -> write -> delete replaced rows -> commit.
+
+Beside it, when an encoder is item2vec: read the interaction log -> sessions -> train once (behaviour.py).
 
 Elements carry references (paths, digests, ids), never image bytes or stored vectors: bytes are read
 where they are hashed or decoded, stored vectors only for the items written again that keep them.
@@ -25,13 +27,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from pipelines.config import Config, ConfigError
+from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors, check_interactions
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
-from transforms.encoders import Encoder, build_encoders
+from transforms.encoders import Encoder, build_encoders, without_data
 from transforms.fingerprint import HashImages, InspectInputs
 from transforms.inference import ENCODE_ORDER, EncodeModality
-from transforms.items import ITEMS, REJECTS
+from transforms.items import ITEMS, REJECTS, reject_from_exception
 from transforms.lance_sink import (
     REPLACED,
     DeleteRows,
@@ -60,10 +63,13 @@ class JobPlan:
     schema: pa.Schema
     context: RunContext
     rehash: bool
+    scratch: str                    # the run's own folder for what it makes on the way (trained vectors)
     plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
 
 
-def plan_job(config: Config, run_id: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
+def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
+    if config.catalog.interactions:
+        check_interactions(config.catalog.interactions)
     encoders = build_encoders(config.encoders)
     weights = config.normalised_weights()
     described = [
@@ -86,7 +92,7 @@ def plan_job(config: Config, run_id: str, reembed: bool = False, rehash: bool = 
         overwrite=current is not None and not current.schema.equals(schema, check_metadata=True),
         started_at=utc_now(),
     )
-    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash)
+    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, scratch)
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
@@ -107,6 +113,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         UNCHANGED, main=ITEMS)
     items = decided[ITEMS]
     rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
+    behaviour = {}
+    if config.catalog.interactions and not plan.plan_path:
+        trained, log_rejects, log_rows = behaviour_vectors(pipeline, config.catalog.interactions, plan.encoders,
+                                                           items, plan.scratch)
+        rejects.append(log_rejects)
+        behaviour = {"trained": beam.pvalue.AsList(trained), "interactions_read": beam.pvalue.AsSingleton(log_rows)}
     # Counted as read, independently of the outcomes, so that the summary can check they add up.
     rows_read = (
         (read[ITEMS] | "Count items read" >> beam.combiners.Count.Globally(),
@@ -122,17 +134,22 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
         rejects.append(encoded[REJECTS])
-    weights, order = config.normalised_weights(), [e.name for e in plan.encoders]
-    written = (
+    batches = (
         items
         # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
         | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
                                              max_batch_size=config.output.write_batch_rows)
         | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version))
-        | "Combine" >> beam.Map(_with_combined_vectors, weights, order)
-        | "Write fragments" >> beam.ParDo(WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite,
-                                                         inputs)).with_outputs(REPLACED, main=ITEMS)
     )
+    if behaviour:
+        batches |= "Behaviour vectors" >> beam.ParDo(AttachBehaviourVectors(plan.encoders), behaviour["trained"])
+    combined = batches | "Combine" >> beam.ParDo(
+        CombineVectors(config.normalised_weights(), {e.name: e.dim for e in plan.encoders})).with_outputs(
+        REJECTS, main=ITEMS)
+    rejects.append(combined[REJECTS])
+    written = combined[ITEMS] | "Write fragments" >> beam.ParDo(
+        WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs)).with_outputs(
+        REPLACED, main=ITEMS)
     deletions = _deletions(pipeline, ctx, (written[REPLACED], compared[DELETES]))
     reject_batches = (
         rejects
@@ -148,7 +165,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
             rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
             deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
-            read=beam.pvalue.AsSingleton(rows_read))
+            read=beam.pvalue.AsSingleton(rows_read), **behaviour)
     )
 
 
@@ -179,30 +196,40 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     options = PipelineOptions(list(beam_args))
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
-    plan = plan_job(config, run_id, reembed, rehash)
+    root = options.view_as(GoogleCloudOptions).temp_location or tempfile.gettempdir()
+    plan = plan_job(config, run_id, FileSystems.join(root, f"catalog-embed-{run_id}"), reembed, rehash)
     if dry_run:
-        scratch = options.view_as(GoogleCloudOptions).temp_location or tempfile.gettempdir()
-        plan = replace(plan, plan_path=FileSystems.join(scratch, f"catalog-embed-plan-{run_id}.json"))
+        plan = replace(plan, plan_path=FileSystems.join(plan.scratch, "plan.json"))
     log.info("run %s%s: %s -> %s (from version %s)", run_id, " (dry run)" if dry_run else "", config.catalog.path,
              plan.context.dataset_uri, plan.context.read_version)
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, plan)
-    if dry_run:
-        return _read_plan(plan)
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, plan)
+        if dry_run:
+            return _read_plan(plan)
+    finally:
+        _remove_scratch(plan.scratch)
     return next(r for r in reversed(read_runs(config.output.uri, config.output.table)) if r["run_id"] == run_id)
 
 
 def _read_plan(plan: JobPlan) -> dict:
     with FileSystems.open(plan.plan_path) as handle:
         counts = json.loads(handle.read())
-    FileSystems.delete([plan.plan_path])
     return {"run_id": plan.context.run_id, "dry_run": True, "table_version": plan.context.read_version, **counts}
+
+
+def _remove_scratch(scratch: str) -> None:
+    if FileSystems.exists(scratch):
+        try:
+            FileSystems.delete([scratch])
+        except OSError as err:   # the run's outcome stands; a leftover folder is only disk
+            log.warning("could not remove the run's scratch folder %s: %s", scratch, err)
 
 
 def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
     """A table embedded with other encoders is re-embedded only when asked: it costs a full run."""
-    before = {e["name"]: e["id"] for e in stored.get("encoders", [])}
-    now = {e["name"]: e["id"] for e in described}
+    before = {e["name"]: without_data(e["id"]) for e in stored.get("encoders", [])}
+    now = {e["name"]: without_data(e["id"]) for e in described}
     if before != now:
         changed = sorted(set(before.items()) ^ set(now.items()))
         names = sorted({name for name, _ in changed})
@@ -210,10 +237,25 @@ def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
                           "run with --reembed to re-embed it into a new version")
 
 
-def _with_combined_vectors(items: list[dict], weights: dict, order: list[str]) -> list[dict]:
-    for item in items:
-        item["vectors"]["vector"] = combine(item["vectors"], weights, order)
-    return items
+class CombineVectors(beam.DoFn):
+    """Batches in, batches out, every item with its combined vector (transforms/combine.py); an item
+    with no vector at all (none of its inputs could be embedded) is a reject."""
+
+    def __init__(self, weights: dict[str, float], dims: dict[str, int]):
+        self._weights = weights
+        self._dims = dims
+
+    def process(self, items: list[dict]):
+        combined = []
+        for item in items:
+            try:
+                item["vectors"]["vector"] = combine(item["vectors"], self._weights, list(self._dims), self._dims)
+            except ValueError as err:
+                yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "combine", err))
+                continue
+            combined.append(item)
+        if combined:
+            yield combined
 
 
 def _encoder_config(encoder: Encoder) -> dict:

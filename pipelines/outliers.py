@@ -21,7 +21,8 @@ import numpy as np
 from pipelines.errors import QueryError
 from pipelines.neighbours import neighbour_blocks
 from pipelines.query import Table
-from pipelines.vectors import COMBINED, matrix, vector_column
+from pipelines.vectors import COMBINED, vector_column
+from transforms.lance_sink import vector_matrix
 
 REFERENCE_ITEMS = 2048
 DEFAULT_NEIGHBOURS = 5      # also the best matches a caption and a picture are held against
@@ -58,7 +59,7 @@ def caption_outliers(table: Table, between: str | None = None) -> dict:
     reference_texts, reference_images = texts.take(reference), images.take(reference)
     scores = np.empty(texts.rows, np.float32)
     for start, text, batch in texts.batches(extra=[images.name]):
-        image = matrix(batch[images.name])
+        image = vector_matrix(batch[images.name])
         own = np.einsum("ij,ij->i", text, image)
         best = (_best_mean(text @ reference_images.T) + _best_mean(image @ reference_texts.T)) / 2
         scores[start:start + len(own)] = best - own
@@ -86,5 +87,7 @@ def isolated_items(table: Table, column: str = COMBINED, neighbours: int = DEFAU
     # An item that met no other in its partitions is as far as can be: cosine -1.
     mean = np.where(found, nearest, 0.0).sum(axis=1) / np.maximum(found.sum(axis=1), 1)
     scores = (1.0 - np.where(found.any(axis=1), mean, -1.0)).astype(np.float32)
-    return {"column": column, "scores": scores, "positions": np.argsort(-scores, kind="stable")}
+    ranked = np.argsort(-scores, kind="stable")
+    # An item without a vector in this column is not isolated in it: it is not there.
+    return {"column": column, "scores": scores, "positions": ranked[~vectors.missing()[ranked]]}
 

@@ -15,12 +15,15 @@ from PIL import Image
 
 from pipelines.config import EncoderConfig, RunConfig
 from pipelines.errors import QueryError
-from transforms.combine import normalise_weights, reweighted_query
+from transforms.combine import normalise_weights, reweighted_query, weighted_cosines
 from transforms.encoders import Encoder, build_encoder
 from transforms.fingerprint import read_bytes
 from transforms.images import check_image, decode_image
-from transforms.lance_sink import table_metadata
+from transforms.lance_sink import table_metadata, vector_matrix
 
+# The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
+# this many candidates per result are scored exactly and the best kept.
+RESCORED_CANDIDATES = 4
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at", "image_stat", "image_digest")
 
 
@@ -89,13 +92,15 @@ def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
 
 
 def item_queries(table: Table, item_id: str) -> dict[str, np.ndarray]:
-    """A stored item's own vectors, to find items like it."""
+    """A stored item's own vectors, to find items like it: those it has (an item with no image, or no
+    interaction history, has none from those encoders)."""
     escaped = item_id.replace("'", "''")
     columns = [f"{name}_vec" for name in table.stored_weights]
     found = table.handle.search().where(f"id = '{escaped}'").select(columns).limit(1).to_list()
     if not found:
         raise QueryError(f"no item with id '{item_id}'")
-    return {name: np.asarray(found[0][f"{name}_vec"], np.float32) for name in table.stored_weights}
+    return {name: np.asarray(found[0][f"{name}_vec"], np.float32) for name in table.stored_weights
+            if found[0][f"{name}_vec"] is not None}
 
 
 def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
@@ -117,7 +122,8 @@ def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
 
 def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[str, float] | None = None,
            where: str | None = None) -> list[dict]:
-    """Rank items by sum_i w_i * cos_i over the encoders with a query vector.
+    """Rank items by sum_i w_i * cos_i over the encoders with a query vector; for an item missing some
+    of them, by the weighted mean over those it has, and not at all when it has none.
 
     Without weights, the table's own weights of those encoders are used. Every search goes through
     the one combined `vector` column (and its index), re-weighted by the design's math.
@@ -128,18 +134,21 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
         vector = reweighted_query(queries, table.stored_weights, wanted, list(table.stored_weights), table.dims)
     except ValueError as err:
         raise QueryError(str(err)) from err
-    request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
+    request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
+    request = request.limit(k * RESCORED_CANDIDATES)
     if where:
         request = request.where(where, prefilter=True)
-    norm = float(np.linalg.norm(vector))
     try:
-        rows = request.to_arrow().to_pylist()
+        found = request.to_arrow()
     except ValueError as err:         # LanceDB checks the filter only when the query runs
         if not where:
             raise
         raise QueryError(f"--where {where!r} is not a valid filter: {str(err).splitlines()[0]}") from err
-    # Stored vectors are unit length, so q.v = |q| * cos(q, v): the weighted sum of cosines.
-    return [_result(row, norm) for row in rows]
+    scores = weighted_cosines(vector_matrix(found["vector"]), queries, wanted, list(table.stored_weights),
+                              table.dims)
+    rows = found.to_pylist()
+    ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
+    return [_result(rows[i], float(scores[i])) for i in ranked[:k]]
 
 
 def items_by_id(table: Table, ids: list[str]) -> dict[str, dict]:
@@ -164,7 +173,7 @@ def _rebuild(described: dict) -> Encoder:
         pretrained=cfg["pretrained"], device="auto", precision=cfg.get("precision", "auto"), options=cfg["options"]))
 
 
-def _result(row: dict, norm: float) -> dict:
-    out = {"id": row["id"], "score": round((1.0 - float(row["_distance"])) * norm, 6)}
+def _result(row: dict, score: float) -> dict:
+    out = {"id": row["id"], "score": round(score, 6)}
     out.update({k: v for k, v in row.items() if _shown(k) and k != "id"})
     return out

@@ -15,16 +15,10 @@ import pyarrow as pa
 
 from pipelines.errors import QueryError
 from pipelines.query import Table
+from transforms.lance_sink import vector_matrix
 
 COMBINED = "vector"
 READ_BATCH_ROWS = 8192
-
-
-def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A FixedSizeList<float32> column as an (n, dim) float32 array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1)
 
 
 @dataclass(frozen=True)
@@ -46,13 +40,21 @@ class VectorColumn:
         """(first position, vectors, the batch with `extra` columns) over the whole column, in order."""
         start = 0
         for batch in self.dataset.to_batches(columns=[self.name, *extra], batch_size=READ_BATCH_ROWS):
-            yield start, matrix(batch[self.name]), batch
+            yield start, vector_matrix(batch[self.name]), batch
             start += batch.num_rows
+
+    def missing(self) -> np.ndarray:
+        """Per position, whether the item has no vector in this column (no input for its encoder)."""
+        if self.name == COMBINED:           # every written item has one
+            return np.zeros(self.rows, bool)
+        return np.concatenate([batch[self.name].is_null().to_numpy(zero_copy_only=False)
+                               for batch in self.dataset.to_batches(columns=[self.name], batch_size=READ_BATCH_ROWS)]
+                              or [np.zeros(0, bool)])
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         if len(positions) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return matrix(self.dataset.take(np.asarray(positions, np.int64), columns=[self.name])[self.name])
+        return vector_matrix(self.dataset.take(np.asarray(positions, np.int64), columns=[self.name])[self.name])
 
     def sample_positions(self, count: int, seed: int = 0) -> np.ndarray:
         """Up to `count` distinct positions, drawn at random but the same for the same seed and size."""

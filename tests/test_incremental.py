@@ -122,7 +122,7 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog):
     run(config, "r1")
     rows.append({"id": "item-race", "caption": "a horse", "image": "images/0.png"})
     write_catalog(folder, rows)
-    slow = plan_job(config, "slow")          # reads the table, then another run commits first
+    slow = plan_job(config, "slow", str(folder / "scratch"))   # reads the table, then another run commits first
     run(config, "fast")
     with beam.Pipeline() as pipeline:
         build_pipeline(pipeline, slow)

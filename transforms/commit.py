@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +19,7 @@ import lance
 
 from pipelines.config import OutputConfig
 from pipelines.drift import column_scores
+from transforms.behaviour import STAGE as LOG_STAGE
 from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
@@ -49,9 +51,11 @@ class CommitRun(beam.DoFn):
         self._schema = schema
 
     def process(self, _trigger, written: list[dict], rejects: list[dict], deletions: list[tuple],
-                deleted: int, unchanged: int, read: int):
+                deleted: int, unchanged: int, read: int, trained: Sequence[dict] = (), interactions_read: int = 0):
         ctx = self._context
         run = self._summary(written, rejects, deleted, unchanged, read)
+        if trained:
+            run["interactions"] = self._interactions(run, trained, interactions_read)
         refusal = self._refusal(run)
         if refusal:
             run.update(status="failed", message=refusal, table_version=ctx.read_version)
@@ -89,24 +93,35 @@ class CommitRun(beam.DoFn):
         return {name: found["score"] for name, found in column_scores(before, after).items()}
 
     def _refusal(self, run: dict) -> str:
-        """Why the run must not commit, or "" when it may. A broken mount must not wipe the table."""
+        """Why the run must not commit, or "" when it may. A broken mount must not wipe the table, nor a
+        broken interaction log every behaviour vector."""
         if run["read"] == 0 and self._context.read_version is not None:
             return "the catalog has no rows; refusing to delete every item of the table"
-        ratio = run["rejected"] / run["read"] if run["read"] else 0.0
-        if ratio > self._context.max_reject_ratio:
-            return (f"{run['rejected']} of {run['read']} rows rejected ({ratio:.1%}), over run.max_reject_ratio "
-                    f"{self._context.max_reject_ratio:.1%}; see the rejects table")
+        log_rows = run.get("interactions") or {"read": 0, "rejected": 0}
+        for what, rejected, read in (("rows", run["rejected"], run["read"]),
+                                     ("interaction rows", log_rows["rejected"], log_rows["read"])):
+            ratio = rejected / read if read else 0.0
+            if ratio > self._context.max_reject_ratio:
+                return (f"{rejected} of {read} {what} rejected ({ratio:.1%}), over run.max_reject_ratio "
+                        f"{self._context.max_reject_ratio:.1%}; see the rejects table")
         return ""
+
+    @staticmethod
+    def _interactions(run: dict, trained: Sequence[dict], read: int) -> dict:
+        """The log's counts (its rejects are not catalog rows: `rejected` counts those only)."""
+        rejected = sum(n for reason, n in run["rejects_by"].items() if reason.startswith(f"{LOG_STAGE}/"))
+        return {"read": read, "rejected": rejected, "sessions": max(t["sessions"] for t in trained),
+                "trained": {t["encoder"]: t["items"] for t in trained}}
 
     def _summary(self, written: list[dict], rejects: list[dict], deleted: int, unchanged: int, read: int) -> dict:
         ctx = self._context
         written_rows = sum(batch["rows"] for batch in written)
-        rejected = sum(batch["rows"] for batch in rejects)
         encoded, by_reason = Counter(), Counter()
         for batch in written:
             encoded.update(batch["encoded"])
         for batch in rejects:
             by_reason.update(batch["by"])
+        rejected = sum(n for reason, n in by_reason.items() if not reason.startswith(f"{LOG_STAGE}/"))
         if written_rows + unchanged + rejected != read:
             log.error("conservation broken: read %d rows but %d written + unchanged + rejected", read,
                       written_rows + unchanged + rejected)
@@ -115,6 +130,6 @@ class CommitRun(beam.DoFn):
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
             "deleted": deleted, "rejected": rejected,
             "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
-            "drift": {},
+            "drift": {}, "interactions": {},
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),
         }

@@ -20,16 +20,17 @@ import os
 import socket
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines.config import ConfigError, EncoderConfig
+from pipelines.config import ITEM2VEC_DEFAULTS, ConfigError, EncoderConfig
 from transforms.images import decode_image
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -104,6 +105,15 @@ def packaged_weights(distribution: str) -> str:
     return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
+def file_digest(path: str) -> str:
+    """A short content hash of a data file on any filesystem Beam reads, streamed."""
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def weights_digest(path: str) -> str:
     """A short content hash of a weights file or model folder, so a changed file re-embeds."""
     digest = hashlib.sha256()
@@ -142,7 +152,7 @@ def _reachable(host: str) -> bool:
 
 
 class Encoder(ABC):
-    """Base of all encoders. `modality` says which input an item gives it: "text" or "image".
+    """Base of all encoders. `modality` says which input an item gives it: "text", "image" or "behaviour" (its id).
     `queries_by_text` says it can also encode a text query into the same space (text, multimodal)."""
 
     modality: str
@@ -693,12 +703,71 @@ def _load_open_clip(name: str, pretrained: str | None, device: str) -> ClipModel
     return ClipModel(network.eval(), preprocess, open_clip.get_tokenizer(name))
 
 
+class Item2VecEncoder(Encoder):
+    """Behaviour: item2vec (Barkan & Koenigstein, 2016), word2vec's skip-gram with negative sampling over
+    sessions of interactions, items in the role of words.
+
+    Its vectors are not encoded one input at a time: the pipeline's training step (transforms/behaviour.py)
+    trains them once over the whole interaction log, and an item's input is its id. The log's content
+    hash is part of the encoder id, so a new log re-embeds this encoder's column and no other. Items that
+    no session pairs with another item get no vector.
+    """
+
+    modality = "behaviour"
+
+    @property
+    def settings(self) -> dict[str, float]:
+        return {key: self.config.options.get(key, default) for key, default in ITEM2VEC_DEFAULTS.items()}
+
+    @property
+    def interactions(self) -> str:
+        return self.config.options["interactions"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.settings["dim"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "item2vec-sgns", **self.settings, "interactions": file_digest(self.interactions)}
+
+    def load(self) -> Any:
+        raise TypeError("item2vec vectors are trained over the whole interaction log (transforms/behaviour.py), "
+                        "not loaded and encoded per input")
+
+    def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
+        return self.load()
+
+    def train(self, sessions: Iterable[list[str]]) -> tuple[list[str], np.ndarray]:
+        """Item ids and their unit vectors, trained on `sessions`, an iterable that can be iterated again
+        (once to count items, once per epoch). One thread: with a fixed seed, the same vectors every run."""
+        from gensim.models import Word2Vec
+
+        settings = self.settings
+        model = Word2Vec(vector_size=settings["dim"], window=settings["window"], epochs=settings["epochs"],
+                         min_count=settings["min_count"], negative=settings["negative"], sample=settings["sample"],
+                         seed=settings["seed"], sg=1, workers=1)
+        model.build_vocab(sessions)
+        if not model.wv.index_to_key:         # no item seen min_count times
+            return [], np.zeros((0, self.dim), np.float32)
+        model.train(sessions, total_examples=model.corpus_count, epochs=model.epochs)
+        return list(model.wv.index_to_key), l2_normalise(model.wv.vectors)
+
+
+def without_data(encoder_id: str) -> str:
+    """An encoder id without the digest of the data it was trained on: what a table's column is, whatever
+    the interaction log of the night (a new log re-embeds the column, it does not make another table)."""
+    described = json.loads(encoder_id)
+    described.pop("interactions", None)
+    return json.dumps(described, sort_keys=True)
+
+
 ENCODER_CLASSES: dict[str, type[Encoder]] = {
     "sentence-transformers": SentenceTransformerEncoder,
     "cnn": CnnEncoder,
     "color": ColorEncoder,
     "conse": ConseEncoder,
     "open-clip": OpenClipEncoder,
+    "item2vec": Item2VecEncoder,
 }
 
 

@@ -24,6 +24,12 @@ from apache_beam.metrics import Metrics
 from transforms.images import check_image
 from transforms.items import REJECTS, reject_from_exception
 
+ABSENT = "absent"   # the digest of an input the item does not have: no text, no image reference
+
+
+def has_input(item: dict, modality: str) -> bool:
+    return item["digests"].get(modality) != ABSENT
+
 
 def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -54,24 +60,31 @@ def file_stat(uri: str) -> str:
 
 
 class InspectInputs(beam.DoFn):
-    """Digest each item's text and stat its image: no image is opened here.
+    """Digest each item's text and id, and stat its image: no image is opened here.
 
-    `modalities` are those the config's encoders take ("text", "image").
+    `modalities` are those the config's encoders take ("text", "image", "behaviour"). An item without a
+    text or an image reference is missing that modality (its digest is `ABSENT`, and it gets no vector
+    from those encoders); an item with none of the inputs is a reject. A broken image reference is one too.
     """
 
     def __init__(self, modalities: frozenset[str]):
         self._modalities = modalities
 
     def process(self, item: dict):
+        digests = item["digests"]
         try:
             if "text" in self._modalities:
-                if not item["text"]:
-                    raise ValueError("the item has no text in its text fields")
-                item["digests"]["text"] = content_digest(item["text"].encode("utf-8"))
+                digests["text"] = content_digest(item["text"].encode("utf-8")) if item["text"] else ABSENT
             if "image" in self._modalities:
-                if not item["image_uri"]:
-                    raise FileNotFoundError("the item has no image reference")
-                item["image_stat"] = file_stat(item["image_uri"])
+                if item["image_uri"]:
+                    item["image_stat"] = file_stat(item["image_uri"])
+                else:
+                    digests["image"] = ABSENT
+            if "behaviour" in self._modalities:
+                digests["behaviour"] = content_digest(item["id"].encode("utf-8"))
+            if all(digests.get(m) == ABSENT for m in self._modalities):
+                raise ValueError("the item has none of the inputs its encoders take: "
+                                 + ", ".join(sorted(self._modalities)))
         except (OSError, ValueError) as err:
             yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
             return

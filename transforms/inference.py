@@ -42,7 +42,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.encoders import Encoder
-from transforms.fingerprint import read_bytes
+from transforms.fingerprint import has_input, read_bytes
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ UNTIMED_BATCH_SIZE = 32                  # the sub-batch of encoders with no net
 
 
 def needs(item: dict, encoder: Encoder) -> bool:
-    """Whether the item has neither kept this encoder's vector from the table nor been given it yet."""
-    return encoder.name not in item["keep"] and encoder.name not in item["vectors"]
+    """Whether the item has this encoder's input, and has neither kept its vector from the table nor been
+    given it yet."""
+    return (has_input(item, encoder.modality) and encoder.name not in item["keep"]
+            and encoder.name not in item["vectors"])
 
 
 def read_input(modality: str, item: dict) -> Any:

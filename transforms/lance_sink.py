@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
-from transforms.fingerprint import fingerprints
+from transforms.fingerprint import fingerprints, has_input
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str,
         name = field.name
         if pa.types.is_fixed_size_list(field.type):
             key = "vector" if name == "vector" else name[: -len("_vec")]
-            flat = np.concatenate([item["vectors"][key] for item in items]).astype(np.float32)
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
+            columns[name] = vector_array([item["vectors"].get(key) for item in items], field.type.list_size)
         elif name.endswith("_fp"):
             columns[name] = pa.array([found[name[:-3]] for found in item_fingerprints], pa.string())
         elif name == "run_id":
@@ -78,12 +77,34 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str,
         elif name == "embedded_at":
             columns[name] = pa.array([now] * len(items), field.type)
         elif name == "image_digest":
-            columns[name] = pa.array([item["digests"].get("image") for item in items], pa.string())
+            columns[name] = pa.array([item["digests"].get("image") if has_input(item, "image") else None
+                                      for item in items], pa.string())
         elif name in ("id", "label", "image_uri", "image_stat"):
             columns[name] = pa.array([item[name] for item in items], pa.string())
         else:
             columns[name] = pa.array([item["fields"].get(name) for item in items], pa.string())
     return pa.table(columns, schema=schema)
+
+
+def vector_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A FixedSizeList<float32> column as an (n, dim) array, the stored bits unchanged; null rows (no
+    vector from that encoder) read as zeros, as their part of the combined vector is."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    values = column.values.slice(column.offset * dim, len(column) * dim)   # every row's slot, nulls included
+    matrix = values.to_numpy(zero_copy_only=False).reshape(len(column), dim)
+    if column.null_count:
+        matrix = np.where(column.is_null().to_numpy(zero_copy_only=False)[:, None], np.float32(0), matrix)
+    return matrix
+
+
+def vector_array(vectors: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
+    """A FixedSizeList<float32, dim> column; None (an encoder the item has no input for) is null."""
+    missing = np.array([vector is None for vector in vectors], dtype=bool)
+    flat = np.concatenate([np.zeros(dim, np.float32) if vector is None else vector for vector in vectors])
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32)), dim,
+                                             mask=pa.array(missing) if missing.any() else None)
 
 
 class WriteFragments(beam.DoFn):

@@ -14,6 +14,8 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.fingerprint import has_input
+
 
 def count(pcoll: beam.PCollection, label: str):
     """The number of elements, as a side input."""
@@ -26,7 +28,8 @@ def counts_per_key(pcoll: beam.PCollection, label: str):
 
 def encoders_to_run(item: dict, modalities: dict[str, str]) -> list[tuple[str, str]]:
     """(encoder, input digest) for each encoder whose vector the item does not keep."""
-    return [(name, item["digests"][modality]) for name, modality in modalities.items() if name not in item["keep"]]
+    return [(name, item["digests"][modality]) for name, modality in modalities.items()
+            if name not in item["keep"] and has_input(item, modality)]
 
 
 class WritePlan(beam.DoFn):

@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.config import CatalogConfig
 from transforms.items import ITEMS, REJECTS, make_item, make_reject
 
+JSON_LINES = ("jsonl", "json", "ndjson")
 FASHION_COLUMNS = (
     "id", "gender", "masterCategory", "subCategory", "articleType",
     "baseColour", "season", "year", "usage", "productDisplayName",
@@ -146,29 +147,8 @@ class ReadCatalog(beam.PTransform):
             path = os.path.abspath(path)
         return posixpath.dirname(path) if self._catalog.format == "manifest" else path
 
-    def _read_lines(self, pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool):
-        parsed = (
-            pbegin
-            | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0,
-                                                      coder=coders.BytesCoder())
-            | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
-        )
-        return parsed[ITEMS], parsed[REJECTS]
-
     def _read_manifest(self, pbegin):
-        path = self._catalog.path
-        ext = path.lower().rsplit(".", 1)[-1]
-        if ext == "parquet":
-            rows = (
-                pbegin
-                | "Read parquet" >> beam.io.ReadFromParquet(path)
-                | "Tag source" >> beam.Map(lambda row, src: dict(row, _source=src), path)
-            )
-            rejects = pbegin | "No parse rejects" >> beam.Create([])
-        elif ext in ("jsonl", "json", "ndjson"):
-            rows, rejects = self._read_lines(pbegin, path, ParseJsonLine(path), "manifest", False)
-        else:
-            rows, rejects = self._read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), "manifest", True)
+        rows, rejects = read_table_file(pbegin, self._catalog.path, "manifest")
         names = {"id": self._catalog.id_field, "image": self._catalog.image_field,
                  "label": self._catalog.label_field}
         return rows | "Manifest columns" >> beam.Map(_rename_manifest_columns, names), rejects
@@ -181,7 +161,7 @@ class ReadCatalog(beam.PTransform):
         rows, rejects = [], []
         for split in ("train", "test"):
             path = f"{root}/meta/{split}.txt"
-            split_rows, split_rejects = self._read_lines(pbegin, path, ParseFood101Line(path, split, human),
+            split_rows, split_rejects = read_lines(pbegin, path, ParseFood101Line(path, split, human),
                                                          f"{split} split", False)
             rows.append(split_rows)
             rejects.append(split_rejects)
@@ -191,7 +171,7 @@ class ReadCatalog(beam.PTransform):
         path = f"{self._catalog.path.rstrip('/')}/styles.csv"
         header = csv_header(path)
         parse = ParseCsvLine(header, path, overflow_column="productDisplayName")
-        rows, rejects = self._read_lines(pbegin, path, parse, "styles.csv", True)
+        rows, rejects = read_lines(pbegin, path, parse, "styles.csv", True)
         return rows | "Fashion image paths" >> beam.Map(_fashion_row, self._catalog.label_field), rejects
 
     def _read_digikala(self, pbegin):
@@ -202,6 +182,33 @@ class ReadCatalog(beam.PTransform):
             | "Digikala rows" >> beam.Map(lambda meta: _digikala_row(meta.path))
         )
         return rows, pbegin | "No digikala rejects" >> beam.Create([])
+
+
+def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool):
+    """(rows, rejects) of a line-based file, split across workers."""
+    parsed = (
+        pbegin
+        | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0,
+                                                  coder=coders.BytesCoder())
+        | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
+    )
+    return parsed[ITEMS], parsed[REJECTS]
+
+
+def read_table_file(pbegin, path: str, label: str):
+    """(rows, rejects) of a CSV, Parquet or JSONL file (by its extension), each row a dict of its columns
+    and `_source`."""
+    ext = path.lower().rsplit(".", 1)[-1]
+    if ext == "parquet":
+        rows = (
+            pbegin
+            | f"Read {label} parquet" >> beam.io.ReadFromParquet(path)
+            | f"Tag {label} source" >> beam.Map(lambda row, src: dict(row, _source=src), path)
+        )
+        return rows, pbegin | f"No {label} parse rejects" >> beam.Create([])
+    if ext in JSON_LINES:
+        return read_lines(pbegin, path, ParseJsonLine(path), label, False)
+    return read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), label, True)
 
 
 class RowToItem(beam.DoFn):

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import apache_beam as beam
 import lance
-import numpy as np
 
-from transforms.lance_sink import rows_by_id
+from transforms.lance_sink import rows_by_id, vector_matrix
 
 
 class FetchKeptVectors(beam.DoFn):
@@ -36,15 +35,12 @@ class FetchKeptVectors(beam.DoFn):
         names = sorted({name for item in items for name in item["keep"]})
         found = rows_by_id(self._dataset, [item["id"] for item in items], ["id", *[f"{n}_vec" for n in names]])
         position = {item_id: i for i, item_id in enumerate(found["id"].to_pylist())}
-        vectors = {name: _matrix(found[f"{name}_vec"]) for name in names}
+        columns = {name: found[f"{name}_vec"].combine_chunks() for name in names}
+        vectors = {name: vector_matrix(column) for name, column in columns.items()}
         for item in items:
             if item["id"] not in position:
                 raise LookupError(f"item {item['id']!r} is not in version {self._read_version} of {self._uri}")
             row = position[item["id"]]
-            item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"])
-
-
-def _matrix(column) -> np.ndarray:
-    """A FixedSizeList<float32> column as an (n, dim) array, the stored bits unchanged."""
-    flat = column.combine_chunks()
-    return flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), flat.type.list_size)
+            # A kept null stays missing: the item still has no input for that encoder.
+            item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"]
+                                   if columns[name][row].is_valid)

@@ -34,6 +34,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("encoded", pa.string()),
     pa.field("rejects_by", pa.string()),
     pa.field("drift", pa.string()),
+    pa.field("interactions", pa.string()),
     pa.field("table_version", pa.int64()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
@@ -109,7 +110,8 @@ def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema)
 
 def record_run(db_uri: str, table: str, run: dict) -> None:
     row = dict(run, encoded=json.dumps(run["encoded"]), rejects_by=json.dumps(run["rejects_by"]),
-               encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}))
+               encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}),
+               interactions=json.dumps(run.get("interactions") or {}))
     append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA)
 
 
@@ -119,8 +121,8 @@ def read_runs(db_uri: str, table: str) -> list[dict]:
         return []
     rows = db.open_table(runs_table_name(table)).to_arrow().to_pylist()
     for row in rows:
-        for key in ("encoded", "rejects_by", "encoder_ids", "drift"):
-            row[key] = json.loads(row[key]) if row[key] else {}
+        for key in ("encoded", "rejects_by", "encoder_ids", "drift", "interactions"):
+            row[key] = json.loads(row[key]) if row.get(key) else {}
     return sorted(rows, key=lambda r: r["started_at"])
 
 

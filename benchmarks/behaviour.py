@@ -1,0 +1,153 @@
+"""What the behaviour encoder (item2vec) costs at 10k and 100k items, against the plain script a user
+would write with the same library (pandas + gensim + LanceDB), side by side.
+
+The catalog is a manifest whose items fall into planted clusters of 100; the log has three sessions per
+item, each of 3 to 5 items of one cluster, in time order (10k items: 30k sessions, about 120k rows). 0.5%
+of the items are never in a session. The config has the item2vec encoder alone, at its defaults, so the
+numbers are the behaviour path's own: read the log, group and order the sessions, train, look the
+vectors up by id, write. Per catalog:
+- `first`: the first run; `plain script`: the same training and a table of (id, vector), no pipeline;
+- `unchanged`: a re-run with the same log (nothing is trained);
+- `new log`: another night's sessions: every behaviour vector changes, and every row is written again.
+Each is a fresh process (seconds, peak RSS, rchar). Quality: the share of an item's 5 nearest behaviour
+neighbours from its own cluster, over 1,000 items.
+
+    python -m benchmarks.behaviour --sizes 10000 100000 --out out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from benchmarks.results import measure_in_fresh_process, run_benchmark
+from benchmarks.scale import measure
+
+CLUSTER_SIZE = 100
+SESSIONS_PER_ITEM = 3
+NEVER_IN_A_SESSION = 0.005
+QUALITY_ITEMS = 1000
+
+
+def write_catalog(folder: Path, items: int, night: int) -> tuple[Path, Path]:
+    """catalog.csv (id,title) and sessions.csv (session_id,item_id,ts) for `night`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog, sessions = folder / "catalog.csv", folder / "sessions.csv"
+    if not catalog.exists():
+        with catalog.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "title"])
+            writer.writerows([f"i{k}", f"item {k}"] for k in range(items))
+    bought = int(items * (1 - NEVER_IN_A_SESSION))
+    rng = random.Random(night)
+    with sessions.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["session_id", "item_id", "ts"])
+        clock = 1_700_000_000
+        for session in range(items * SESSIONS_PER_ITEM):
+            first = rng.randrange(bought) // CLUSTER_SIZE * CLUSTER_SIZE
+            for _ in range(rng.randint(3, 5)):
+                clock += 1
+                writer.writerow([f"n{night}-{session}", f"i{min(first + rng.randrange(CLUSTER_SIZE), bought - 1)}",
+                                 clock])
+    return catalog, sessions
+
+
+def write_config(folder: Path, catalog: Path, sessions: Path) -> Path:
+    raw = {"catalog": {"format": "manifest", "path": str(catalog), "interactions": str(sessions), "fields": []},
+           "encoders": {"behaviour": {"kind": "item2vec"}},
+           "output": {"uri": str(folder / "db"), "table": "shop"}}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def plain_script(sessions: str, db: str) -> None:
+    """What a user would write without the job: read, group, train, write a table."""
+    import lancedb
+    import pandas as pd
+    import pyarrow as pa
+    from gensim.models import Word2Vec
+
+    from pipelines.config import ITEM2VEC_DEFAULTS as S
+
+    started = time.perf_counter()
+    log = pd.read_csv(sessions, dtype={"session_id": str, "item_id": str}).sort_values(["session_id", "ts"])
+    corpus = log.groupby("session_id", sort=True)["item_id"].apply(list).tolist()
+    model = Word2Vec(corpus, vector_size=S["dim"], window=S["window"], epochs=S["epochs"], min_count=S["min_count"],
+                     negative=S["negative"], sample=S["sample"], seed=S["seed"], sg=1, workers=1)
+    vectors = model.wv.get_normed_vectors()
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    lancedb.connect(db).create_table("plain", pa.table({"id": model.wv.index_to_key, "vector": column}))
+    seconds = time.perf_counter() - started
+    rchar = int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                     if line.startswith("rchar")))
+    print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rchar_mib": rchar / 2**20}))
+
+
+def own_cluster_share(db: Path) -> float:
+    import lancedb
+
+    table = lancedb.connect(str(db)).open_table("shop").to_arrow()
+    ids = np.array(table["id"].to_pylist())
+    has = np.array([v is not None for v in table["behaviour_vec"].to_pylist()])
+    from transforms.lance_sink import vector_matrix
+
+    vectors, ids = vector_matrix(table["behaviour_vec"])[has], ids[has]
+    clusters = np.array([int(i[1:]) // CLUSTER_SIZE for i in ids])
+    picked = np.random.default_rng(0).choice(len(ids), size=min(QUALITY_ITEMS, len(ids)), replace=False)
+    similar = vectors[picked] @ vectors.T
+    similar[np.arange(len(picked)), picked] = -np.inf
+    nearest = np.argsort(-similar, axis=1)[:, :5]
+    return float((clusters[nearest] == clusters[picked][:, None]).mean())
+
+
+def scenarios(root: Path, items: int) -> list[dict]:
+    folder = root / f"{items}"
+    catalog, sessions = write_catalog(folder, items, night=1)
+    config = write_config(folder, catalog, sessions)
+    rows = []
+
+    def row(scenario: str, result: dict, **extra) -> None:
+        rows.append({"items": items, "scenario": scenario, "seconds": round(result["seconds"], 1),
+                     "peak_mib": round(result["peak_mib"]), "rchar_mib": round(result["rchar_mib"], 1),
+                     **{k: result[k] for k in ("written", "encoded") if k in result}, **extra})
+
+    row("first", measure(config, "first"), own_cluster_share=round(own_cluster_share(folder / "db"), 3))
+    row("plain script", measure_in_fresh_process("benchmarks.behaviour", str(sessions), str(folder / "plain")))
+    row("unchanged", measure(config, "unchanged"))
+    write_catalog(folder, items, night=2)
+    row("new log", measure(config, "new-log"), own_cluster_share=round(own_cluster_share(folder / "db"), 3))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="item2vec's cost at 10k and 100k items against a plain script")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="catalog sizes")
+    parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'behaviour')")
+    parser.add_argument("--one", nargs=2, metavar=("SESSIONS", "DB"), help=argparse.SUPPRESS)
+    run_benchmark(parser, plain_script, measure_all)
+
+
+def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
+    rows = [row for items in args.sizes for row in scenarios(root, items)]
+    by = {(r["items"], r["scenario"]): r for r in rows}
+    summary = {f"first_over_plain_seconds_{n}": round(by[n, "first"]["seconds"] / by[n, "plain script"]["seconds"], 2)
+               for n in args.sizes}
+    summary.update({f"first_over_plain_peak_{n}": round(by[n, "first"]["peak_mib"] / by[n, "plain script"]["peak_mib"],
+                                                        2) for n in args.sizes})
+    printed = [{k: v for k, v in r.items() if k != "encoded"} for r in rows]
+    return "behaviour", {"runs": rows, "summary": summary}, printed
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Behaviour vectors (item2vec over sessions): planted clusters, items without history, determinism, the
+weighting with a missing modality, an interaction log that changes, and malformed log rows."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError
+from pipelines.query import item_queries, open_table, search
+from tests.conftest import make_config, read_table, run
+from transforms.combine import combine
+from transforms.run_log import read_runs
+
+CLUSTERS, CLUSTER_SIZE, SESSIONS = 6, 20, 600
+NEVER_BOUGHT = [f"quiet-{n}" for n in range(5)]
+WEIGHTS = {"text": 0.6, "behaviour": 0.4}
+ENCODERS = {"text": {"kind": "sentence-transformers", "weight": WEIGHTS["text"], "precision": "fp32"},
+            "behaviour": {"kind": "item2vec", "dim": 32, "epochs": 20, "seed": 3, "weight": WEIGHTS["behaviour"]}}
+# A malformed row of each kind, and the reject it must become.
+BROKEN_ROWS = {
+    ",c0-1,1700000000": "interactions/MalformedRow",          # no session
+    "s-broken,,1700000000": "interactions/MalformedRow",      # no item
+    "s-broken,c0-2,yesterday": "interactions/BadTimestamp",
+    "s-broken,c0-3,1700000000,extra": "interactions/MalformedRow",   # a cell too many
+}
+
+
+def cluster_of(item_id: str) -> str:
+    return item_id.split("-")[0]
+
+
+def write_sessions(path: Path, sessions: int = SESSIONS, seed: int = 11) -> int:
+    """Sessions of 3 to 5 items of one planted cluster, in time order, and the broken rows; the count
+    of good rows."""
+    rng = random.Random(seed)
+    lines, clock = [], 1_700_000_000
+    for n in range(sessions):
+        cluster = rng.randrange(CLUSTERS)
+        for _ in range(rng.randint(3, 5)):
+            clock += rng.randint(1, 60)
+            lines.append(f"s{n},c{cluster}-{rng.randrange(CLUSTER_SIZE)},{clock}")
+    path.write_text("session_id,item_id,ts\n" + "\n".join(lines + list(BROKEN_ROWS)) + "\n")
+    return len(lines)
+
+
+def make_shop(root: Path):
+    """A manifest of clustered items and a few never bought, its interaction log, and its first run."""
+    ids = [f"c{c}-{i}" for c in range(CLUSTERS) for i in range(CLUSTER_SIZE)] + NEVER_BOUGHT
+    with (root / "catalog.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "title"])
+        writer.writerows([item, f"catalog item number {n}"] for n, item in enumerate(ids))
+    good_rows = write_sessions(root / "sessions.csv")
+    config = shop_config(root)
+    return config, root, good_rows, run(config, "r1")
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    return make_shop(tmp_path_factory.mktemp("shop"))
+
+
+def shop_config(root: Path, db: str = "db"):
+    return make_config(root / db, {"format": "manifest", "path": str(root / "catalog.csv"), "text_fields": ["title"],
+                                   "interactions": str(root / "sessions.csv")}, ENCODERS)
+
+
+def test_behaviour_neighbours_come_from_the_items_own_cluster(shop):
+    config, _, _, summary = shop
+    table = open_table(config.output.uri, config.output.table)
+    trained = [item for item in read_table(config)["id"].to_pylist() if item not in NEVER_BOUGHT]
+    same = total = 0
+    for item in trained:
+        found = search(table, item_queries(table, item), k=6, weights={"behaviour": 1.0})
+        neighbours = [row["id"] for row in found if row["id"] != item][:5]
+        same += sum(cluster_of(n) == cluster_of(item) for n in neighbours)
+        total += len(neighbours)
+    assert total == 5 * len(trained)
+    assert same / total >= 0.9
+    assert summary["encoded"]["behaviour"] == CLUSTERS * CLUSTER_SIZE
+
+
+def test_items_without_history_are_written_with_the_rest_renormalised(shop):
+    config, _, _, summary = shop
+    rows = {row["id"]: row for row in read_table(config).to_pylist()}
+    assert summary["read"] == summary["written"] == len(rows) == CLUSTERS * CLUSTER_SIZE + len(NEVER_BOUGHT)
+    dim_text = len(rows[NEVER_BOUGHT[0]]["text_vec"])
+    for item in NEVER_BOUGHT:
+        row = rows[item]
+        assert row["behaviour_vec"] is None
+        # By hand: only text is present, so its part is sqrt(0.6 / 0.6) * v_text and behaviour's is zeros.
+        expected = np.concatenate([np.asarray(row["text_vec"]), np.zeros(32)])
+        np.testing.assert_allclose(row["vector"], expected, atol=1e-7)
+    complete = rows["c0-0"]
+    expected = np.concatenate([np.sqrt(0.6) * np.asarray(complete["text_vec"]),
+                               np.sqrt(0.4) * np.asarray(complete["behaviour_vec"])])
+    np.testing.assert_allclose(complete["vector"], expected, atol=1e-7)
+    assert len(complete["vector"]) == dim_text + 32
+
+
+def test_a_search_scores_an_item_missing_a_modality_over_the_encoders_it_has(shop):
+    config, _, _, _ = shop
+    rows = {row["id"]: row for row in read_table(config).to_pylist()}
+    table = open_table(config.output.uri, config.output.table)
+    found = {row["id"]: row["score"] for row in search(table, item_queries(table, "c0-0"), k=len(rows))}
+    query = rows["c0-0"]
+
+    def cosine(a, b, column):
+        return float(np.dot(a[column], b[column]))
+
+    # The weighted mean of the cosines over the encoders both have: text alone for an item never bought.
+    assert found[NEVER_BOUGHT[0]] == pytest.approx(cosine(query, rows[NEVER_BOUGHT[0]], "text_vec"), abs=1e-5)
+    both = 0.6 * cosine(query, rows["c0-1"], "text_vec") + 0.4 * cosine(query, rows["c0-1"], "behaviour_vec")
+    assert found["c0-1"] == pytest.approx(both, abs=1e-5)
+    assert found[NEVER_BOUGHT[0]] <= 1.0 and found["c0-0"] == pytest.approx(1.0, abs=1e-5)
+    # An item with no history has no behaviour vector to search by.
+    with pytest.raises(Exception, match="needs a query vector"):
+        search(table, item_queries(table, NEVER_BOUGHT[0]), k=3, weights={"behaviour": 1.0})
+
+
+def test_combine_renormalises_over_the_vectors_an_item_has():
+    rng = np.random.default_rng(0)
+    unit = {name: v / np.linalg.norm(v) for name, v in (("a", rng.normal(size=3)), ("c", rng.normal(size=2)))}
+    weights, dims = {"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 3, "b": 4, "c": 2}
+    stored = combine(unit, weights, ["a", "b", "c"], dims)
+    present = 0.5 + 0.2
+    expected = np.concatenate([np.sqrt(0.5 / present) * unit["a"], np.zeros(4), np.sqrt(0.2 / present) * unit["c"]])
+    np.testing.assert_allclose(stored, expected, rtol=1e-6)
+    assert np.linalg.norm(stored) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="no vector"):
+        combine({}, weights, ["a", "b", "c"], dims)
+
+
+def test_the_same_log_trains_the_same_vectors_in_one_process_or_two(shop):
+    config, root, _, _ = shop
+    again = shop_config(root, db="db-two-workers")
+    run(again, "r1", ("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+    first, second = (read_table(c).column("behaviour_vec").to_pylist() for c in (config, again))
+    assert first == second and any(v is not None for v in first)
+
+
+def test_a_new_log_reembeds_only_the_behaviour_column(tmp_path):
+    config, root, _, _ = make_shop(tmp_path)
+    before = read_table(config)
+    unchanged = run(config, "r2")
+    assert unchanged["encoded"] == {"text": 0, "behaviour": 0} and unchanged["status"] == "unchanged"
+    write_sessions(root / "sessions.csv", seed=12)       # another night's sessions
+    changed = run(config, "r3")
+    after = read_table(config)
+    assert changed["encoded"] == {"text": 0, "behaviour": CLUSTERS * CLUSTER_SIZE}
+    assert changed["status"] == "committed" and changed["encoder_ids"]["behaviour"] != unchanged["encoder_ids"][
+        "behaviour"]
+    assert after["text_vec"].to_pylist() == before["text_vec"].to_pylist()
+    assert after["behaviour_vec"].to_pylist() != before["behaviour_vec"].to_pylist()
+    assert after["id"].to_pylist() == before["id"].to_pylist()
+
+
+def test_malformed_log_rows_are_rejects_and_the_counts_add_up(shop):
+    config, _, good_rows, summary = shop
+    rejects = read_table(config, f"{config.output.table}_rejects").to_pylist()
+    by_reason = {}
+    for reject in rejects:
+        by_reason[f"{reject['stage']}/{reject['error']}"] = by_reason.get(f"{reject['stage']}/{reject['error']}", 0) + 1
+    expected = {}
+    for reason in BROKEN_ROWS.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert by_reason == expected == summary["rejects_by"]
+    log = summary["interactions"]
+    assert log["read"] == good_rows + len(BROKEN_ROWS) and log["rejected"] == len(BROKEN_ROWS)
+    # The log's rejects are not catalog rows: the catalog's own count still adds up.
+    assert summary["read"] == summary["written"] + summary["unchanged"] + summary["rejected"]
+    assert summary["rejected"] == 0
+    [recorded] = [r for r in read_runs(config.output.uri, config.output.table) if r["run_id"] == "r1"]
+    assert recorded["interactions"] == log
+
+
+def test_a_log_without_the_needed_columns_or_an_encoder_without_a_log_is_refused(tmp_path, capsys):
+    (tmp_path / "catalog.csv").write_text("id,title\na,an item\n")
+    (tmp_path / "log.csv").write_text("user,product\nu1,a\n")
+    catalog = {"format": "manifest", "path": str(tmp_path / "catalog.csv"), "text_fields": ["title"]}
+    with pytest.raises(ConfigError, match="needs catalog.interactions"):
+        make_config(tmp_path, catalog, ENCODERS)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(f"catalog: {{format: manifest, path: {tmp_path}/catalog.csv, text_fields: [title], "
+                           f"interactions: {tmp_path}/log.csv}}\n"
+                           "encoders: {behaviour: {kind: item2vec}}\n"
+                           f"output: {{uri: {tmp_path}/db, table: t}}\n")
+    assert main(["run", "--config", str(config_path)]) == 2
+    assert "has no column session_id, item_id" in capsys.readouterr().err

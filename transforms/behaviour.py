@@ -1,0 +1,249 @@
+"""Behaviour vectors: item2vec over the catalog's interaction log (`catalog.interactions`).
+
+    read the log -> check each row (a malformed one is a reject) -> group by session -> order each
+    session -> train once, on one worker, streaming the sessions from disk -> the vectors as a Lance
+    dataset in the run's scratch folder -> each written batch looks its items up there by id
+
+Items meet their vectors the way kept vectors do (reuse.py): looked up by id right before they are
+written, so no vector crosses a shuffle or a side input. Training runs only when some item needs a
+behaviour vector: a new item, or a new log (whose digest is in the encoder id) or new settings.
+
+The same log must train the same vectors whichever worker read which part of it: sessions are spilled to
+local disk and replayed in the order of their ids, and each session's events in the order of their `ts`
+(then item id). A log without `ts` has sessions as sets, ordered by item id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime
+
+import apache_beam as beam
+import lance
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.config import INTERACTION_COLUMNS, ConfigError
+from transforms.encoders import Encoder, Item2VecEncoder
+from transforms.inference import needs
+from transforms.items import ITEMS, REJECTS, make_reject
+from transforms.lance_sink import rows_by_id, vector_matrix
+from transforms.readers import JSON_LINES, csv_header, read_table_file
+
+log = logging.getLogger(__name__)
+STAGE = "interactions"          # the stage of the log's rejects in `<table>_rejects`
+SPILL_BUCKETS = 64              # the sessions are sorted a bucket at a time: 1/64 of them in memory
+
+
+def check_interactions(path: str) -> None:
+    """Fail before any work when the log lacks a column that every row needs."""
+    ext = path.lower().rsplit(".", 1)[-1]
+    try:
+        if ext == "parquet":
+            with FileSystems.open(path) as handle:
+                columns = pq.read_schema(handle).names
+        elif ext in JSON_LINES:
+            with FileSystems.open(path) as handle:
+                first = next((line for line in handle if line.strip()), b"{}")
+            columns = list(json.loads(first))
+        else:
+            columns = csv_header(path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise ConfigError(f"catalog.interactions {path} cannot be read: {err}") from err
+    missing = [name for name in INTERACTION_COLUMNS if name not in columns]
+    if missing:
+        raise ConfigError(f"catalog.interactions {path} has no column {', '.join(missing)}; "
+                          f"it needs {', '.join(INTERACTION_COLUMNS)} and optionally ts")
+
+
+def event_time(value) -> float | None:
+    """A `ts` as seconds: a number, an ISO 8601 string or a Parquet timestamp; None where there is none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day).timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return datetime.fromisoformat(str(value)).timestamp()
+
+
+class CheckInteraction(beam.DoFn):
+    """A log row to (session id, (ts, item id)); a row without both ids or with an unreadable `ts` is a reject."""
+
+    def process(self, row: dict):
+        session, item = (str(row.get(name) or "").strip() for name in INTERACTION_COLUMNS)
+        source = f"{row.get('_source')}: session {session!r}, item {item!r}"
+        if not session or not item:
+            missing = " and ".join(n for n, v in zip(INTERACTION_COLUMNS, (session, item), strict=True) if not v)
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(item or None, STAGE, "MalformedRow",
+                                                                f"the row has no {missing}", source))
+            return
+        try:
+            ts = event_time(row.get("ts"))
+        except (TypeError, ValueError, OverflowError):
+            yield beam.pvalue.TaggedOutput(REJECTS, make_reject(item, STAGE, "BadTimestamp",
+                                                                f"ts {row.get('ts')!r} is not a time", source))
+            return
+        yield session, (ts, item)
+
+
+def ordered_session(events: Sequence[tuple[float | None, str]]) -> list[str]:
+    """A session's items in time order (then by id), repeats in a row counted once."""
+    items: list[str] = []
+    for _, item in sorted(events, key=lambda event: (event[0] is None, event[0] or 0.0, event[1])):
+        if not items or items[-1] != item:
+            items.append(item)
+    return items
+
+
+class ReadSessions(beam.PTransform):
+    """The log's sessions that pair items, as (session id, [item ids]); tagged `rejects` and `rows` (the
+    count of rows read, for the run's record)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, pbegin):
+        rows, parse_rejects = read_table_file(pbegin, self._path, STAGE)
+        checked = rows | "Check interactions" >> beam.ParDo(CheckInteraction()).with_outputs(REJECTS, main=ITEMS)
+        sessions = (
+            checked[ITEMS]
+            | "Group sessions" >> beam.GroupByKey()
+            | "Order sessions" >> beam.MapTuple(lambda session, events: (session, ordered_session(list(events))))
+            # A session with one item pairs it with nothing: it would only train noise.
+            | "Sessions that pair items" >> beam.Filter(lambda session: len(set(session[1])) > 1)
+        )
+        rejects = (
+            (parse_rejects | "As interaction rejects" >> beam.Map(lambda reject: dict(reject, stage=STAGE)),
+             checked[REJECTS])
+            | "Interaction rejects" >> beam.Flatten()
+        )
+        read = (
+            (rows, parse_rejects)
+            | "Interaction rows" >> beam.Flatten()
+            | "Count interaction rows" >> beam.combiners.Count.Globally()
+        )
+        return {ITEMS: sessions, REJECTS: rejects, "rows": read}
+
+
+class SpilledSessions:
+    """The sessions on local disk in the order of their ids, to replay once per training pass: a
+    re-iterable corpus that holds one bucket of sessions in memory while it is written."""
+
+    def __init__(self, sessions, folder: str):
+        self.count = 0
+        buckets = [open(os.path.join(folder, f"bucket-{b}.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+                   for b in range(SPILL_BUCKETS)]
+        for session, items in sessions:
+            buckets[zlib.crc32(session.encode()) % SPILL_BUCKETS].write(json.dumps([session, items]) + "\n")
+            self.count += 1
+        for handle in buckets:
+            handle.close()
+        self._path = os.path.join(folder, "sessions.jsonl")
+        with open(self._path, "w", encoding="utf-8") as out:
+            for handle in buckets:
+                with open(handle.name, encoding="utf-8") as bucket:
+                    for _, items in sorted(json.loads(line) for line in bucket):
+                        out.write(json.dumps(items) + "\n")
+                os.remove(handle.name)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        with open(self._path, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+
+class TrainItem2Vec(beam.DoFn):
+    """Once per run, on one worker: train each item2vec encoder on the sessions (a side input that
+    runners stream) and write its vectors to `<scratch>/<encoder>.lance`. Emits, per encoder, where they
+    are (None when no item needed them, and nothing was trained) and the counts for the run's record."""
+
+    def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str):
+        self._encoders = list(encoders)
+        self._scratch = scratch
+
+    def process(self, _trigger, sessions, needed: int):
+        if not needed:
+            for encoder in self._encoders:
+                yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0}
+            return
+        with tempfile.TemporaryDirectory(prefix="item2vec-") as folder:
+            corpus = SpilledSessions(sessions, folder)
+            for encoder in self._encoders:
+                log.info("training %s (item2vec %s) on %d sessions, for %d items", encoder.name,
+                         encoder.settings, corpus.count, needed)
+                ids, vectors = encoder.train(corpus)
+                if not ids:
+                    log.warning("%s: no item of the interaction log pairs with another; no behaviour vectors",
+                                encoder.name)
+                yield {"encoder": encoder.name, "uri": self._write(encoder, ids, vectors) if ids else None,
+                       "sessions": corpus.count, "items": len(ids)}
+
+    def _write(self, encoder: Encoder, ids: list[str], vectors) -> str:
+        uri = f"{self._scratch.rstrip('/')}/{encoder.name}.lance"
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), encoder.dim)
+        data = pa.table({"id": pa.array(ids, pa.string()), "vector": column})
+        lance.write_dataset(data, uri, mode="overwrite").create_scalar_index("id", "BTREE")
+        return uri
+
+
+class AttachBehaviourVectors(beam.DoFn):
+    """Batches of items in, the same batches out, each item that needs a behaviour vector given the one
+    trained for it, if the log had it (an item no session paired stays without)."""
+
+    def __init__(self, encoders: Sequence[Encoder]):
+        self._encoders = list(encoders)
+        self._datasets: dict[str, lance.LanceDataset] = {}
+
+    def process(self, items: list[dict], trained: list[dict]):
+        for record in trained:
+            encoder = next(e for e in self._encoders if e.name == record["encoder"])
+            wanting = [item for item in items if needs(item, encoder)]
+            if wanting and record["uri"]:
+                self._attach(encoder.name, self._dataset(record["uri"]), wanting)
+        yield items
+
+    def _dataset(self, uri: str) -> lance.LanceDataset:
+        if uri not in self._datasets:
+            self._datasets[uri] = lance.dataset(uri)
+        return self._datasets[uri]
+
+    @staticmethod
+    def _attach(name: str, dataset: lance.LanceDataset, items: list[dict]) -> None:
+        found = rows_by_id(dataset, [item["id"] for item in items], ["id", "vector"])
+        vectors = vector_matrix(found["vector"])
+        position = {item_id: row for row, item_id in enumerate(found["id"].to_pylist())}
+        for item in items:
+            if item["id"] in position:
+                item["vectors"][name] = vectors[position[item["id"]]].copy()
+                item["encoded"].append(name)
+
+
+def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Encoder], items, scratch: str):
+    """The training step's records (a side input for the write batches and the commit), the log's
+    rejects and the count of its rows."""
+    behaviour = [e for e in encoders if isinstance(e, Item2VecEncoder)]
+    sessions = pipeline | "Read interactions" >> ReadSessions(path)
+    needed = (
+        items
+        | "Items needing behaviour" >> beam.Filter(lambda item: any(needs(item, e) for e in behaviour))
+        | "Count them" >> beam.combiners.Count.Globally()
+    )
+    trained = (
+        pipeline
+        | "Train once" >> beam.Create([None])
+        | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch),
+                                         sessions=beam.pvalue.AsIter(sessions[ITEMS]),
+                                         needed=beam.pvalue.AsSingleton(needed))
+    )
+    return trained, sessions[REJECTS], sessions["rows"]
