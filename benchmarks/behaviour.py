@@ -3,9 +3,10 @@ would write with the same library (pandas + gensim + LanceDB), side by side.
 
 The catalog is a manifest whose items fall into planted clusters of 100; the log has three sessions per
 item, each of 3 to 5 items of one cluster, in time order (10k items: 30k sessions, about 120k rows). 0.5%
-of the items are never in a session. The config has the item2vec encoder alone, at its defaults, so the
-numbers are the behaviour path's own: read the log, group and order the sessions, train, look the
-vectors up by id, write. Per catalog:
+of the items are never in a session: as the config has no other encoder, they have no vector at all and
+are rejects (stage `combine`), so `written` counts the others. The config has the item2vec encoder
+alone, at its defaults, so the numbers are the behaviour path's own: read the log, group and order the
+sessions, train, look the vectors up by id, write. Per catalog:
 - `first`: the first run; `plain script`: the same training and a table of (id, vector), no pipeline;
 - `unchanged`: a re-run with the same log (nothing is trained);
 - `new log`: another night's sessions: every behaviour vector changes, and every row is written again.
