@@ -8,11 +8,13 @@ INSTALLED := $(VENV)/.installed
 
 install: $(INSTALLED)
 
-$(INSTALLED): setup.py requirements.txt requirements-dev.txt
+# The wheels of demo/photo-wheels.txt are downloaded, not installed: they only carry photos (demo/photos.py).
+$(INSTALLED): setup.py requirements.txt requirements-dev.txt demo/photo-wheels.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip download --quiet --no-deps --dest $(VENV)/photo-wheels -r demo/photo-wheels.txt
 	touch $@
 
 # The contact-sheet test renders pages in headless Chromium (Debian package `chromium`).
@@ -23,10 +25,12 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; }
 
-# Night 1 runs with --reembed: a ./lancedb left by an older checkout was embedded with other encoders.
+# Night 1 starts from no table: one left in ./lancedb by an older checkout was embedded with other encoders
+# (its drift would stop the run).
 demo: install
 	$(BIN)/python -m demo.build_catalog data/demo
-	$(BIN)/catalog-embed run --config configs/demo.yaml --reembed
+	rm -rf lancedb/demo.lance lancedb/demo_rejects.lance lancedb/demo_runs.lance
+	$(BIN)/catalog-embed run --config configs/demo.yaml
 	@echo; echo "== items most like the photo 'chelsea' (text 0.4, image 0.3, color 0.1, conse 0.2, behaviour 0.2) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
 	@echo; echo "== bought with 'chelsea' in the demo sessions (data/demo/sessions.csv), by behaviour alone =="
@@ -34,14 +38,15 @@ demo: install
 	@echo; echo "== photos found by words alone, through the conse encoder (text-to-image) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 -k 3
 	@echo; echo "== zero-shot labels for two photos, through the conse encoder =="
-	$(BIN)/catalog-embed classify --uri ./lancedb --table demo --labels "cat,cup of coffee,rocket,horse" \
+	$(BIN)/catalog-embed classify --uri ./lancedb --table demo --encoder conse --labels "cat,cup of coffee,rocket,horse" \
 	    data/demo/images/chelsea.png data/demo/images/rocket.jpg
 	@echo; echo "== a contact sheet of the photos most like 'a cup of coffee' =="
 	@mkdir -p out
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --weights conse=1 -k 8 \
 	    --html out/coffee.html
-	@echo; echo "== retrieval and zero-shot quality of each vector column, by the photos' categories =="
-	$(BIN)/catalog-embed evaluate --config configs/demo.yaml --out out/demo-evaluation.json
+	@echo; echo "== quality of each vector column: retrieval and zero-shot by the photos' categories, and text-to-image"
+	@echo "   with demo/queries.csv (conse against conse_before, the class texts before definitions) =="
+	$(BIN)/catalog-embed evaluate --config configs/demo.yaml --queries demo/queries.csv --out out/demo-evaluation.json
 	@echo; echo "== night 2: two photos re-uploaded as new listings, two captions pasted onto each other's picture =="
 	$(BIN)/python -m demo.build_catalog data/demo --night 2
 	$(BIN)/catalog-embed run --config configs/demo.yaml
@@ -59,13 +64,15 @@ test: install browser
 # photos against plain loops and the network's compute limit (benchmarks/photos.py), then the nightly cost
 # at 10k and 100k Food-101-layout items (benchmarks/scale.py), then the health reports' duplicate threshold on real
 # photos and their cost on a 1M-row table (benchmarks/health.py), then item2vec at 10k and 100k items against a
-# plain gensim script (benchmarks/behaviour.py). Results: out/bench.json.
+# plain gensim script (benchmarks/behaviour.py), then ConSE's settings on the development set
+# (benchmarks/text_to_image.py). Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 	$(BIN)/python -m benchmarks.photos --out out/bench.json
 	$(BIN)/python -m benchmarks.scale --out out/bench.json
 	$(BIN)/python -m benchmarks.health --out out/bench.json
 	$(BIN)/python -m benchmarks.behaviour --out out/bench.json
+	$(BIN)/python -m benchmarks.text_to_image --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

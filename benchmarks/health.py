@@ -36,7 +36,7 @@ import pyarrow as pa
 from PIL import Image
 
 from benchmarks.results import run_benchmark
-from demo.build_catalog import PHOTO_FOLDERS
+from demo.photos import PACKAGE_FOLDERS, photo_path
 from demo.reuploads import VARIANTS, reupload
 from pipelines.config import parse_config
 from pipelines.nightly import run_job
@@ -55,8 +55,8 @@ WEIGHTS = {"text": 0.4, "image": 0.4, "conse": 0.2}
 
 def _photo_items(root: Path) -> list[dict]:
     with (REPO / "demo" / "captions.csv").open(encoding="utf-8") as handle:
-        sources = {row["id"]: PHOTO_FOLDERS[row["source"]] / row["file"] for row in csv.DictReader(handle)}
-    sources["motorcycle_right"] = PHOTO_FOLDERS["skimage"] / "motorcycle_right.png"
+        sources = {row["id"]: photo_path(row["source"], row["file"]) for row in csv.DictReader(handle)}
+    sources["motorcycle_right"] = PACKAGE_FOLDERS["skimage"] / "motorcycle_right.png"
     items = []
     for name, path in sources.items():
         items.append({"id": name, "image": str(path)})
@@ -67,7 +67,7 @@ def _photo_items(root: Path) -> list[dict]:
             for side, box in (("L", (0, 0, width // 2, height)), ("R", (width - width // 2, 0, width, height))):
                 image.convert("RGB").crop(box).save(root / f"{name}#{side}.png")
                 items.append({"id": f"{name}#{side}", "image": str(root / f"{name}#{side}.png")})
-    for k, face in enumerate(np.load(PHOTO_FOLDERS["skimage"] / "lfw_subset.npy")[:FACES]):
+    for k, face in enumerate(np.load(PACKAGE_FOLDERS["skimage"] / "lfw_subset.npy")[:FACES]):
         Image.fromarray((face * 255).astype(np.uint8)).resize((200, 200), Image.BICUBIC).save(root / f"face{k}.png")
         items.append({"id": f"face{k}", "image": str(root / f"face{k}.png")})
     return items

@@ -30,7 +30,7 @@ import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
 from benchmarks.results import run_benchmark
-from demo.build_catalog import PHOTO_FOLDERS
+from demo.photos import photo_path
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = (Path(__file__).parent / "food101_classes.txt").read_text().split()
@@ -40,7 +40,7 @@ PHOTO_SIZE = (512, 384)
 def _source_photos() -> list[Path]:
     with (REPO / "demo" / "captions.csv").open(encoding="utf-8") as handle:
         rows = [line.split(",")[:3] for line in handle.read().splitlines()[1:]]
-    return [PHOTO_FOLDERS[source] / name for _, source, name in rows]
+    return [photo_path(source, name) for _, source, name in rows]
 
 
 def _make_photo(job: tuple[Path, Path, int, tuple[int, int]]) -> None:

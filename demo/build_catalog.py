@@ -7,6 +7,9 @@ not tell (the cat with the coffee cup), a few items never bought, and one malfor
 
 `--night 2` builds the next night's export of the same catalog, with what health reports are for:
 two photos re-uploaded as new listings, and two captions pasted onto each other's picture.
+
+`--development-set` builds the set that ConSE's settings were chosen on: the photos demo/queries.csv
+asks for, each captioned only "product photo" and labelled with its object (captions.csv's `label`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,9 @@ import random
 import shutil
 from pathlib import Path
 
-import skimage.data
-import sklearn.datasets
-
+from demo.photos import photo_path
 from demo.reuploads import reupload
 
-PHOTO_FOLDERS = {
-    "skimage": Path(skimage.data.__file__).parent,
-    "sklearn": Path(sklearn.datasets.__file__).parent / "images",
-}
 NIGHT_TWO_REUPLOADS = {"chelsea": "resized", "coffee": "recompressed"}
 NIGHT_TWO_SWAPPED = ("rocket", "flower")
 FIELDS = ["id", "title", "description", "category", "image"]
@@ -35,19 +32,20 @@ BOUGHT_TOGETHER = {
     "outdoors": ["horse", "grass", "gravel", "motorcycle"],
     "print shop": ["camera", "page", "text", "color"],
     "lab": ["cell", "retina", "ihc"],
-}   # brick, coins and logo are never bought: no behaviour vector
+}   # brick, clock, coins, logo, grace_hopper and quokka are never bought: no behaviour vector
 SESSIONS_PER_GROUP = 40
+DEMO = Path(__file__).parent
 
 
-def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv", night: int = 1) -> Path:
+def build(out: Path, captions: Path = DEMO / "captions.csv", night: int = 1) -> Path:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     with captions.open(newline="", encoding="utf-8") as handle:
         rows = [{"id": row["id"], "title": row["title"], "description": row["description"],
-                 "category": row["category"], "image": f"images/{row['file']}", "source": PHOTO_FOLDERS[row["source"]]}
-                for row in csv.DictReader(handle)]
+                 "category": row["category"], "image": f"images/{row['file']}",
+                 "source": photo_path(row["source"], row["file"])} for row in csv.DictReader(handle)]
     for row in rows:
-        shutil.copyfile(row.pop("source") / Path(row["image"]).name, out / row["image"])
+        shutil.copyfile(row.pop("source"), out / row["image"])
     if night == 2:
         rows = _night_two(out, rows)
     write_sessions(out / "sessions.csv")
@@ -56,6 +54,24 @@ def build(out: Path, captions: Path = Path(__file__).parent / "captions.csv", ni
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    return manifest
+
+
+def build_development_set(out: Path, captions: Path = DEMO / "captions.csv",
+                          queries: Path = DEMO / "queries.csv") -> Path:
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    with queries.open(newline="", encoding="utf-8") as handle:
+        asked = {row["id"] for row in csv.DictReader(handle)}
+    with captions.open(newline="", encoding="utf-8") as handle:
+        photos = [row for row in csv.DictReader(handle) if row["id"] in asked]
+    manifest = out / "catalog.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "title", "label", "image"])
+        for photo in photos:
+            shutil.copyfile(photo_path(photo["source"], photo["file"]), images / photo["file"])
+            writer.writerow([photo["id"], "product photo", photo["label"], f"images/{photo['file']}"])
     return manifest
 
 
@@ -91,5 +107,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", nargs="?", default="data/demo", help="the catalog's folder (default data/demo)")
     parser.add_argument("--night", type=int, choices=(1, 2), default=1, help="which night's export (default 1)")
+    parser.add_argument("--development-set", action="store_true",
+                        help="build ConSE's development set instead (neutral captions, a label per photo)")
     args = parser.parse_args()
-    print(build(Path(args.out), night=args.night))
+    print(build_development_set(Path(args.out)) if args.development_set else build(Path(args.out), night=args.night))

@@ -133,10 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add_command(
         "evaluate", help="retrieval and zero-shot quality of a config's table, from its labels",
         description="Per vector column, leave-one-out retrieval quality with the catalog's labels (recall@1/5/10, "
-                    "mAP@10, exact search); per multimodal encoder, zero-shot top-1 accuracy over the set of labels.")
+                    "mAP@10, exact search); per multimodal encoder, zero-shot top-1 accuracy over the set of labels "
+                    "and, with --queries, text-to-image recall@1/5.")
     evaluate.add_argument("--config", required=True, help="the job's YAML config; its output table is evaluated")
     evaluate.add_argument("--out", metavar="FILE", help="the JSON report (default: <table>-evaluation.json)")
     evaluate.add_argument("--template", action="append", metavar="TEXT", help="zero-shot prompt with {}, repeatable")
+    evaluate.add_argument("--queries", metavar="FILE",
+                          help="a CSV or JSONL file of columns query,id: text-to-image recall@1/5 of each "
+                               "multimodal encoder, the queries' words against all the table's images")
+    evaluate.add_argument("--where", metavar="SQL", help="evaluate only the items this filter picks, e.g. "
+                                                         "\"split = 'test'\" for Food-101's protocol")
 
     duplicates = add_command(
         "duplicates", help="groups of near-duplicate items (re-uploaded photos, repeated listings)",
@@ -366,13 +372,15 @@ def _classify(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
     from pipelines.config import load_config
-    from pipelines.evaluate import evaluate
+    from pipelines.evaluate import evaluate, read_queries
     from pipelines.query import open_table
     from pipelines.report import print_evaluation
     from pipelines.zero_shot import DEFAULT_TEMPLATES
 
     config = load_config(args.config)
-    report = evaluate(open_table(config.output.uri, config.output.table), args.template or DEFAULT_TEMPLATES)
+    queries = read_queries(args.queries) if args.queries else ()
+    report = evaluate(open_table(config.output.uri, config.output.table), args.template or DEFAULT_TEMPLATES, queries,
+                      args.where)
     out = args.out or f"{config.output.table}-evaluation.json"
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)

@@ -21,6 +21,12 @@ ENCODER_KINDS = ("sentence-transformers", "cnn", "color", "open-clip", "conse", 
 # 120-item catalog (neighbours from the own cluster 26% against 100%). 20 epochs, not gensim's 5: a log with
 # about 12 sessions per item needs them (own cluster 2% at 5 epochs, 42% at 10, 100% at 20; README, "Behaviour").
 ITEM2VEC_DEFAULTS = {"dim": 64, "window": 5, "epochs": 20, "min_count": 1, "negative": 5, "sample": 0.0, "seed": 1}
+# ConSE's settings: each ImageNet class is the mean of the text model's vectors of its sentences (its names
+# through the templates, and its WordNet definition), and an image the mix of its top_t classes' vectors by
+# their probabilities at a temperature. Defaults chosen on the development set (README, "Text-to-image").
+CONSE_DEFAULTS = {"top_t": 20, "temperature": 2.0, "class_names": "first", "class_definitions": True,
+                  "class_templates": ["{}"]}
+CONSE_CLASS_NAMES = ("first", "all")   # the first of a class's WordNet lemmas, or all of them
 INTERACTION_COLUMNS = ("session_id", "item_id")   # and optionally `ts`
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -241,6 +247,8 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
              "large_model", "model_copies"}
     if kind == "item2vec":
         _check_item2vec(name, {k: v for k, v in raw.items() if k not in known})
+    if kind == "conse":
+        _check_conse(name, {k: v for k, v in raw.items() if k in CONSE_DEFAULTS})
     return EncoderConfig(
         name=name,
         kind=kind,
@@ -270,6 +278,24 @@ def _check_item2vec(name: str, options: dict[str, Any]) -> None:
         least = 0 if key == "seed" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"encoders.{name}.{key} must be an integer >= {least}, got {value!r}")
+
+
+def _check_conse(name: str, options: dict[str, Any]) -> None:
+    top_t, temperature = options.get("top_t", 1), options.get("temperature", 1.0)
+    if isinstance(top_t, bool) or not isinstance(top_t, int) or not 1 <= top_t <= 1000:
+        raise ConfigError(f"encoders.{name}.top_t must be an integer from 1 to 1000, got {top_t!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ConfigError(f"encoders.{name}.temperature must be a number > 0, got {temperature!r}")
+    if options.get("class_names", "first") not in CONSE_CLASS_NAMES:
+        raise ConfigError(f"encoders.{name}.class_names must be one of {', '.join(CONSE_CLASS_NAMES)}, "
+                          f"got {options['class_names']!r}")
+    if not isinstance(options.get("class_definitions", False), bool):
+        raise ConfigError(f"encoders.{name}.class_definitions must be true or false")
+    templates = options.get("class_templates", ["{}"])
+    if not isinstance(templates, list) or not templates or not all(
+            isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ConfigError(f"encoders.{name}.class_templates must be a list of texts with one {{}} each "
+                          f"(where the class name goes), e.g. [\"a photo of a {{}}.\"], got {templates!r}")
 
 
 def _parse_output(raw: dict[str, Any]) -> OutputConfig:

@@ -82,12 +82,16 @@ def print_history(found: dict) -> None:
 
 def print_evaluation(report: dict) -> None:
     print(f"{report['table']} version {report['version']}: {report['items']} labelled items, "
-          f"{report['labels']} labels, {report['queries']} queries")
-    print_results([{"vectors": name, **quality} for name, quality in report["retrieval"].items()])
+          f"{report['labels']} labels, {report['queries']} retrieval queries (items whose label another has)")
+    if report["retrieval"]:
+        print_results([{"vectors": name, **quality} for name, quality in report["retrieval"].items()])
     if report["zero_shot"]:
         print()
         print_results([{"zero-shot": name, "labels": report["labels"], **quality}
                        for name, quality in report["zero_shot"].items()])
+    if report.get("text_to_image"):
+        print()
+        print_results([{"text-to-image": name, **quality} for name, quality in report["text_to_image"].items()])
 
 
 def print_labels(results: Sequence[dict], top: int = 5) -> None:

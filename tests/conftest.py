@@ -21,6 +21,8 @@ PHOTO_DIRS = (Path(skimage.data.__file__).parent, Path(sklearn.datasets.__file__
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
           "motorcycle_left.png", "retina.jpg")
 COLOR_ONLY = {"color": {"kind": "color"}}
+with (Path(__file__).parent.parent / "demo" / "captions.csv").open(encoding="utf-8") as _captions:
+    DEMO_PHOTOS = sum(1 for _ in csv.DictReader(_captions))     # the demo catalog's items
 # fp32, so that the stored vectors can be held to the reference libraries' own to 1e-4.
 ALL_ENCODERS = {
     "text": {"kind": "sentence-transformers", "weight": 0.5, "batch_size": 8, "precision": "fp32"},

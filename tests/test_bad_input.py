@@ -220,6 +220,12 @@ BAD_CONFIGS = {
     "missing path": ("catalog: {format: manifest, path: /nowhere/catalog.csv}", "catalog.path does not exist"),
     "negative weight": ("encoders: {c: {kind: color, weight: -1}}", "encoders.c.weight must be a number >= 0"),
     "zero weights": ("encoders: {c: {kind: color, weight: 0}}", "encoder weights are all zero"),
+    "conse temperature": ("encoders: {c: {kind: conse, temperature: 0}}",
+                          "encoders.c.temperature must be a number > 0"),
+    "conse class names": ("encoders: {c: {kind: conse, class_names: some}}",
+                          "encoders.c.class_names must be one of first, all"),
+    "conse templates": ("encoders: {c: {kind: conse, class_templates: [a photo]}}",
+                        "encoders.c.class_templates must be a list of texts with one {} each"),
     "download needed": ("encoders: {t: {kind: sentence-transformers, model: some-org/some-model}}",
                         "needs a download and this machine has no internet; set encoders.t.model to a local path"),
 }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main, unknown_beam_options
-from tests.conftest import ALL_ENCODERS, make_config, read_table, run
+from tests.conftest import ALL_ENCODERS, DEMO_PHOTOS, make_config, read_table, run
 from transforms import inference
 
 MULTI_PROCESS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
@@ -87,7 +87,7 @@ def test_large_model_stages_call_a_served_model_through_its_proxy(demo_run, tmp_
                 "color": dict(ALL_ENCODERS["color"], model_copies=2)}
     catalog = {"format": "manifest", "path": demo_config.catalog.path, "text_fields": ["title", "description"]}
     config = make_config(tmp_path, catalog, encoders, table="demo")
-    assert run(config)["encoded"] == {"text": 22, "color": 22}
+    assert run(config)["encoded"] == {"text": DEMO_PHOTOS, "color": DEMO_PHOTOS}
     assert set(models) == {"_AutoProxyWrapper"}                      # Beam's proxy to the model's own process
     served, local = read_table(config), read_table(demo_config)
     for column in ("text_vec", "color_vec"):

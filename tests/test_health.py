@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from demo.build_catalog import PHOTO_FOLDERS
 from demo.build_catalog import build as build_demo_catalog
+from demo.photos import PACKAGE_FOLDERS
 from demo.reuploads import reupload
 from pipelines.cli import main
 from pipelines.config import Config
@@ -64,7 +64,7 @@ def _swap_captions(rows: list[dict]) -> list[dict]:
 
 def _half_replaced_by_faces(manifest: Path, rows: list[dict]) -> list[dict]:
     """Every other item becomes a face photo (scikit-image's LFW subset) captioned as one."""
-    faces = np.load(PHOTO_FOLDERS["skimage"] / "lfw_subset.npy")
+    faces = np.load(PACKAGE_FOLDERS["skimage"] / "lfw_subset.npy")
     for k, row in enumerate(rows[::2]):
         path = manifest.parent / "images" / f"face-{k}.png"
         Image.fromarray((faces[k] * 255).astype(np.uint8)).resize((200, 200), Image.BICUBIC).save(path)
@@ -88,6 +88,11 @@ def nights(tmp_path_factory) -> tuple[Config, list[dict]]:
     _write(manifest, _half_replaced_by_faces(manifest, rows))
     runs.append(run(config, "night-3"))
     return config, runs
+
+
+def _faces(config: Config) -> int:
+    """How many items night 3 replaced by faces."""
+    return sum(row["id"].startswith("face-") for row in _rows(Path(config.catalog.path)))
 
 
 def _json(capsys, *argv: str):
@@ -130,7 +135,7 @@ def test_half_the_catalog_replaced_drifts_far_more_than_swapped_captions(nights,
     small = _json(capsys, "drift", *_table(config), "--from", v1, "--to", v2, "--json")
     large = _json(capsys, "drift", *_table(config), "--from", v2, "--to", v3, "--json")
     assert (small["from"], small["to"]) == (int(v1), int(v2))
-    assert small["added"] == small["removed"] == 0 and large["added"] == large["removed"] == 13
+    assert small["added"] == small["removed"] == 0 and large["added"] == large["removed"] == _faces(config)
     assert small["columns"]["image"]["score"] < 1e-5 and small["columns"]["text"]["moved"] == 4
     assert {m["id"] for m in small["columns"]["text"]["most_moved"]} == {i for pair in SWAPPED for i in pair}
     for column in ("text", "image", "conse", "vector"):
@@ -149,7 +154,7 @@ def test_a_run_that_drifts_over_the_warning_level_commits_and_exits_3(nights, tm
     job.write_text(f"catalog: {{format: manifest, path: {manifest}}}\nencoders: {{color: {{kind: color}}}}\n"
                    f"output: {{uri: {tmp_path / 'db'}, table: t}}\n")
     assert main(["run", "--config", str(job)]) == 0
-    _write(manifest, [row for row in _rows(manifest) if row["category"] == "people"])    # only the faces are left
+    _write(manifest, [row for row in _rows(manifest) if row["id"].startswith("face-")])    # only the faces are left
     assert main(["run", "--config", str(job), "--json"]) == 3
     out, err = capsys.readouterr()
     record = json.loads(out.strip().splitlines()[-1])
@@ -170,7 +175,8 @@ def test_report_pages_render_with_their_pictures(nights, command, tmp_path, caps
     dom = render_in_chromium(page)
     sizes = re.search(r"<title>loaded:([^<]*)</title>", dom).group(1).split(",")
     assert sizes and all(re.fullmatch(r"\d+x\d+", size) and size != "0x0" for size in sizes), sizes
-    expected = {"duplicates": "group 1: 2 items", "outliers": "Rocket launch", "drift": "added (10 of 13)"}[command]
+    expected = {"duplicates": "group 1: 2 items", "outliers": "Rocket launch",
+                "drift": f"added (10 of {_faces(config)})"}[command]
     assert expected in dom
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.query import item_queries, open_table, search, text_queries
+from transforms.encoders import class_sentences
 
 TEXT_TO_PHOTO = {"a cat": "chelsea", "a cup of coffee": "coffee", "a rocket": "rocket", "a motorcycle": "motorcycle",
                  "a flower": "flower", "a temple": "china", "a horse": "horse", "coins": "coins"}
@@ -27,6 +28,25 @@ def test_conse_text_queries_find_the_photo_they_describe(table):
         hits += ranked[0] == photo_id
         top3 += photo_id in ranked
     assert hits >= 6 and top3 == len(TEXT_TO_PHOTO), (hits, top3)
+
+
+@pytest.mark.parametrize("text", ["a pony", "a stallion"])
+def test_words_imagenet_lacks_find_the_photo_through_class_definitions(table, text):
+    """ImageNet knows the horse silhouette as "sorrel"; its WordNet definition says "a horse"."""
+    _, opened = table
+    ranked = [r["id"] for r in search(opened, text_queries(opened, text), 1, weights={"conse": 1.0})]
+    assert ranked == ["horse"]
+
+
+def test_class_sentences_hold_each_lemma_through_each_template_and_the_definition():
+    settings = {"class_names": "all", "class_definitions": True, "class_templates": ["a photo of a {}.", "{}"]}
+    sentences, owners = class_sentences(settings)
+    assert [s for s, owner in zip(sentences, owners, strict=True) if owner == 0] == [
+        "a photo of a tench.", "tench", "a photo of a Tinca tinca.", "Tinca tinca",
+        "tench, Tinca tinca: freshwater dace-like game fish of Europe and western Asia noted for ability to survive "
+        "outside water"]
+    first_only = class_sentences({**settings, "class_names": "first", "class_definitions": False})
+    assert first_only[0][:2] == ["a photo of a tench.", "tench"] and len(set(first_only[1])) == 1000
 
 
 @pytest.mark.parametrize("encoder", ["text", "image", "color", "conse"])

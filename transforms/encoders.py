@@ -30,7 +30,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines.config import ITEM2VEC_DEFAULTS, ConfigError, EncoderConfig
+from pipelines.config import CONSE_DEFAULTS, ITEM2VEC_DEFAULTS, ConfigError, EncoderConfig
 from transforms.images import decode_image
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -484,9 +484,11 @@ class ConseModel:
 class ConseEncoder(Encoder):
     """Images into the text model's space with no multimodal weights (Norouzi et al., ICLR 2014).
 
-    The image model's ImageNet probabilities, kept for the top T classes and renormalised, weight a
-    convex combination of the text model's embeddings of those class names. Text queries use the
-    text model directly, so text-to-image search and zero-shot labels work offline.
+    The image model's ImageNet probabilities (at a temperature), kept for the top T classes and
+    renormalised, weight a convex combination of the text model's vectors of those classes. A class's
+    vector is the mean of its sentences' vectors: its names through prompt templates, and its WordNet
+    definition (`class_sentences`). Text queries use the text model directly, so text-to-image search
+    and zero-shot labels work offline.
     """
 
     modality = "image"
@@ -508,8 +510,8 @@ class ConseEncoder(Encoder):
         return CnnEncoder(image), SentenceTransformerEncoder(text)
 
     @property
-    def top_t(self) -> int:
-        return int(self.config.options.get("top_t", 10))
+    def settings(self) -> dict[str, Any]:
+        return {key: self.config.options.get(key, default) for key, default in CONSE_DEFAULTS.items()}
 
     @cached_property
     def dim(self) -> int:
@@ -517,18 +519,17 @@ class ConseEncoder(Encoder):
 
     def describe(self) -> dict[str, Any]:
         image, text = self.parts
-        return {"image": image.describe(), "text": text.describe(), "top_t": self.top_t,
-                "classes": "imagenet-1k first names"}
+        return {"image": image.describe(), "text": text.describe(), "classes": "imagenet-1k", **self.settings}
 
     def load(self) -> Any:
         import torch
-        from timm.data import ImageNetInfo
 
         image, text = self.parts
-        info = ImageNetInfo()
-        names = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+        sentences, owners = class_sentences(self.settings)
         text_model = text.load()
-        classes = torch.from_numpy(text.encode(text_model, names)).to(image.device)
+        vectors = torch.from_numpy(text.encode(text_model, sentences))
+        sums = torch.zeros(int(owners.max()) + 1, vectors.shape[1]).index_add_(0, torch.from_numpy(owners), vectors)
+        classes = torch.nn.functional.normalize(sums, dim=-1).to(image.device)
         return ConseModel(image=image.load(), text=text_model, classes=classes)
 
     @property
@@ -550,8 +551,9 @@ class ConseEncoder(Encoder):
         import torch
 
         _, logits = self.parts[0].forward(model.image, prepared, memo)
+        settings = self.settings
         with torch.inference_mode():
-            top = logits.softmax(-1).topk(self.top_t, dim=-1)
+            top = (logits / settings["temperature"]).softmax(-1).topk(settings["top_t"], dim=-1)
             weights = top.values / top.values.sum(-1, keepdim=True)
             vectors = (weights.unsqueeze(-1) * model.classes[top.indices]).sum(1)
         return l2_normalise(vectors.float().cpu().numpy())
@@ -565,6 +567,26 @@ class ConseEncoder(Encoder):
 
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         return self.parts[1].encode(model, texts)
+
+
+def class_sentences(settings: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """The sentences that describe each ImageNet class, and per sentence its class index: the class's
+    names (its first WordNet lemma or all of them) through each template, and, with `class_definitions`,
+    "names: definition" as WordNet words it ("sorrel: a horse of a brownish orange to light brown color")."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    sentences, owners = [], []
+    for index in range(info.num_classes()):
+        names = [name.strip() for name in info.index_to_description(index).split(",")]
+        names = names[:1] if settings["class_names"] == "first" else names
+        described = [template.format(name) for name in names for template in settings["class_templates"]]
+        if settings["class_definitions"]:
+            definition = info.index_to_description(index, detailed=True).split(": ", 1)[1]
+            described.append(f"{', '.join(names)}: {definition}")
+        sentences += described
+        owners += [index] * len(described)
+    return sentences, np.asarray(owners)
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
