@@ -18,8 +18,11 @@ def print_run_summary(run: dict) -> None:
     if run.get("interactions"):
         log = run["interactions"]
         trained = ", ".join(f"{name} {items} items" for name, items in log["trained"].items())
-        print(f"  interactions: read {log['read']}, rejected {log['rejected']}; "
-              + (f"trained on {log['sessions']} sessions: {trained}" if log["sessions"] else "nothing to train"))
+        if not log.get("needed"):
+            print("  interactions: not read, as no item needs a behaviour vector")
+        else:
+            print(f"  interactions: read {log['read']}, rejected {log['rejected']}; "
+                  + (f"trained on {log['sessions']} sessions: {trained}" if log["sessions"] else "nothing to train"))
     if run.get("drift"):
         print("  drift from the previous version: " + ", ".join(f"{k} {v:.4f}" for k, v in run["drift"].items()))
     for key, count in run["rejects_by"].items():

@@ -150,6 +150,9 @@ def test_a_new_log_reembeds_only_the_behaviour_column(tmp_path):
     before = read_table(config)
     unchanged = run(config, "r2")
     assert unchanged["encoded"] == {"text": 0, "behaviour": 0} and unchanged["status"] == "unchanged"
+    # No item needed a behaviour vector: the log was not read at all.
+    assert unchanged["interactions"] == {"read": 0, "rejected": 0, "sessions": 0, "needed": 0,
+                                         "trained": {"behaviour": 0}}
     write_sessions(root / "sessions.csv", seed=12)       # another night's sessions
     changed = run(config, "r3")
     after = read_table(config)

@@ -107,14 +107,16 @@ def ordered_session(events: Sequence[tuple[float | None, str]]) -> list[str]:
 
 class ReadSessions(beam.PTransform):
     """The log's sessions that pair items, as (session id, [item ids]); tagged `rejects` and `rows` (the
-    count of rows read, for the run's record)."""
+    count of rows read, for the run's record). With `only_if`, the log is read only when its one value
+    is truthy (some item needs a behaviour vector): a run that trains nothing reads nothing."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, only_if=None):
         super().__init__()
         self._path = path
+        self._only_if = only_if
 
     def expand(self, pbegin):
-        rows, parse_rejects = read_table_file(pbegin, self._path, STAGE)
+        rows, parse_rejects = read_table_file(pbegin, self._path, STAGE, self._only_if)
         checked = rows | "Check interactions" >> beam.ParDo(CheckInteraction()).with_outputs(REJECTS, main=ITEMS)
         sessions = (
             checked[ITEMS]
@@ -175,7 +177,7 @@ class TrainItem2Vec(beam.DoFn):
     def process(self, _trigger, sessions, needed: int):
         if not needed:
             for encoder in self._encoders:
-                yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0}
+                yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0, "needed": 0}
             return
         with tempfile.TemporaryDirectory(prefix="item2vec-") as folder:
             corpus = SpilledSessions(sessions, folder)
@@ -187,7 +189,7 @@ class TrainItem2Vec(beam.DoFn):
                     log.warning("%s: no item of the interaction log pairs with another; no behaviour vectors",
                                 encoder.name)
                 yield {"encoder": encoder.name, "uri": self._write(encoder, ids, vectors) if ids else None,
-                       "sessions": corpus.count, "items": len(ids)}
+                       "sessions": corpus.count, "items": len(ids), "needed": needed}
 
     def _write(self, encoder: Encoder, ids: list[str], vectors) -> str:
         uri = f"{self._scratch.rstrip('/')}/{encoder.name}.lance"
@@ -233,12 +235,12 @@ def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Enc
     """The training step's records (a side input for the write batches and the commit), the log's
     rejects and the count of its rows."""
     behaviour = [e for e in encoders if isinstance(e, Item2VecEncoder)]
-    sessions = pipeline | "Read interactions" >> ReadSessions(path)
     needed = (
         items
         | "Items needing behaviour" >> beam.Filter(lambda item: any(needs(item, e) for e in behaviour))
         | "Count them" >> beam.combiners.Count.Globally()
     )
+    sessions = pipeline | "Read interactions" >> ReadSessions(path, only_if=needed)
     trained = (
         pipeline
         | "Train once" >> beam.Create([None])

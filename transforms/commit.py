@@ -111,7 +111,7 @@ class CommitRun(beam.DoFn):
         """The log's counts (its rejects are not catalog rows: `rejected` counts those only)."""
         rejected = sum(n for reason, n in run["rejects_by"].items() if reason.startswith(f"{LOG_STAGE}/"))
         return {"read": read, "rejected": rejected, "sessions": max(t["sessions"] for t in trained),
-                "trained": {t["encoder"]: t["items"] for t in trained}}
+                "needed": max(t["needed"] for t in trained), "trained": {t["encoder"]: t["items"] for t in trained}}
 
     def _summary(self, written: list[dict], rejects: list[dict], deleted: int, unchanged: int, read: int) -> dict:
         ctx = self._context

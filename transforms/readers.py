@@ -184,31 +184,42 @@ class ReadCatalog(beam.PTransform):
         return rows, pbegin | "No digikala rejects" >> beam.Create([])
 
 
-def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool):
-    """(rows, rejects) of a line-based file, split across workers."""
-    parsed = (
-        pbegin
-        | f"Read {label}" >> beam.io.ReadFromText(path, skip_header_lines=1 if skip_header else 0,
-                                                  coder=coders.BytesCoder())
-        | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
-    )
+def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool, only_if=None):
+    """(rows, rejects) of a line-based file, split across workers. With `only_if` (a PCollection of one
+    value), the file is read only when that value is truthy; otherwise nothing is read."""
+    options = {"skip_header_lines": 1 if skip_header else 0, "coder": coders.BytesCoder()}
+    if only_if is None:
+        lines = pbegin | f"Read {label}" >> beam.io.ReadFromText(path, **options)
+    else:
+        lines = _path_if(pbegin, path, label, only_if) | f"Read {label}" >> beam.io.ReadAllFromText(**options)
+    parsed = lines | f"Parse {label}" >> beam.ParDo(parse).with_outputs(REJECTS, main=ITEMS)
     return parsed[ITEMS], parsed[REJECTS]
 
 
-def read_table_file(pbegin, path: str, label: str):
+def read_table_file(pbegin, path: str, label: str, only_if=None):
     """(rows, rejects) of a CSV, Parquet or JSONL file (by its extension), each row a dict of its columns
-    and `_source`."""
+    and `_source`; `only_if` as for `read_lines`."""
     ext = path.lower().rsplit(".", 1)[-1]
     if ext == "parquet":
-        rows = (
-            pbegin
-            | f"Read {label} parquet" >> beam.io.ReadFromParquet(path)
-            | f"Tag {label} source" >> beam.Map(lambda row, src: dict(row, _source=src), path)
-        )
+        if only_if is None:
+            rows = pbegin | f"Read {label} parquet" >> beam.io.ReadFromParquet(path)
+        else:
+            rows = _path_if(pbegin, path, label, only_if) | f"Read {label} parquet" >> beam.io.ReadAllFromParquet()
+        rows = rows | f"Tag {label} source" >> beam.Map(lambda row, src: dict(row, _source=src), path)
         return rows, pbegin | f"No {label} parse rejects" >> beam.Create([])
     if ext in JSON_LINES:
-        return read_lines(pbegin, path, ParseJsonLine(path), label, False)
-    return read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), label, True)
+        return read_lines(pbegin, path, ParseJsonLine(path), label, False, only_if)
+    return read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), label, True, only_if)
+
+
+def _path_if(pbegin, path: str, label: str, only_if):
+    """`path` as a one-element PCollection, or an empty one when `only_if` holds a falsy value."""
+    return (
+        pbegin
+        | f"{label} file" >> beam.Create([path])
+        | f"{label} file if wanted" >> beam.Filter(lambda _, wanted: bool(wanted),
+                                                   wanted=beam.pvalue.AsSingleton(only_if))
+    )
 
 
 class RowToItem(beam.DoFn):
