@@ -244,12 +244,13 @@ class CombineVectors(beam.DoFn):
     def __init__(self, weights: dict[str, float], dims: dict[str, int]):
         self._weights = weights
         self._dims = dims
+        self._order = list(dims)
 
     def process(self, items: list[dict]):
         combined = []
         for item in items:
             try:
-                item["vectors"]["vector"] = combine(item["vectors"], self._weights, list(self._dims), self._dims)
+                item["vectors"]["vector"] = combine(item["vectors"], self._weights, self._order, self._dims)
             except ValueError as err:
                 yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "combine", err))
                 continue

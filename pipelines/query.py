@@ -146,7 +146,7 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
         raise QueryError(f"--where {where!r} is not a valid filter: {str(err).splitlines()[0]}") from err
     scores = weighted_cosines(vector_matrix(found["vector"]), queries, wanted, list(table.stored_weights),
                               table.dims)
-    rows = found.to_pylist()
+    rows = found.drop_columns(["vector"]).to_pylist()     # the stored vectors are scored, not shown
     ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
     return [_result(rows[i], float(scores[i])) for i in ranked[:k]]
 

@@ -35,12 +35,11 @@ class FetchKeptVectors(beam.DoFn):
         names = sorted({name for item in items for name in item["keep"]})
         found = rows_by_id(self._dataset, [item["id"] for item in items], ["id", *[f"{n}_vec" for n in names]])
         position = {item_id: i for i, item_id in enumerate(found["id"].to_pylist())}
-        columns = {name: found[f"{name}_vec"].combine_chunks() for name in names}
-        vectors = {name: vector_matrix(column) for name, column in columns.items()}
+        vectors = {name: vector_matrix(found[f"{name}_vec"]) for name in names}
+        stored = {name: found[f"{name}_vec"].is_valid().to_numpy(zero_copy_only=False) for name in names}
         for item in items:
             if item["id"] not in position:
                 raise LookupError(f"item {item['id']!r} is not in version {self._read_version} of {self._uri}")
             row = position[item["id"]]
             # A kept null stays missing: the item still has no input for that encoder.
-            item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"]
-                                   if columns[name][row].is_valid)
+            item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"] if stored[name][row])
