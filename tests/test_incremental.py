@@ -18,7 +18,7 @@ from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
 from pipelines.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
-from transforms import commit
+from transforms import commit, lance_sink
 from transforms.lance_sink import ConcurrentRunError, commit_run, dataset_uri
 from transforms.run_log import read_runs
 
@@ -117,13 +117,20 @@ def test_two_worker_incremental_run_is_one_version_with_unique_ids(catalog):
     assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
 
 
-def test_a_run_that_lost_the_race_commits_nothing(catalog):
+@pytest.mark.parametrize("moved", ["before its check", "between its check and Lance's commit"])
+def test_a_run_that_lost_the_race_commits_nothing(catalog, monkeypatch, moved):
     config, folder, rows = catalog
     run(config, "r1")
     rows.append({"id": "item-race", "caption": "a horse", "image": "images/0.png"})
+    rows[3]["caption"] = "a rocket on its pad"      # both runs delete its old row: Lance cannot rebase either
     write_catalog(folder, rows)
     slow = plan_job(config, "slow", str(folder / "scratch"))   # reads the table, then another run commits first
     run(config, "fast")
+    if moved != "before its check":     # Lance, not our check, finds the newer version: its conflict error
+        uri, read_version = slow.context.dataset_uri, slow.context.read_version
+        opened_by_check = lance_sink.open_dataset
+        monkeypatch.setattr(lance_sink, "open_dataset", lambda at: lance.dataset(at, version=read_version)
+                            if at == uri else opened_by_check(at))
     with beam.Pipeline() as pipeline:
         build_pipeline(pipeline, slow)
     [record] = [r for r in read_runs(config.output.uri, config.output.table) if r["run_id"] == "slow"]

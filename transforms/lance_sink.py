@@ -205,8 +205,10 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
         committed = lance.LanceDataset.commit(
             uri, operation, read_version=read_version, commit_message=message, max_retries=0,
             commit_lock=_expect_version(uri, read_version))
-    except OSError as err:
-        if "table moved" in str(err):
+    except (OSError, CommitConflictError) as err:
+        # Lance's own conflict check (a version landed since ours, touching our fragments) comes before our
+        # lock is asked, and our lock's refusal comes back from Lance as an OSError: both mean the table moved.
+        if isinstance(err, CommitConflictError) or "table moved" in str(err):
             raise _moved(uri, read_version, open_dataset(uri).version) from err
         raise
     committed.tags.create(run_tag(run_id), committed.version)
