@@ -35,6 +35,8 @@ demo: install
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea -k 5
 	@echo; echo "== bought with 'chelsea' in the demo sessions (data/demo/sessions.csv), by behaviour alone =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --like chelsea --weights behaviour=1 -k 4
+	@echo; echo "== for shopper 'ada' (chelsea and coffee, then rocket and moon): the mean of her items, by behaviour =="
+	$(BIN)/catalog-embed query --uri ./lancedb --table demo --user ada --weights behaviour=1 -k 4
 	@echo; echo "== photos found by words alone, through the conse encoder (text-to-image) =="
 	$(BIN)/catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 -k 3
 	@echo; echo "== zero-shot labels for two photos, through the conse encoder =="

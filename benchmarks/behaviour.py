@@ -9,6 +9,10 @@ The config has the item2vec encoder alone, at its defaults, so the numbers are t
 own: read the log, group and order the sessions, train, look the vectors up by id, write. Per catalog:
 - `first`: the first run; `plain script`: the same training and a table of (id, vector), no pipeline;
 - `unchanged`: a re-run with the same log (nothing is trained);
+- `query --user`: one user's items from the log (a log without `user_id`: a session's), their mean
+  vector and a search without them; `plain user query`: the same with pandas and LanceDB. Per side
+  the query's own seconds (`command_s`: the whole command, imports included), and recall@10: the
+  share of the true 10 nearest (exact search) among its 10 results;
 - `new log`: another night's sessions: every behaviour vector changes, and every row is written again.
 Each is a fresh process (seconds, peak RSS, rchar). Quality: the share of an item's 5 nearest behaviour
 neighbours from its own cluster, over 1,000 items.
@@ -22,14 +26,13 @@ import argparse
 import csv
 import json
 import random
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from benchmarks.results import measure_in_fresh_process, run_benchmark
+from benchmarks.results import measure_in_fresh_process, peak_rss_mib, rchar_mib, run_benchmark
 from benchmarks.scale import measure
 
 CLUSTER_SIZE = 100
@@ -87,11 +90,60 @@ def plain_script(sessions: str, db: str) -> None:
     vectors = model.wv.get_normed_vectors()
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
     lancedb.connect(db).create_table("plain", pa.table({"id": model.wv.index_to_key, "vector": column}))
-    seconds = time.perf_counter() - started
-    rchar = int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
-                     if line.startswith("rchar")))
-    print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rchar_mib": rchar / 2**20}))
+    _report(started)
+
+
+def user_query(sessions: str, db: str, user: str) -> None:
+    """`query --user`'s work, through the library: the user's items from the log, their mean, a search."""
+    from pipelines.query import open_table, search, user_queries
+
+    started = time.perf_counter()
+    table = open_table(db, "shop")
+    queries, items = user_queries(table, user, sessions)
+    found = search(table, queries, 10, {"behaviour": 1.0}, exclude=items)
+    _report(started, results=[row["id"] for row in found])
+
+
+def plain_user_query(sessions: str, db: str, user: str) -> None:
+    """The same with the tools a user would pick: the log in pandas, the vectors and the search in LanceDB."""
+    import lancedb
+    import pandas as pd
+
+    from transforms.lance_sink import id_in
+
+    started = time.perf_counter()
+    log = pd.read_csv(sessions, usecols=["session_id", "item_id"], dtype=str)
+    items = log.loc[log["session_id"] == user, "item_id"].drop_duplicates().tolist()
+    table = lancedb.connect(db).open_table("shop")
+    vectors = np.stack(table.to_lance().to_table(columns=["behaviour_vec"], filter=id_in(items))["behaviour_vec"]
+                       .to_numpy(zero_copy_only=False))
+    mean = vectors.mean(axis=0)
+    found = (table.search(mean / np.linalg.norm(mean), vector_column_name="vector").distance_type("cosine")
+             .where(f"NOT ({id_in(items)})", prefilter=True).limit(10).to_list())
+    _report(started, results=[row["id"] for row in found])
+
+
+def _report(started: float, **extra) -> None:
+    """This process's measurement, its last stdout line: seconds since `started`, peak RSS, bytes read."""
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_mib": peak_rss_mib(), "rchar_mib": rchar_mib(),
+                      **extra}))
+
+
+def exact_user_results(sessions: Path, db: Path, user: str) -> set[str]:
+    """The true 10 nearest items to the user's mean behaviour vector, by exact search over every vector,
+    that both user queries are scored against (the table's ANN index only approximates them)."""
+    import lancedb
+    import pandas as pd
+
+    from transforms.lance_sink import vector_matrix
+
+    log = pd.read_csv(sessions, usecols=["session_id", "item_id"], dtype=str)
+    items = set(log.loc[log["session_id"] == user, "item_id"])
+    table = lancedb.connect(str(db)).open_table("shop").to_arrow()
+    ids, vectors = np.array(table["id"].to_pylist()), vector_matrix(table["behaviour_vec"])
+    mean = vectors[np.isin(ids, list(items))].mean(axis=0)
+    ranked = [item for item in ids[np.argsort(-(vectors @ mean), kind="stable")] if item not in items]
+    return {str(item) for item in ranked[:10]}
 
 
 def own_cluster_share(db: Path) -> float:
@@ -118,13 +170,21 @@ def scenarios(root: Path, items: int) -> list[dict]:
     rows = []
 
     def row(scenario: str, result: dict, **extra) -> None:
-        rows.append({"items": items, "scenario": scenario, "seconds": round(result["seconds"], 1),
+        rows.append({"items": items, "scenario": scenario, "seconds": round(result["seconds"], 2),
                      "peak_mib": round(result["peak_mib"]), "rchar_mib": round(result["rchar_mib"], 1),
-                     **{k: result[k] for k in ("written", "encoded") if k in result}, **extra})
+                     **{k: result[k] for k in ("written", "encoded") if k in result},
+                     **({"command_s": round(result["command_s"], 1)} if "command_s" in result else {}), **extra})
 
     row("first", measure(config, "first"), own_cluster_share=round(own_cluster_share(folder / "db"), 3))
-    row("plain script", measure_in_fresh_process("benchmarks.behaviour", str(sessions), str(folder / "plain")))
+    row("plain script", measure_in_fresh_process("benchmarks.behaviour", "plain-train", str(sessions),
+                                                 str(folder / "plain")))
     row("unchanged", measure(config, "unchanged"))
+    user = f"n1-{items // 2}"       # a session of the log: a log without user_id has a user per session
+    ours, plain = (measure_in_fresh_process("benchmarks.behaviour", side, str(sessions), str(folder / "db"), user)
+                   for side in ("user-query", "plain-user-query"))
+    exact = exact_user_results(sessions, folder / "db", user)
+    row("query --user", ours, recall_at_10=len(set(ours["results"]) & exact) / 10)
+    row("plain user query", plain, recall_at_10=len(set(plain["results"]) & exact) / 10)
     write_catalog(folder, items, night=2)
     row("new log", measure(config, "new-log"), own_cluster_share=round(own_cluster_share(folder / "db"), 3))
     return rows
@@ -134,17 +194,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="item2vec's cost at 10k and 100k items against a plain script")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="catalog sizes")
     parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'behaviour')")
-    parser.add_argument("--one", nargs=2, metavar=("SESSIONS", "DB"), help=argparse.SUPPRESS)
-    run_benchmark(parser, plain_script, measure_all)
+    parser.add_argument("--one", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    run_benchmark(parser, one, measure_all)
+
+
+def one(side: str, *args: str) -> None:
+    {"plain-train": plain_script, "user-query": user_query, "plain-user-query": plain_user_query}[side](*args)
 
 
 def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
     rows = [row for items in args.sizes for row in scenarios(root, items)]
     by = {(r["items"], r["scenario"]): r for r in rows}
-    summary = {f"first_over_plain_seconds_{n}": round(by[n, "first"]["seconds"] / by[n, "plain script"]["seconds"], 2)
-               for n in args.sizes}
-    summary.update({f"first_over_plain_peak_{n}": round(by[n, "first"]["peak_mib"] / by[n, "plain script"]["peak_mib"],
-                                                        2) for n in args.sizes})
+    summary = {}
+    for ours, plain, name in (("first", "plain script", "first"), ("query --user", "plain user query", "user_query")):
+        for measure_name in ("seconds", "peak_mib"):
+            summary.update({f"{name}_over_plain_{measure_name}_{n}": round(by[n, ours][measure_name]
+                                                                           / by[n, plain][measure_name], 2)
+                            for n in args.sizes})
     printed = [{k: v for k, v in r.items() if k != "encoded"} for r in rows]
     return "behaviour", {"runs": rows, "summary": summary}, printed
 

@@ -10,7 +10,7 @@ one photo, between the stereo pair and between two faces.
 Scale: a synthetic table of 1,000,000 rows written as the job writes them (text 384-d, image 512-d,
 conse 384-d and the combined vector; items in 1,000 kinds), with planted cases: 1,000 near-duplicate
 pairs, 1,000 captions swapped, and a second version where 1% of the rows are replaced by a new kind.
-Each report runs as `catalog-embed ... --json` in a fresh process: seconds, peak memory (ru_maxrss)
+Each report runs as `catalog-embed ... --json` in a fresh process: seconds, peak memory (VmHWM)
 and what it found of the planted cases.
 
     python -m benchmarks.health --rows 1000000 --out out/bench.json
@@ -23,7 +23,6 @@ import csv
 import io
 import itertools
 import json
-import resource
 import sys
 import time
 from contextlib import redirect_stdout
@@ -35,13 +34,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from benchmarks.results import run_benchmark
+from benchmarks.results import peak_rss_mib, run_benchmark
 from demo.photos import PACKAGE_FOLDERS, photo_path
 from demo.reuploads import VARIANTS, reupload
 from pipelines.config import parse_config
 from pipelines.nightly import run_job
-from pipelines.vectors import matrix
-from transforms.lance_sink import dataset_uri, table_schema
+from transforms.lance_sink import dataset_uri, table_schema, vector_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_ENCODERS = {"image": {"kind": "cnn", "weight": 0.3}, "color": {"kind": "color", "weight": 0.1},
@@ -89,7 +87,7 @@ def separation(root: Path) -> list[dict]:
     originals = [i for i in ids if not any(mark in i for mark in "~#") and not i.startswith("face")]
     rows = []
     for column in [*IMAGE_ENCODERS, "vector"]:
-        vectors = matrix(table["vector" if column == "vector" else f"{column}_vec"])
+        vectors = vector_matrix(table["vector" if column == "vector" else f"{column}_vec"])
         cos = vectors @ vectors.T
 
         def pairs(names, cos=cos):
@@ -176,8 +174,7 @@ def one(*argv: str) -> None:
     with redirect_stdout(printed):
         code = main(list(argv))
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"code": code, "seconds": round(seconds, 1), "peak_mib": round(peak),
+    print(json.dumps({"code": code, "seconds": round(seconds, 1), "peak_mib": round(peak_rss_mib()),
                       "found": json.loads(printed.getvalue())}))
 
 

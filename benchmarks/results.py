@@ -37,6 +37,21 @@ def run_command(argv: list[str]) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - started
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM, its own address space's. `ru_maxrss` would report at
+    least the parent's peak at the time of the fork, which Linux carries over through fork and exec."""
+    return _proc_field("/proc/self/status", "VmHWM:") / 1024
+
+
+def rchar_mib() -> float:
+    """Every byte this process has read so far (files, pipes; libraries and weights too)."""
+    return _proc_field("/proc/self/io", "rchar:") / 2**20
+
+
+def _proc_field(path: str, name: str) -> int:
+    return int(next(line.split()[1] for line in Path(path).read_text().splitlines() if line.startswith(name)))
+
+
 def measure_in_fresh_process(module: str, *args: str) -> dict:
     """`python -m MODULE --one ARGS`: the JSON object it prints last, with the command's wall time."""
     stdout, seconds = run_command([sys.executable, "-m", module, "--one", *args])

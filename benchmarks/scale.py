@@ -6,7 +6,7 @@ cropped, resized to Food-101's 512 px and re-encoded into unique JPEGs), with ha
 - `10k`: 10,000 items, one unique photo each;
 - `100k`: 100,000 items over the same 10,000 photos (each photo under 10 ids of different classes).
 Per catalog: a first run, an unchanged re-run, and a run after 1% of the items got a new photo.
-Each run is `catalog-embed run` in a fresh process, measured for seconds, peak memory (ru_maxrss),
+Each run is `catalog-embed run` in a fresh process, measured for seconds, peak memory (VmHWM),
 all bytes the process read (rchar in /proc/self/io: libraries and weights too) and the image bytes
 it opened.
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageEnhance, ImageOps
 
-from benchmarks.results import run_benchmark
+from benchmarks.results import peak_rss_mib, rchar_mib, run_benchmark
 from demo.photos import photo_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,14 +113,11 @@ def one(config: str, run_id: str) -> None:
     started = time.perf_counter()
     code = main(["run", "--config", config, "--run-id", run_id])
     seconds = time.perf_counter() - started
-    rchar = int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
-                     if line.startswith("rchar")))
     output = load_config(config).output
     run = next(r for r in read_runs(output.uri, output.table) if r["run_id"] == run_id)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     image_mib = sum(os.path.getsize(p) for p in opened if "/images/" in p) / 2**20
     counts = {key: run[key] for key in ("read", "written", "unchanged", "encoded")}
-    print(json.dumps({"exit": code, "seconds": seconds, "peak_mib": peak_mib, "rchar_mib": rchar / 2**20,
+    print(json.dumps({"exit": code, "seconds": seconds, "peak_mib": peak_rss_mib(), "rchar_mib": rchar_mib(),
                       "image_mib_opened": image_mib, **counts}))
 
 

@@ -1,7 +1,7 @@
 """Build the demo catalog: the real photographs that ship inside scikit-image and scikit-learn,
 copied into `<out>/images/`, with `<out>/catalog.csv` holding the captions from demo/captions.csv.
 
-`<out>/sessions.csv` is the shoppers' interaction log (session_id,item_id,ts) for the item2vec
+`<out>/sessions.csv` is the shoppers' interaction log (user_id,session_id,item_id,ts) for the item2vec
 encoder: sessions drawn from planted groups of items bought together, which their content alone does
 not tell (the cat with the coffee cup), a few items never bought, and one malformed row.
 
@@ -34,6 +34,8 @@ BOUGHT_TOGETHER = {
     "lab": ["cell", "retina", "ihc"],
 }   # brick, clock, coins, logo, grace_hopper and quokka are never bought: no behaviour vector
 SESSIONS_PER_GROUP = 40
+SHOPPERS_PER_GROUP = 10
+DEMO_SHOPPER, DEMO_SHOPPER_SESSIONS = "ada", (["chelsea", "coffee"], ["rocket", "moon"])   # make demo asks for ada
 DEMO = Path(__file__).parent
 
 
@@ -76,18 +78,23 @@ def build_development_set(out: Path, captions: Path = DEMO / "captions.csv",
 
 
 def write_sessions(path: Path, seed: int = 7) -> None:
-    """Sessions of 2 to 4 items of one group, in time order; one row lacks its item."""
+    """Sessions of 2 to 4 items of one group, in time order, a shopper's sessions within one group; the
+    demo's own shopper's; one row that lacks its item."""
     rng = random.Random(seed)
     rows, clock = [], 1_700_000_000
     for group, items in BOUGHT_TOGETHER.items():
         for n in range(SESSIONS_PER_GROUP):
             for item in rng.sample(items, rng.randint(2, min(4, len(items)))):
                 clock += rng.randint(5, 300)
-                rows.append((f"{group}-{n}", item, clock))
-    rows.append(("broken-export", "", clock))
+                rows.append((f"{group}-shopper-{n % SHOPPERS_PER_GROUP}", f"{group}-{n}", item, clock))
+    for session, items in enumerate(DEMO_SHOPPER_SESSIONS):
+        for item in items:
+            clock += rng.randint(5, 300)
+            rows.append((DEMO_SHOPPER, f"{DEMO_SHOPPER}-{session}", item, clock))
+    rows.append(("", "broken-export", "", clock))
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["session_id", "item_id", "ts"])
+        writer.writerow(["user_id", "session_id", "item_id", "ts"])
         writer.writerows(rows)
 
 

@@ -35,6 +35,7 @@ examples:
   catalog-embed query --uri ./lancedb --table demo --text "a cup of coffee" --json
   catalog-embed query --uri ./lancedb --table demo --like chelsea --weights image=0.8,color=0.2
   catalog-embed query --uri ./lancedb --table demo --like chelsea --weights behaviour=1
+  catalog-embed query --uri ./lancedb --table demo --user ada --weights behaviour=1   # what ada may buy next
   catalog-embed query --uri ./lancedb --table demo --text "a horse" --weights conse=1 --where "category = 'animals'"
   catalog-embed query --uri ./lancedb --table demo --like chelsea --tag run-20261124T020000Z-3f9a1c
   catalog-embed query --uri ./lancedb --table demo --text "a cat" --weights conse=1 --html out/cat.html
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--text", metavar="TEXT",
                       help="items matching these words: their text, and their images through multimodal encoders")
     what.add_argument("--image", metavar="PATH", help="items that look like this picture, by every image encoder")
+    what.add_argument("--user", metavar="ID",
+                      help="items for this user, like the mean of the items in their rows of the interaction log "
+                           "(user_id, or session_id in a log without one), leaving out those items")
+    query.add_argument("--interactions", metavar="PATH",
+                       help="the interaction log for --user (default: the one the table's item2vec encoder was "
+                            "trained on, as its path was given to that run)")
     query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     query.add_argument("--weights", metavar="NAME=W,...",
                        help="weigh the encoders for this query, e.g. text=0.2,image=0.8 (default: the table's)")
@@ -329,14 +336,23 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.k < 1:
         print("catalog-embed: -k must be at least 1", file=sys.stderr)
         return 2
+    if args.interactions and args.user is None:
+        print("catalog-embed: --interactions is for --user", file=sys.stderr)
+        return 2
     table = _open_at(args)
+    owned: list[str] = []
     if args.like is not None:
         queries = q.item_queries(table, args.like)
     elif args.text is not None:
         queries = q.text_queries(table, args.text)
+    elif args.user is not None:
+        queries, owned = q.user_queries(table, args.user, args.interactions)
+        print(f"user {args.user}: {len(owned)} items in the log ({', '.join(owned[:10])}"
+              f"{', ...' if len(owned) > 10 else ''}), left out of the results",
+              file=sys.stderr if args.json else sys.stdout)   # stdout stays one JSON line
     else:
         queries = q.image_queries(table, args.image)
-    results = q.search(table, queries, args.k, q.parse_weights(args.weights, table), args.where)
+    results = q.search(table, queries, args.k, q.parse_weights(args.weights, table), args.where, owned)
     if args.json:
         print(json.dumps(results, default=str))
         return 0
@@ -350,7 +366,7 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _describe_query(args: argparse.Namespace) -> str:
-    what = {"like": args.like, "text": args.text, "image": args.image}
+    what = {"like": args.like, "text": args.text, "image": args.image, "user": args.user}
     parts = [f"--{k} {v!r}" for k, v in what.items() if v is not None]
     parts += [f"--{k} {getattr(args, k)}" for k in ("weights", "where", "version", "tag") if getattr(args, k)]
     return " ".join(parts + [f"-k {args.k}"])

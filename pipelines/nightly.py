@@ -27,13 +27,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from pipelines.config import Config, ConfigError
-from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors, check_interactions
+from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.encoders import Encoder, build_encoders, without_data
 from transforms.fingerprint import HashImages, InspectInputs
 from transforms.inference import ENCODE_ORDER, EncodeModality
+from transforms.interaction_log import check_interactions
 from transforms.items import ITEMS, REJECTS, reject_from_exception
 from transforms.lance_sink import (
     REPLACED,

@@ -7,19 +7,22 @@ sum of per-encoder cosines, with the table's weights or the user's (`--weights`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from pipelines.config import EncoderConfig, RunConfig
 from pipelines.errors import QueryError
 from transforms.combine import normalise_weights, reweighted_query, weighted_cosines
-from transforms.encoders import Encoder, build_encoder
+from transforms.encoders import Encoder, build_encoder, l2_normalise
 from transforms.fingerprint import read_bytes
 from transforms.images import check_image, decode_image
-from transforms.lance_sink import table_metadata, vector_matrix
+from transforms.interaction_log import items_of_user
+from transforms.lance_sink import id_in, rows_by_id, table_metadata, vector_matrix
 
 # The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
 # this many candidates per result are scored exactly and the best kept.
@@ -41,6 +44,12 @@ class Table:
     @property
     def dims(self) -> dict[str, int]:
         return {e["name"]: e["dim"] for e in self.meta["encoders"]}
+
+    @property
+    def interactions(self) -> str | None:
+        """The interaction log the table's item2vec encoder was trained on, if it has one."""
+        return next((e["config"]["options"]["interactions"] for e in self.meta["encoders"]
+                     if e["config"]["kind"] == "item2vec"), None)
 
     def encoders(self) -> list[Encoder]:
         return [_rebuild(described) for described in self.meta["encoders"]]
@@ -94,13 +103,44 @@ def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
 def item_queries(table: Table, item_id: str) -> dict[str, np.ndarray]:
     """A stored item's own vectors, to find items like it: those it has (an item with no image, or no
     interaction history, has none from those encoders)."""
-    escaped = item_id.replace("'", "''")
-    columns = [f"{name}_vec" for name in table.stored_weights]
-    found = table.handle.search().where(f"id = '{escaped}'").select(columns).limit(1).to_list()
-    if not found:
+    queries = mean_queries(table, [item_id])
+    if queries is None:
         raise QueryError(f"no item with id '{item_id}'")
-    return {name: np.asarray(found[0][f"{name}_vec"], np.float32) for name in table.stored_weights
-            if found[0][f"{name}_vec"] is not None}
+    return queries
+
+
+def user_queries(table: Table, user: str, interactions: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A user's vectors, the mean of their items' (`mean_queries`), and those items: the items of the
+    user's rows in the interaction log, the table's item2vec log unless another is named."""
+    path = interactions or table.interactions
+    if not path:
+        raise QueryError("the table has no item2vec encoder, so no interaction log to find users in; "
+                         "name one with --interactions")
+    try:
+        items = items_of_user(path, user)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise QueryError(f"cannot read the interaction log {path}: {err}") from err
+    if not items:
+        raise QueryError(f"user '{user}' has no rows in {path}")
+    queries = mean_queries(table, items)
+    if queries is None:
+        raise QueryError(f"none of the {len(items)} items of user '{user}' in {path} is in the table")
+    return queries, items
+
+
+def mean_queries(table: Table, ids: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Per encoder, the normalised mean of these stored items' unit vectors, over those items that have
+    one (of one item: its own vectors); None when none of the ids is in the table."""
+    columns = [f"{name}_vec" for name in table.stored_weights]
+    found = rows_by_id(table.handle.to_lance(), list(ids), columns)
+    if not found.num_rows:
+        return None
+    queries = {}
+    for name in table.stored_weights:
+        vectors = found[f"{name}_vec"].drop_null()
+        if len(vectors):
+            queries[name] = l2_normalise(l2_normalise(vector_matrix(vectors)).mean(axis=0))
+    return queries
 
 
 def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
@@ -121,9 +161,10 @@ def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
 
 
 def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[str, float] | None = None,
-           where: str | None = None) -> list[dict]:
+           where: str | None = None, exclude: Sequence[str] = ()) -> list[dict]:
     """Rank items by sum_i w_i * cos_i over the encoders with a query vector; for an item missing some
-    of them, by the weighted mean over those it has, and not at all when it has none.
+    of them, by the weighted mean over those it has, and not at all when it has none. Items `where`
+    holds, but not those in `exclude` (a user's own items).
 
     Without weights, the table's own weights of those encoders are used. Every search goes through
     the one combined `vector` column (and its index), re-weighted by the design's math.
@@ -136,8 +177,9 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
         raise QueryError(str(err)) from err
     request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
     request = request.limit(k * RESCORED_CANDIDATES)
-    if where:
-        request = request.where(where, prefilter=True)
+    filters = ([f"({where})"] if where else []) + ([f"NOT ({id_in(exclude)})"] if exclude else [])
+    if filters:
+        request = request.where(" AND ".join(filters), prefilter=True)
     try:
         found = request.to_arrow()
     except ValueError as err:         # LanceDB checks the filter only when the query runs
@@ -154,12 +196,7 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
 def items_by_id(table: Table, ids: list[str]) -> dict[str, dict]:
     """Stored items as results show them (id, fields, label, image_uri; no vectors), by id."""
     columns = [name for name in table.handle.schema.names if _shown(name)]
-    found = {}
-    for start in range(0, len(ids), 1000):
-        quoted = ", ".join("'" + item.replace("'", "''") + "'" for item in ids[start:start + 1000])
-        rows = table.handle.to_lance().to_table(columns=columns, filter=f"id IN ({quoted})").to_pylist()
-        found.update((row["id"], row) for row in rows)
-    return found
+    return {row["id"]: row for row in rows_by_id(table.handle.to_lance(), ids, columns).to_pylist()}
 
 
 def _shown(column: str) -> bool:

@@ -4,15 +4,17 @@ weighting with a missing modality, an interaction log that changes, and malforme
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipelines.cli import main
 from pipelines.config import ConfigError
-from pipelines.query import item_queries, open_table, search
+from pipelines.query import item_queries, open_table, search, user_queries
 from tests.conftest import make_config, read_table, run
 from transforms.combine import combine
 from transforms.run_log import read_runs
@@ -196,3 +198,63 @@ def test_a_log_without_the_needed_columns_or_an_encoder_without_a_log_is_refused
                            f"output: {{uri: {tmp_path}/db, table: t}}\n")
     assert main(["run", "--config", str(config_path)]) == 2
     assert "has no column session_id, item_id" in capsys.readouterr().err
+
+
+def session_items(log: Path, session: str) -> list[str]:
+    with log.open(newline="") as handle:
+        return list(dict.fromkeys(row["item_id"] for row in csv.DictReader(handle) if row["session_id"] == session))
+
+
+def test_a_users_vectors_are_the_mean_of_their_items_and_find_their_cluster(shop):
+    config, root, _, _ = shop
+    table = open_table(config.output.uri, config.output.table)
+    rows = {row["id"]: row for row in read_table(config).to_pylist()}
+    same = total = 0
+    for session in ("s1", "s2", "s3", "s4", "s5"):      # a log without user_id: each session is a user
+        queries, items = user_queries(table, session)
+        assert items == session_items(root / "sessions.csv", session)
+        for column in ("text", "behaviour"):              # by hand: the normalised mean of the unit vectors
+            mean = np.mean([np.asarray(rows[item][f"{column}_vec"]) for item in items], axis=0)
+            np.testing.assert_allclose(queries[column], mean / np.linalg.norm(mean), atol=1e-6)
+        found = search(table, queries, k=5, weights={"behaviour": 1.0}, exclude=items)
+        assert len(found) == 5 and not {row["id"] for row in found} & set(items)
+        same += sum(cluster_of(row["id"]) == cluster_of(items[0]) for row in found)
+        total += len(found)
+    assert same / total >= 0.9
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "jsonl"])
+def test_query_user_finds_a_user_by_user_id_in_a_log_of_each_format(shop, tmp_path, capsys, suffix):
+    config, _, _, _ = shop
+    bought = ["c2-1", "c2-5", "c2-9"]
+    log = pd.DataFrame({"user_id": ["ada", "ada", "bob", "ada", "ada"], "session_id": ["s1", "s1", "s2", "s3", "s3"],
+                        "item_id": [bought[0], bought[1], "c4-0", bought[1], bought[2]]})
+    path = tmp_path / f"log.{suffix}"
+    if suffix == "csv":
+        path.write_text(log.to_csv(index=False) + "ada,s9,c5-1,a cell too many\n")   # passed over: a job reject
+    elif suffix == "parquet":
+        log.to_parquet(path)
+    else:
+        path.write_text(log.to_json(orient="records", lines=True) + "\n{not json\n")
+    table = open_table(config.output.uri, config.output.table)
+    assert user_queries(table, "ada", str(path))[1] == bought
+
+    args = ["query", "--uri", config.output.uri, "--table", config.output.table, "--user", "ada",
+            "--interactions", str(path), "--weights", "behaviour=1", "-k", "4", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    found = [row["id"] for row in json.loads(out.splitlines()[-1])]
+    assert len(found) == 4 and not set(found) & set(bought) and {cluster_of(item) for item in found} == {"c2"}
+    assert "user ada: 3 items in the log (c2-1, c2-5, c2-9)" in err
+
+
+def test_query_user_says_what_is_missing(shop, tmp_path, capsys):
+    config, root, _, _ = shop
+    table = ["--uri", config.output.uri, "--table", config.output.table]
+    assert main(["query", *table, "--user", "nobody"]) == 2
+    assert f"user 'nobody' has no rows in {root / 'sessions.csv'}" in capsys.readouterr().err
+    (tmp_path / "gone.csv").write_text("session_id,item_id\nu1,no-such-item\n")
+    assert main(["query", *table, "--user", "u1", "--interactions", str(tmp_path / "gone.csv")]) == 2
+    assert "none of the 1 items of user 'u1'" in capsys.readouterr().err
+    assert main(["query", *table, "--like", "c0-0", "--interactions", str(tmp_path / "gone.csv")]) == 2
+    assert "--interactions is for --user" in capsys.readouterr().err

@@ -26,40 +26,17 @@ from datetime import date, datetime
 import apache_beam as beam
 import lance
 import pyarrow as pa
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import INTERACTION_COLUMNS, ConfigError
+from pipelines.config import INTERACTION_COLUMNS
 from transforms.encoders import Encoder, Item2VecEncoder
 from transforms.inference import needs
 from transforms.items import ITEMS, REJECTS, make_reject
 from transforms.lance_sink import rows_by_id, vector_matrix
-from transforms.readers import JSON_LINES, csv_header, read_table_file
+from transforms.readers import read_table_file
 
 log = logging.getLogger(__name__)
 STAGE = "interactions"          # the stage of the log's rejects in `<table>_rejects`
 SPILL_BUCKETS = 64              # the sessions are sorted a bucket at a time: 1/64 of them in memory
-
-
-def check_interactions(path: str) -> None:
-    """Fail before any work when the log lacks a column that every row needs."""
-    ext = path.lower().rsplit(".", 1)[-1]
-    try:
-        if ext == "parquet":
-            with FileSystems.open(path) as handle:
-                columns = pq.read_schema(handle).names
-        elif ext in JSON_LINES:
-            with FileSystems.open(path) as handle:
-                first = next((line for line in handle if line.strip()), b"{}")
-            columns = list(json.loads(first))
-        else:
-            columns = csv_header(path)
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise ConfigError(f"catalog.interactions {path} cannot be read: {err}") from err
-    missing = [name for name in INTERACTION_COLUMNS if name not in columns]
-    if missing:
-        raise ConfigError(f"catalog.interactions {path} has no column {', '.join(missing)}; "
-                          f"it needs {', '.join(INTERACTION_COLUMNS)} and optionally ts")
 
 
 def event_time(value) -> float | None:

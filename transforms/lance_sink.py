@@ -147,7 +147,7 @@ class DeleteRows(beam.DoFn):
 
     def process(self, fragment_ids: tuple[int, Iterable[str]]):
         fragment_id, ids = fragment_ids
-        result = self._dataset.get_fragment(fragment_id).delete(_id_in(sorted(ids)))
+        result = self._dataset.get_fragment(fragment_id).delete(id_in(sorted(ids)))
         yield fragment_id, None if result is None else json.dumps(result.to_json())
 
 
@@ -302,8 +302,11 @@ def rows_by_id(dataset: lance.LanceDataset, ids: Sequence[str], columns: Sequenc
     """These ids' rows, by a filter on `id` in slices that keep each filter short. Large tables have
     the `id` index (maintain.py), which turns each slice into a few index lookups instead of a scan."""
     slices = [ids[i:i + ID_LOOKUP_SLICE] for i in range(0, len(ids), ID_LOOKUP_SLICE)]
-    return pa.concat_tables([dataset.to_table(columns=list(columns), filter=_id_in(chunk)) for chunk in slices])
+    if not slices:
+        return dataset.schema.empty_table().select(list(columns))
+    return pa.concat_tables([dataset.to_table(columns=list(columns), filter=id_in(chunk)) for chunk in slices])
 
 
-def _id_in(ids: list[str]) -> str:
+def id_in(ids: Sequence[str]) -> str:
+    """A Lance filter that holds for these ids."""
     return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
