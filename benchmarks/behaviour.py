@@ -107,13 +107,11 @@ def user_query(sessions: str, db: str, user: str) -> None:
 def plain_user_query(sessions: str, db: str, user: str) -> None:
     """The same with the tools a user would pick: the log in pandas, the vectors and the search in LanceDB."""
     import lancedb
-    import pandas as pd
 
     from transforms.lance_sink import id_in
 
     started = time.perf_counter()
-    log = pd.read_csv(sessions, usecols=["session_id", "item_id"], dtype=str)
-    items = log.loc[log["session_id"] == user, "item_id"].drop_duplicates().tolist()
+    items = pandas_user_items(sessions, user)
     table = lancedb.connect(db).open_table("shop")
     vectors = np.stack(table.to_lance().to_table(columns=["behaviour_vec"], filter=id_in(items))["behaviour_vec"]
                        .to_numpy(zero_copy_only=False))
@@ -121,6 +119,14 @@ def plain_user_query(sessions: str, db: str, user: str) -> None:
     found = (table.search(mean / np.linalg.norm(mean), vector_column_name="vector").distance_type("cosine")
              .where(f"NOT ({id_in(items)})", prefilter=True).limit(10).to_list())
     _report(started, results=[row["id"] for row in found])
+
+
+def pandas_user_items(sessions: str, user: str) -> list[str]:
+    """A user's items as pandas finds them: the log in a data frame, filtered (a session is a user here)."""
+    import pandas as pd
+
+    log = pd.read_csv(sessions, usecols=["session_id", "item_id"], dtype=str)
+    return log.loc[log["session_id"] == user, "item_id"].drop_duplicates().tolist()
 
 
 def _report(started: float, **extra) -> None:
@@ -133,12 +139,10 @@ def exact_user_results(sessions: Path, db: Path, user: str) -> set[str]:
     """The true 10 nearest items to the user's mean behaviour vector, by exact search over every vector,
     that both user queries are scored against (the table's ANN index only approximates them)."""
     import lancedb
-    import pandas as pd
 
     from transforms.lance_sink import vector_matrix
 
-    log = pd.read_csv(sessions, usecols=["session_id", "item_id"], dtype=str)
-    items = set(log.loc[log["session_id"] == user, "item_id"])
+    items = set(pandas_user_items(str(sessions), user))
     table = lancedb.connect(str(db)).open_table("shop").to_arrow()
     ids, vectors = np.array(table["id"].to_pylist()), vector_matrix(table["behaviour_vec"])
     mean = vectors[np.isin(ids, list(items))].mean(axis=0)
