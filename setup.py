@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*"]),
     install_requires=[
-        "apache-beam>=2.77,<2.78",
+        "apache-beam[gcp,aws]>=2.77,<2.78",
         "pyarrow>=16,<26",
         "numpy>=1.26,<2.5",
         "pylance>=14,<15",

@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = add_command(
         "run", help="run the embedding job for a config",
         description="Run the nightly job. Arguments it does not know are Beam pipeline options "
-                    "(--runner, --direct_num_workers, --project, ...); the default runner is DirectRunner.")
+                    "(--runner, --direct_num_workers, --temp_location, --project, ...). Without --runner it runs on "
+                    "Beam's FnApiRunner, in this process or in --direct_num_workers=N worker processes "
+                    "(--direct_running_mode=multi_processing); it never downloads or starts Prism, which "
+                    "--runner=PrismRunner asks for. DaskRunner is refused: it loses elements of this pipeline.")
     run.add_argument("--config", required=True, help="the job's YAML config (see configs/)")
     run.add_argument("--run-id", help="a name for this run, unique per table (default: the UTC time and a random "
                                       "suffix); tags the table version run-<run id>")
@@ -236,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catalog-embed {args.command}: error: unrecognized arguments: {' '.join(unknown)} (not among {known}; "
               f"see catalog-embed {args.command} --help)", file=sys.stderr)
         return 2
+    if args.command != "run":       # a run takes them from its options (pipelines/nightly.py)
+        _default_filesystem_options()
     try:
         handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,
                    "classify": _classify, "evaluate": _evaluate, "duplicates": _duplicates, "outliers": _outliers,
@@ -247,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     except (QueryError, FileNotFoundError) as err:
         print(f"catalog-embed: {err}", file=sys.stderr)
         return 2
+
+
+def _default_filesystem_options() -> None:
+    """Beam's object stores (s3://, gs://) want options outside a pipeline too: the defaults, with which
+    they take their settings from the standard environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    FileSystems.set_options(PipelineOptions([]))
 
 
 def entry_point() -> None:

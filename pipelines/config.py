@@ -85,6 +85,9 @@ class OutputConfig:
     retain_days: float = 30.0
     index_min_rows: int = 10_000
     compact: bool = True
+    # Lance-only object store settings (Lance's storage_options). Credentials and endpoints come from the
+    # standard environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS), as for every library the job uses.
+    storage_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ class Config:
 
 
 def load_config(path: str) -> Config:
-    """Read and validate a YAML config. Relative paths in it are relative to the working directory."""
+    """Read and validate a YAML config. Relative paths in it are relative to the working directory, and
+    made absolute here: workers have working directories of their own."""
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
@@ -154,6 +158,12 @@ def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
     return config
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute here, where the command runs (a worker's working directory is its own);
+    a URI as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name)
     if not isinstance(value, dict) or not value:
@@ -180,6 +190,7 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         raise ConfigError("catalog.path is required")
     if "://" not in path and not os.path.exists(path):
         raise ConfigError(f"catalog.path does not exist: {path}")
+    path = absolute(path)
     allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields", "interactions"}
     unknown = set(raw) - allowed
     if unknown:
@@ -204,7 +215,7 @@ def _interactions_path(path: Any) -> str | None:
         raise ConfigError("catalog.interactions must be the path of a CSV, Parquet or JSONL file")
     if "://" not in path and not os.path.isfile(path):
         raise ConfigError(f"catalog.interactions does not exist: {path}")
-    return path
+    return absolute(path)
 
 
 def _parse_encoders(raw: dict[str, Any], interactions: str | None) -> tuple[EncoderConfig, ...]:
@@ -312,7 +323,12 @@ def _parse_output(raw: dict[str, Any]) -> OutputConfig:
         raise ConfigError(f"output.on_missing must be 'delete' or 'keep', got {raw['on_missing']!r}")
     if not isinstance(raw.get("retain_days", 30.0), (int, float)) or raw.get("retain_days", 30.0) < 0:
         raise ConfigError(f"output.retain_days must be a number of days >= 0, got {raw['retain_days']!r}")
-    return OutputConfig(**raw)
+    storage = raw.get("storage_options") or {}
+    if not isinstance(storage, dict) or not all(isinstance(v, (str, int, float, bool)) for v in storage.values()):
+        raise ConfigError("output.storage_options must map Lance's storage option names to values, e.g. "
+                          "{aws_virtual_hosted_style_request: true}")
+    storage = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in storage.items()}
+    return OutputConfig(**dict(raw, uri=absolute(raw["uri"]), storage_options=storage))
 
 
 def _parse_run(raw: dict[str, Any]) -> RunConfig:

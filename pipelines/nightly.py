@@ -10,23 +10,24 @@ A dry run takes the same path up to the decisions, then counts them instead (tra
 
 `run_job` builds what the pipeline needs on the launcher (encoder ids and dimensions, the table
 schema, the table version the run starts from), then runs the graph on whichever Beam runner the
-options name (DirectRunner by default) and returns the run's record.
+options name (Beam's FnApiRunner by default, pipelines/runners.py) and returns the run's record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from pipelines.config import Config, ConfigError
+from pipelines.runners import check_paths_reach_workers, pipeline_runner, runner_name, worker_device_type
+from pipelines.scratch import open_scratch, remove_scratch, remove_stale_scratch, scratch_folder, scratch_root
 from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
@@ -68,10 +69,12 @@ class JobPlan:
     plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
 
 
-def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, rehash: bool = False) -> JobPlan:
+def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, rehash: bool = False,
+             worker_device_type: str | None = None) -> JobPlan:
+    """`worker_device_type`: the device of a remote runner's workers, for `precision: auto` (runners.py)."""
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
-    encoders = build_encoders(config.encoders)
+    encoders = build_encoders(config.encoders, worker_device_type)
     weights = config.normalised_weights()
     described = [
         {"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
@@ -81,7 +84,7 @@ def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, r
     meta = {"encoders": described, "order": [e.name for e in encoders], "config_hash": config.config_hash()}
     schema = table_schema(config.passthrough_columns(), described, meta)
     uri = dataset_uri(config.output.uri, config.output.table)
-    current = open_dataset(uri)
+    current = open_dataset(uri, config.output.storage_options)
     if current is not None and not reembed:
         _check_table_fits(config.output.table, table_metadata(current.schema), described)
     context = RunContext(
@@ -98,6 +101,7 @@ def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, r
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     config, ctx = plan.config, plan.context
+    storage = config.output.storage_options
     inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_columns())
     inspected = (
@@ -117,7 +121,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     behaviour = {}
     if config.catalog.interactions and not plan.plan_path:
         trained, log_rejects, log_rows = behaviour_vectors(pipeline, config.catalog.interactions, plan.encoders,
-                                                           items, plan.scratch)
+                                                           items, plan.scratch, storage)
         rejects.append(log_rejects)
         behaviour = {"trained": beam.pvalue.AsList(trained), "interactions_read": beam.pvalue.AsSingleton(log_rows)}
     # Counted as read, independently of the outcomes, so that the summary can check they add up.
@@ -140,16 +144,17 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
         | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
                                              max_batch_size=config.output.write_batch_rows)
-        | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version))
+        | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version, storage))
     )
     if behaviour:
-        batches |= "Behaviour vectors" >> beam.ParDo(AttachBehaviourVectors(plan.encoders), behaviour["trained"])
+        batches |= "Behaviour vectors" >> beam.ParDo(AttachBehaviourVectors(plan.encoders, storage),
+                                                     behaviour["trained"])
     combined = batches | "Combine" >> beam.ParDo(
         CombineVectors(config.normalised_weights(), {e.name: e.dim for e in plan.encoders})).with_outputs(
         REJECTS, main=ITEMS)
     rejects.append(combined[REJECTS])
     written = combined[ITEMS] | "Write fragments" >> beam.ParDo(
-        WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs)).with_outputs(
+        WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs, storage)).with_outputs(
         REPLACED, main=ITEMS)
     deletions = _deletions(pipeline, ctx, (written[REPLACED], compared[DELETES]))
     reject_batches = (
@@ -157,7 +162,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "All rejects" >> beam.Flatten()
         | "Count rejects" >> beam.ParDo(LogProgress("rejected"))
         | "Batch rejects" >> beam.BatchElements(min_batch_size=REJECT_BATCH, max_batch_size=REJECT_BATCH)
-        | "Write rejects" >> beam.ParDo(WriteRejects(ctx.output.uri, ctx.output.table, ctx.run_id))
+        | "Write rejects" >> beam.ParDo(WriteRejects(ctx.output.uri, ctx.output.table, ctx.run_id, storage))
     )
     (
         pipeline
@@ -178,7 +183,7 @@ def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollecti
         rows
         | "Rows to delete" >> beam.Flatten()
         | "Group by fragment" >> beam.GroupByKey()
-        | "Delete rows" >> beam.ParDo(DeleteRows(ctx.dataset_uri, ctx.read_version))
+        | "Delete rows" >> beam.ParDo(DeleteRows(ctx.dataset_uri, ctx.read_version, ctx.output.storage_options))
     )
 
 
@@ -188,43 +193,42 @@ def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):
         return pipeline | "No stored rows" >> beam.Create([])
     return pipeline | "Read table" >> ReadTableSummaries(
         plan.context.dataset_uri, plan.context.read_version, [e.name for e in plan.encoders],
-        list(plan.config.passthrough_columns()))
+        list(plan.config.passthrough_columns()), plan.config.output.storage_options)
 
 
 def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool = False,
             rehash: bool = False, dry_run: bool = False) -> dict:
     """Run the job to completion and return its row of `<table>_runs`; with `dry_run`, what it would do."""
     options = PipelineOptions(list(beam_args))
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
-    root = options.view_as(GoogleCloudOptions).temp_location or tempfile.gettempdir()
-    plan = plan_job(config, run_id, FileSystems.join(root, f"catalog-embed-{run_id}"), reembed, rehash)
+    runner = pipeline_runner(options)
+    check_paths_reach_workers(config, options)
+    FileSystems.set_options(options)    # the launcher reads and writes object stores as the workers will
+    root = scratch_root(options.view_as(GoogleCloudOptions).temp_location, config.output.uri)
+    scratch = scratch_folder(root, config.output.table, run_id)
+    plan = plan_job(config, run_id, scratch, reembed, rehash, worker_device_type(options))
     if dry_run:
-        plan = replace(plan, plan_path=FileSystems.join(plan.scratch, "plan.json"))
-    log.info("run %s%s: %s -> %s (from version %s)", run_id, " (dry run)" if dry_run else "", config.catalog.path,
-             plan.context.dataset_uri, plan.context.read_version)
+        plan = replace(plan, plan_path=FileSystems.join(scratch, "plan.json"))
+    log.info("run %s%s: %s -> %s (from version %s, on %s)", run_id, " (dry run)" if dry_run else "",
+             config.catalog.path, plan.context.dataset_uri, plan.context.read_version, runner_name(options))
+    storage = config.output.storage_options
+    ended = {run["run_id"] for run in read_runs(config.output.uri, config.output.table, storage)}
+    remove_stale_scratch(root, config.output.table, ended, config.output.retain_days)
+    open_scratch(scratch, config.output.table, run_id)
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with beam.Pipeline(runner=runner, options=options) as pipeline:
             build_pipeline(pipeline, plan)
         if dry_run:
             return _read_plan(plan)
     finally:
-        _remove_scratch(plan.scratch)
-    return next(r for r in reversed(read_runs(config.output.uri, config.output.table)) if r["run_id"] == run_id)
+        remove_scratch(scratch)
+    runs = read_runs(config.output.uri, config.output.table, storage)
+    return next(r for r in reversed(runs) if r["run_id"] == run_id)
 
 
 def _read_plan(plan: JobPlan) -> dict:
     with FileSystems.open(plan.plan_path) as handle:
         counts = json.loads(handle.read())
     return {"run_id": plan.context.run_id, "dry_run": True, "table_version": plan.context.read_version, **counts}
-
-
-def _remove_scratch(scratch: str) -> None:
-    if FileSystems.exists(scratch):
-        try:
-            FileSystems.delete([scratch])
-        except OSError as err:   # the run's outcome stands; a leftover folder is only disk
-            log.warning("could not remove the run's scratch folder %s: %s", scratch, err)
 
 
 def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:

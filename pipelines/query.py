@@ -19,10 +19,10 @@ from pipelines.config import EncoderConfig, RunConfig
 from pipelines.errors import QueryError
 from transforms.combine import normalise_weights, reweighted_query, weighted_cosines
 from transforms.encoders import Encoder, build_encoder, l2_normalise
-from transforms.fingerprint import read_bytes
 from transforms.images import check_image, decode_image
 from transforms.interaction_log import items_of_user
 from transforms.lance_sink import id_in, rows_by_id, table_metadata, vector_matrix
+from transforms.storage import read_bytes
 
 # The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
 # this many candidates per result are scored exactly and the best kept.

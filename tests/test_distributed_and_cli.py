@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.cli import main, unknown_beam_options
-from tests.conftest import ALL_ENCODERS, DEMO_PHOTOS, make_config, read_table, run
+from tests.conftest import ALL_ENCODERS, DEMO_PHOTOS, make_config, read_table, readme_gpu_command, run
 from transforms import inference
 
 MULTI_PROCESS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
@@ -63,10 +61,7 @@ def test_run_command_and_bad_config_exit_codes(tmp_path, capsys):
 
 
 def test_the_readme_dataflow_gpu_command_uses_only_beam_options():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Dataflow GPU workers"):]
-    block = section[section.index("```sh") + len("```sh"):section.index("```", section.index("```sh") + 5)]
-    argv = shlex.split(block.replace("\\\n", " "))
+    argv = readme_gpu_command()
     assert argv[:2] == ["catalog-embed", "run"]
     beam_args = [arg for arg in argv[2:] if arg.startswith("--") and not arg.startswith("--config")]
     assert len(beam_args) == 11 and unknown_beam_options(beam_args) == []

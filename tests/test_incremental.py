@@ -129,8 +129,8 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog, monkeypatch, moved):
     if moved != "before its check":     # Lance, not our check, finds the newer version: its conflict error
         uri, read_version = slow.context.dataset_uri, slow.context.read_version
         opened_by_check = lance_sink.open_dataset
-        monkeypatch.setattr(lance_sink, "open_dataset", lambda at: lance.dataset(at, version=read_version)
-                            if at == uri else opened_by_check(at))
+        monkeypatch.setattr(lance_sink, "open_dataset", lambda at, storage=None: lance.dataset(at, version=read_version)
+                            if at == uri else opened_by_check(at, storage))
     with beam.Pipeline() as pipeline:
         build_pipeline(pipeline, slow)
     [record] = [r for r in read_runs(config.output.uri, config.output.table) if r["run_id"] == "slow"]

@@ -147,9 +147,10 @@ class TrainItem2Vec(beam.DoFn):
     runners stream) and write its vectors to `<scratch>/<encoder>.lance`. Emits, per encoder, where they
     are (None when no item needed them, and nothing was trained) and the counts for the run's record."""
 
-    def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str):
+    def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str, storage_options: dict[str, str] | None):
         self._encoders = list(encoders)
         self._scratch = scratch
+        self._storage_options = storage_options
 
     def process(self, _trigger, sessions, needed: int):
         if not needed:
@@ -172,7 +173,8 @@ class TrainItem2Vec(beam.DoFn):
         uri = f"{self._scratch.rstrip('/')}/{encoder.name}.lance"
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), encoder.dim)
         data = pa.table({"id": pa.array(ids, pa.string()), "vector": column})
-        lance.write_dataset(data, uri, mode="overwrite").create_scalar_index("id", "BTREE")
+        lance.write_dataset(data, uri, mode="overwrite", storage_options=self._storage_options).create_scalar_index(
+            "id", "BTREE")
         return uri
 
 
@@ -180,8 +182,9 @@ class AttachBehaviourVectors(beam.DoFn):
     """Batches of items in, the same batches out, each item that needs a behaviour vector given the one
     trained for it, if the log had it (an item no session paired stays without)."""
 
-    def __init__(self, encoders: Sequence[Encoder]):
+    def __init__(self, encoders: Sequence[Encoder], storage_options: dict[str, str] | None):
         self._encoders = list(encoders)
+        self._storage_options = storage_options
         self._datasets: dict[str, lance.LanceDataset] = {}
 
     def process(self, items: list[dict], trained: list[dict]):
@@ -194,7 +197,7 @@ class AttachBehaviourVectors(beam.DoFn):
 
     def _dataset(self, uri: str) -> lance.LanceDataset:
         if uri not in self._datasets:
-            self._datasets[uri] = lance.dataset(uri)
+            self._datasets[uri] = lance.dataset(uri, storage_options=self._storage_options)
         return self._datasets[uri]
 
     @staticmethod
@@ -208,9 +211,10 @@ class AttachBehaviourVectors(beam.DoFn):
                 item["encoded"].append(name)
 
 
-def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Encoder], items, scratch: str):
+def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Encoder], items, scratch: str,
+                      storage_options: dict[str, str] | None = None):
     """The training step's records (a side input for the write batches and the commit), the log's
-    rejects and the count of its rows."""
+    rejects and the count of its rows. The vectors go to the scratch folder with the table's Lance settings."""
     behaviour = [e for e in encoders if isinstance(e, Item2VecEncoder)]
     needed = (
         items
@@ -221,7 +225,7 @@ def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Enc
     trained = (
         pipeline
         | "Train once" >> beam.Create([None])
-        | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch),
+        | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch, storage_options),
                                          sessions=beam.pvalue.AsIter(sessions[ITEMS]),
                                          needed=beam.pvalue.AsSingleton(needed))
     )

@@ -62,15 +62,17 @@ class CommitRun(beam.DoFn):
             log.error("run %s commits nothing: %s", ctx.run_id, refusal)
         else:
             self._commit(run, [raw for batch in written for raw in batch["fragments"]], deletions)
-        commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]])
-        record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()))
+        storage = ctx.output.storage_options
+        commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]],
+                       storage)
+        record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()), storage)
         yield run
 
     def _commit(self, run: dict, fragments: list[str], deletions: list[tuple]) -> None:
         ctx = self._context
         try:
             run["table_version"] = commit_run(ctx.dataset_uri, self._schema, fragments, deletions, ctx.run_id,
-                                              ctx.read_version, ctx.overwrite)
+                                              ctx.read_version, ctx.overwrite, ctx.output.storage_options)
         except ConcurrentRunError as err:   # recorded as failed, not retried: the table moved on
             run.update(status="failed", message=str(err), table_version=ctx.read_version)
             log.error("run %s commits nothing: %s", ctx.run_id, err)
@@ -78,7 +80,7 @@ class CommitRun(beam.DoFn):
         if run["table_version"] != ctx.read_version:
             run["drift"] = self._drift(run["table_version"])
             problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
-                                ctx.output.compact)
+                                ctx.output.compact, ctx.output.storage_options)
             run["message"] = "; ".join(problems)
         else:
             run["status"] = "unchanged"
@@ -88,8 +90,8 @@ class CommitRun(beam.DoFn):
         ctx = self._context
         if ctx.read_version is None:
             return {}
-        before = lance.dataset(ctx.dataset_uri, version=ctx.read_version)
-        after = lance.dataset(ctx.dataset_uri, version=version)
+        before = lance.dataset(ctx.dataset_uri, version=ctx.read_version, storage_options=ctx.output.storage_options)
+        after = lance.dataset(ctx.dataset_uri, version=version, storage_options=ctx.output.storage_options)
         return {name: found["score"] for name, found in column_scores(before, after).items()}
 
     def _refusal(self, run: dict) -> str:

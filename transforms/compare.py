@@ -32,15 +32,17 @@ def row_digest(label: str | None, image_uri: str | None, fields: dict) -> str:
 class ReadTableSummaries(beam.PTransform):
     """(id, packed summary) of every row of one table version, one fragment per work item."""
 
-    def __init__(self, uri: str, version: int, encoders: list[str], fields: list[str]):
+    def __init__(self, uri: str, version: int, encoders: list[str], fields: list[str],
+                 storage_options: dict[str, str] | None = None):
         super().__init__()
         self._uri = uri
+        self._storage_options = storage_options
         self._version = version
         self._encoders = encoders
         self._fields = fields
 
     def expand(self, pbegin):
-        fragment_ids = [f.fragment_id for f in lance.dataset(self._uri, version=self._version).get_fragments()]
+        fragment_ids = [f.fragment_id for f in self._dataset().get_fragments()]
         return (
             pbegin
             | "Fragment ids" >> beam.Create(fragment_ids)
@@ -48,8 +50,11 @@ class ReadTableSummaries(beam.PTransform):
             | "Read fragment" >> beam.FlatMap(self._read_fragment)
         )
 
+    def _dataset(self) -> lance.LanceDataset:
+        return lance.dataset(self._uri, version=self._version, storage_options=self._storage_options)
+
     def _read_fragment(self, fragment_id: int):
-        dataset = lance.dataset(self._uri, version=self._version)
+        dataset = self._dataset()
         present = set(dataset.schema.names)
         wanted = ["id", "label", "image_uri", "image_stat", "image_digest", *self._fields,
                   *[f"{e}_fp" for e in self._encoders]]

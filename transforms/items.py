@@ -85,10 +85,13 @@ def resolve_image_uri(image: str, base_dir: str) -> str:
     may not leave it (`../../etc/passwd`)."""
     if "://" in image or image.startswith("/"):
         return image
-    resolved = posixpath.normpath(posixpath.join(base_dir, image))
-    if not resolved.startswith(base_dir.rstrip("/") + "/"):
+    # An object store's scheme and bucket (`s3://bucket/...`) stay as they are: normpath would fold their `//`.
+    scheme, separator, folder = base_dir.partition("://")
+    folder = "/" + (folder if separator else base_dir).strip("/")
+    resolved = posixpath.normpath(posixpath.join(folder, image))
+    if not resolved.startswith(folder.rstrip("/") + "/"):
         raise UnsafePath(f"the image path {image!r} leaves the catalog folder")
-    return resolved
+    return f"{scheme}:/{resolved}" if separator else resolved
 
 
 def _clean(value: Any) -> str | None:

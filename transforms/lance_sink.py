@@ -111,8 +111,10 @@ class WriteFragments(beam.DoFn):
     """Write a batch of items as Lance fragments; emit their metadata and counts for the commit step,
     and (tagged `replaced`) the stored rows they replace, for the deletion stage."""
 
-    def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool, inputs: dict[str, tuple[str, str]]):
+    def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool, inputs: dict[str, tuple[str, str]],
+                 storage_options: dict[str, str] | None = None):
         self._uri = uri
+        self._storage_options = storage_options
         self._schema = schema
         self._run_id = run_id
         self._inputs = inputs
@@ -123,7 +125,8 @@ class WriteFragments(beam.DoFn):
     def process(self, items: list[dict]):
         table = items_to_arrow(items, self._schema, self._run_id, self._inputs)
         mode = "overwrite" if self._overwrite else "append"
-        fragments = write_fragments(table, self._uri, schema=self._schema, mode=mode)
+        fragments = write_fragments(table, self._uri, schema=self._schema, mode=mode,
+                                    storage_options=self._storage_options)
         self._written.inc(len(items))
         yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(items),
                "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
@@ -138,12 +141,13 @@ class DeleteRows(beam.DoFn):
     workers, invisible until the commit references it. Emits (fragment id, new metadata or None when
     no row of the fragment is left)."""
 
-    def __init__(self, uri: str, read_version: int):
+    def __init__(self, uri: str, read_version: int, storage_options: dict[str, str] | None = None):
         self._uri = uri
         self._read_version = read_version
+        self._storage_options = storage_options
 
     def setup(self):
-        self._dataset = lance.dataset(self._uri, version=self._read_version)
+        self._dataset = lance.dataset(self._uri, version=self._read_version, storage_options=self._storage_options)
 
     def process(self, fragment_ids: tuple[int, Iterable[str]]):
         fragment_id, ids = fragment_ids
@@ -151,14 +155,14 @@ class DeleteRows(beam.DoFn):
         yield fragment_id, None if result is None else json.dumps(result.to_json())
 
 
-def open_dataset(uri: str) -> lance.LanceDataset | None:
+def open_dataset(uri: str, storage_options: dict[str, str] | None = None) -> lance.LanceDataset | None:
     """The table's latest version, or None if there is no table yet.
 
     Only "not found" means no table: any other error (an object store that is briefly unreachable) must
     fail the run, or the run would take the table for new and overwrite it.
     """
     try:
-        return lance.dataset(uri)
+        return lance.dataset(uri, storage_options=storage_options)
     except ValueError as err:
         if "was not found" in str(err):
             return None
@@ -174,7 +178,8 @@ class ConcurrentRunError(RuntimeError):
 
 
 def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions: Sequence[tuple[int, str | None]],
-               run_id: str, read_version: int | None, overwrite: bool) -> int:
+               run_id: str, read_version: int | None, overwrite: bool,
+               storage_options: dict[str, str] | None = None) -> int:
     """Commit the run's fragments and deletion files as one new version, tag it, and return the version.
 
     `fragments` are the new fragments' metadata (JSON); `deletions` are (fragment id, its metadata with
@@ -183,7 +188,7 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     Re-committing a run that already committed (a retried bundle) changes nothing: the version tagged
     with its run id must hold its fragments, else the id was used by another run.
     """
-    dataset = open_dataset(uri)
+    dataset = open_dataset(uri, storage_options)
     current = dataset.version if dataset is not None else None
     if dataset is not None and run_tag(run_id) in dataset.tags.list():
         return _own_commit(dataset, run_id, fragments)
@@ -204,12 +209,12 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     try:
         committed = lance.LanceDataset.commit(
             uri, operation, read_version=read_version, commit_message=message, max_retries=0,
-            commit_lock=_expect_version(uri, read_version))
+            commit_lock=_expect_version(uri, read_version), storage_options=storage_options)
     except (OSError, CommitConflictError) as err:
         # Lance's own conflict check (a version landed since ours, touching our fragments) comes before our
         # lock is asked, and our lock's refusal comes back from Lance as an OSError: both mean the table moved.
         if isinstance(err, CommitConflictError) or "table moved" in str(err):
-            raise _moved(uri, read_version, open_dataset(uri).version) from err
+            raise _moved(uri, read_version, open_dataset(uri, storage_options).version) from err
         raise
     committed.tags.create(run_tag(run_id), committed.version)
     log.info("committed %s as version %d", uri, committed.version)

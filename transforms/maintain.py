@@ -22,13 +22,18 @@ TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's 
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
 
 
-def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool) -> list[str]:
+def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool,
+             storage_options: dict[str, str] | None = None) -> list[str]:
     """Run the upkeep; return what could not be done. The run's version is committed before this, so
     a failed step is a warning for the run's record, never a failed run: the next run tries again."""
     _return_freed_heap()
-    steps = [("compaction", lambda: _compact(uri))] if compact else []
-    steps += [("index", lambda: _index_when_large(uri, index_min_rows)),
-              ("cleanup", lambda: _cleanup(uri, retain_days))]
+
+    def latest() -> lance.LanceDataset:
+        return lance.dataset(uri, storage_options=storage_options)
+
+    steps = [("compaction", lambda: _compact(latest()))] if compact else []
+    steps += [("index", lambda: _index_when_large(latest(), index_min_rows)),
+              ("cleanup", lambda: _cleanup(latest(), retain_days))]
     problems = []
     for step, action in steps:
         try:
@@ -47,23 +52,21 @@ def _return_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _compact(uri: str) -> None:
-    dataset = lance.dataset(uri)
+def _compact(dataset: lance.LanceDataset) -> None:
     if len(dataset.get_fragments()) > 1:
         # Copying encoded pages instead of decoding and re-encoding rows: a third of the memory, twice as fast.
         metrics = dataset.optimize.compact_files(compaction_mode="try_binary_copy")
         log.info("compaction: %d fragments removed, %d added", metrics.fragments_removed, metrics.fragments_added)
 
 
-def _index_when_large(uri: str, index_min_rows: int) -> None:
-    dataset = lance.dataset(uri)
+def _index_when_large(dataset: lance.LanceDataset, index_min_rows: int) -> None:
     rows = dataset.count_rows()
     if rows >= index_min_rows:
         _index(dataset, rows)
 
 
-def _cleanup(uri: str, retain_days: float) -> None:
-    stats = lance.dataset(uri).cleanup_old_versions(
+def _cleanup(dataset: lance.LanceDataset, retain_days: float) -> None:
+    stats = dataset.cleanup_old_versions(
         older_than=timedelta(days=retain_days), error_if_tagged_old_versions=False)
     if stats.old_versions:
         log.info("cleanup: %d old versions removed", stats.old_versions)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import posixpath
 
 import apache_beam as beam
@@ -142,9 +141,8 @@ class ReadCatalog(beam.PTransform):
         return {ITEMS: items[ITEMS], REJECTS: all_rejects}
 
     def _base_dir(self) -> str:
+        """What relative image paths resolve against: the manifest's folder, or the layout's root."""
         path = self._catalog.path.rstrip("/")
-        if "://" not in path:
-            path = os.path.abspath(path)
         return posixpath.dirname(path) if self._catalog.format == "manifest" else path
 
     def _read_manifest(self, pbegin):

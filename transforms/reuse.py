@@ -17,13 +17,15 @@ from transforms.lance_sink import rows_by_id, vector_matrix
 class FetchKeptVectors(beam.DoFn):
     """Batches of items in, the same batches out, with every kept vector filled in."""
 
-    def __init__(self, uri: str, read_version: int | None):
+    def __init__(self, uri: str, read_version: int | None, storage_options: dict[str, str] | None = None):
         self._uri = uri
         self._read_version = read_version
+        self._storage_options = storage_options
 
     def setup(self):
         # A new table has nothing to keep.
-        self._dataset = None if self._read_version is None else lance.dataset(self._uri, version=self._read_version)
+        self._dataset = None if self._read_version is None else lance.dataset(
+            self._uri, version=self._read_version, storage_options=self._storage_options)
 
     def process(self, items: list[dict]):
         keeping = [item for item in items if item["keep"]]

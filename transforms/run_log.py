@@ -66,37 +66,43 @@ def rejects_by(rejects: Sequence[dict]) -> dict[str, int]:
 class WriteRejects(beam.DoFn):
     """Write a batch of rejects as fragments of `<table>_rejects`; emit their metadata and counts."""
 
-    def __init__(self, db_uri: str, table: str, run_id: str):
+    def __init__(self, db_uri: str, table: str, run_id: str, storage_options: dict[str, str] | None = None):
         self._uri = dataset_uri(db_uri, rejects_table_name(table))
         self._run_id = run_id
+        self._storage_options = storage_options
 
     def process(self, rejects: list[dict]):
         data = pa.Table.from_pylist([dict(r, run_id=self._run_id) for r in rejects], schema=REJECTS_SCHEMA)
-        fragments = write_fragments(data, self._uri, schema=REJECTS_SCHEMA, mode="append")
+        fragments = write_fragments(data, self._uri, schema=REJECTS_SCHEMA, mode="append",
+                                    storage_options=self._storage_options)
         yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(rejects),
                "by": rejects_by(rejects)}
 
 
-def commit_rejects(db_uri: str, table: str, fragments: Sequence[str]) -> None:
+def commit_rejects(db_uri: str, table: str, fragments: Sequence[str],
+                   storage_options: dict[str, str] | None = None) -> None:
     """Append the rejects' fragments to `<table>_rejects` (creating it on the first rejects)."""
     if not fragments:
         return
     uri = dataset_uri(db_uri, rejects_table_name(table))
     metadata = [FragmentMetadata.from_json(raw) for raw in fragments]
-    existing = open_dataset(uri)
+    existing = open_dataset(uri, storage_options)
     if existing is None:
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(REJECTS_SCHEMA, metadata))
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(REJECTS_SCHEMA, metadata),
+                                  storage_options=storage_options)
     else:
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(metadata), read_version=existing.version)
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(metadata), read_version=existing.version,
+                                  storage_options=storage_options)
 
 
 SQL_TYPES = {pa.string(): "STRING", pa.int64(): "BIGINT"}
 
 
-def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema) -> None:
+def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema,
+                storage_options: dict[str, str] | None = None) -> None:
     if not rows:
         return
-    db = lancedb.connect(db_uri)
+    db = lancedb.connect(db_uri, storage_options=storage_options)
     data = pa.Table.from_pylist(list(rows), schema=schema)
     if name in db.table_names():
         table = db.open_table(name)
@@ -108,15 +114,15 @@ def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema)
         db.create_table(name, data, schema=schema)
 
 
-def record_run(db_uri: str, table: str, run: dict) -> None:
+def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None) -> None:
     row = dict(run, encoded=json.dumps(run["encoded"]), rejects_by=json.dumps(run["rejects_by"]),
                encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}),
                interactions=json.dumps(run.get("interactions") or {}))
-    append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA)
+    append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA, storage_options)
 
 
-def read_runs(db_uri: str, table: str) -> list[dict]:
-    db = lancedb.connect(db_uri)
+def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> list[dict]:
+    db = lancedb.connect(db_uri, storage_options=storage_options)
     if runs_table_name(table) not in db.table_names():
         return []
     rows = db.open_table(runs_table_name(table)).to_arrow().to_pylist()
