@@ -28,6 +28,9 @@ setup(
         "scikit-image>=0.24",
         "PyYAML>=6",
         "gensim>=4.4,<5",
+        "onnx>=1.17",
+        "onnxruntime>=1.20",
+        "tokenizers>=0.20",
     ],
     entry_points={"console_scripts": ["catalog-embed=pipelines.cli:entry_point"]},
 )

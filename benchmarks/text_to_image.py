@@ -68,13 +68,12 @@ def measure_variant(texts: dict, photos: list, labels: np.ndarray, queries: list
                     ids: list[str]) -> list[dict]:
     encoder = conse(texts)
     model = encoder.load()
-    text_model = encoder.load_text_model()
     images = [load_query_image(str(path), encoder.decode_side) for path in photos]
     prepared, memo = encoder.prepare(model, images), {}
-    query_vectors = encoder.encode_text(text_model, [text for text, _ in queries])
+    query_vectors = encoder.text_queries([text for text, _ in queries])
     expected = np.array([ids.index(item) for _, item in queries])
     names = sorted(set(labels))
-    label_matrix = label_vectors(encoder, text_model, names, DEFAULT_TEMPLATES)
+    label_matrix = label_vectors(encoder, names, DEFAULT_TEMPLATES)
     rows = []
     for top_t, temperature in itertools.product(TOP_T, TEMPERATURES):
         vectors = conse({**texts, "top_t": top_t, "temperature": temperature}).embed(model, prepared, memo)

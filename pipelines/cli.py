@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--weights", metavar="NAME=W,...",
                        help="weigh the encoders for this query, e.g. text=0.2,image=0.8 (default: the table's)")
     query.add_argument("--where", metavar="SQL", help="filter items first, e.g. \"category = 'food'\"")
+    query.add_argument("--hybrid", action="store_true",
+                       help="with --text: fuse the vector ranking with full-text search (BM25 over the items' text) "
+                            "by their scores, for words embeddings miss (SKUs, brands, rare terms)")
     _version_arguments(query)
     _report_outputs(query)
 
@@ -353,6 +356,9 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.interactions and args.user is None:
         print("catalog-embed: --interactions is for --user", file=sys.stderr)
         return 2
+    if args.hybrid and args.text is None:
+        print("catalog-embed: --hybrid is for --text", file=sys.stderr)
+        return 2
     table = _open_at(args)
     owned: list[str] = []
     if args.like is not None:
@@ -366,7 +372,11 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
               file=sys.stderr if args.json else sys.stdout)   # stdout stays one JSON line
     else:
         queries = q.image_queries(table, args.image)
-    results = q.search(table, queries, args.k, q.parse_weights(args.weights, table), args.where, owned)
+    weights = q.parse_weights(args.weights, table)
+    if args.hybrid:
+        results = q.hybrid_search(table, args.text, queries, args.k, weights, args.where)
+    else:
+        results = q.search(table, queries, args.k, weights, args.where, owned)
     if args.json:
         print(json.dumps(results, default=str))
         return 0
@@ -383,6 +393,7 @@ def _describe_query(args: argparse.Namespace) -> str:
     what = {"like": args.like, "text": args.text, "image": args.image, "user": args.user}
     parts = [f"--{k} {v!r}" for k, v in what.items() if v is not None]
     parts += [f"--{k} {getattr(args, k)}" for k in ("weights", "where", "version", "tag") if getattr(args, k)]
+    parts += ["--hybrid"] if args.hybrid else []
     return " ".join(parts + [f"-k {args.k}"])
 
 

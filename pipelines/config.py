@@ -46,6 +46,21 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message is one line, fit for a terminal."""
 
 
+def column_name(field_name: str) -> str:
+    """A catalog field's column in the table. A path into structs (`attributes.color`) has `_` for `.`,
+    which Lance does not allow in a column's name: `attributes_color`."""
+    return field_name.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class CsvFormat:
+    """How a CSV catalog is written (RFC 4180 with these characters; quoted fields may hold line breaks)."""
+
+    delimiter: str = ","
+    quotechar: str = '"'
+    encoding: str = "utf-8"
+
+
 @dataclass(frozen=True)
 class CatalogConfig:
     format: str
@@ -56,6 +71,7 @@ class CatalogConfig:
     label_field: str | None = None
     fields: tuple[str, ...] = ()
     interactions: str | None = None   # session_id,item_id[,ts] rows for item2vec encoders
+    csv: CsvFormat = CsvFormat()
 
 
 @dataclass(frozen=True)
@@ -114,9 +130,13 @@ class Config:
         total = sum(e.weight for e in self.encoders)
         return {e.name: e.weight / total for e in self.encoders}
 
-    def passthrough_columns(self) -> tuple[str, ...]:
-        """Catalog fields copied into the table, text fields first, without duplicates."""
+    def passthrough_fields(self) -> tuple[str, ...]:
+        """Catalog fields copied into the table (names, or paths into structs), text fields first, once each."""
         return tuple(dict.fromkeys(self.catalog.text_fields + self.catalog.fields))
+
+    def passthrough_columns(self) -> tuple[str, ...]:
+        """Their columns in the table."""
+        return tuple(column_name(name) for name in self.passthrough_fields())
 
     def config_hash(self) -> str:
         """What shapes the table's rows: the catalog and the encoders, not how or where they run. It is in
@@ -155,6 +175,7 @@ def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
         source_path=source_path,
     )
     _check_encoders_fit_catalog(config)
+    _check_columns(config)
     return config
 
 
@@ -191,7 +212,8 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
     if "://" not in path and not os.path.exists(path):
         raise ConfigError(f"catalog.path does not exist: {path}")
     path = absolute(path)
-    allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields", "interactions"}
+    allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields", "interactions",
+               "csv"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown catalog keys: {', '.join(sorted(unknown))}")
@@ -205,7 +227,29 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         label_field=raw.get("label_field"),
         fields=_strings(raw.get("fields"), "fields"),
         interactions=_interactions_path(raw.get("interactions")),
+        csv=_csv_format(raw.get("csv") or {}),
     )
+
+
+def _csv_format(raw: Any) -> CsvFormat:
+    """The CSV settings, checked: one-character delimiter and quote, and an encoding that writes them, and the
+    line break, as their ASCII bytes (the reader finds records in the bytes; UTF-16 does not qualify)."""
+    if not isinstance(raw, dict) or set(raw) - {"delimiter", "quotechar", "encoding"}:
+        raise ConfigError("catalog.csv must be a mapping of delimiter, quotechar and encoding")
+    found = CsvFormat(**raw)
+    for key in ("delimiter", "quotechar"):
+        value = getattr(found, key)
+        if not isinstance(value, str) or len(value) != 1 or value in "\r\n":
+            raise ConfigError(f"catalog.csv.{key} must be one character (not a line break), got {value!r}")
+    try:
+        written = (found.delimiter + found.quotechar + "\n").encode(found.encoding)
+    except (LookupError, TypeError, UnicodeEncodeError):
+        raise ConfigError(f"catalog.csv.encoding {found.encoding!r} is not an encoding Python knows, or cannot "
+                          "write the delimiter and quote") from None
+    if written != (found.delimiter + found.quotechar + "\n").encode("latin-1", "replace"):
+        raise ConfigError(f"catalog.csv.encoding {found.encoding!r} does not write the delimiter, quote and line "
+                          "break as single ASCII bytes; use utf-8, cp1252, latin-1 or another such encoding")
+    return found
 
 
 def _interactions_path(path: Any) -> str | None:
@@ -348,6 +392,15 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
     if not isinstance(rehash, bool):
         raise ConfigError(f"run.rehash must be true or false, got {rehash!r}")
     return RunConfig(**ratios, max_pixels=pixels, rehash=rehash)
+
+
+def _check_columns(config: Config) -> None:
+    """Two fields may not land in one column (`a.b` and `a_b`)."""
+    seen: dict[str, str] = {}
+    for name in config.passthrough_fields():
+        other = seen.setdefault(column_name(name), name)
+        if other != name:
+            raise ConfigError(f"catalog fields {other!r} and {name!r} would both be the column {column_name(name)!r}")
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

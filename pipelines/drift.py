@@ -78,14 +78,16 @@ def open_version(uri: str, version: str) -> lance.LanceDataset:
 
 
 def previous_run_version(db_uri: str, table: str, version: int) -> int:
-    """The version that the last committed run before `version` left: what a nightly run moved from."""
+    """The version that the run before the one that made `version` left: what a nightly run moved from.
+    Versions after a run's own (its upkeep's compaction and indexes) hold that run's rows."""
     from transforms.run_log import read_runs
 
-    earlier = [r["table_version"] for r in read_runs(db_uri, table)
-               if r["status"] == "committed" and r["table_version"] is not None and r["table_version"] < version]
-    if not earlier:
-        raise QueryError(f"no run committed a version of '{table}' before version {version}; give --from")
-    return max(earlier)
+    earlier = sorted(r["table_version"] for r in read_runs(db_uri, table)
+                     if r["status"] == "committed" and r["table_version"] is not None and r["table_version"] <= version)
+    if len(earlier) < 2:
+        raise QueryError(f"no run committed a version of '{table}' before the one that made version {version}; "
+                         "give --from")
+    return earlier[-2]
 
 
 def _shared_columns(before: lance.LanceDataset, after: lance.LanceDataset) -> dict[str, str]:

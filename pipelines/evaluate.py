@@ -90,8 +90,7 @@ def retrieval_quality(vectors: np.ndarray, labels: np.ndarray, chunk: int = 1024
 
 def zero_shot_accuracy(encoder, image_vectors: np.ndarray, labels: np.ndarray, templates: Sequence[str]) -> float:
     names = sorted(set(labels))
-    return top1_accuracy(image_vectors, label_vectors(encoder, encoder.load_text_model(), names, templates), names,
-                         labels)
+    return top1_accuracy(image_vectors, label_vectors(encoder, names, templates), names, labels)
 
 
 def top1_accuracy(image_vectors: np.ndarray, label_matrix: np.ndarray, names: Sequence[str],
@@ -113,7 +112,7 @@ def text_to_image_recall(table: Table, encoder, queries: Sequence[tuple[str, str
         raise QueryError(f"{len(unknown)} expected ids of the queries are not in the table, "
                          f"e.g. {', '.join(unknown[:5])}")
     texts, expected = [text for text, _ in queries], np.array([position[item] for _, item in queries])
-    ranks = image_ranks(encoder.encode_text(encoder.load_text_model(), texts), images, expected)
+    ranks = image_ranks(encoder.text_queries(texts), images, expected)
     return {"queries": len(queries)} | {f"recall@{k}": float(np.mean(ranks < k)) for k in TEXT_TO_IMAGE_AT}
 
 

@@ -32,7 +32,7 @@ from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
-from transforms.encoders import Encoder, build_encoders, without_data
+from transforms.encoders import Encoder, SentenceTransformerEncoder, build_encoders, without_data
 from transforms.fingerprint import HashImages, InspectInputs
 from transforms.inference import ENCODE_ORDER, EncodeModality
 from transforms.interaction_log import check_interactions
@@ -82,7 +82,8 @@ def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, r
         for e in encoders
     ]
     meta = {"encoders": described, "order": [e.name for e in encoders], "config_hash": config.config_hash()}
-    schema = table_schema(config.passthrough_columns(), described, meta)
+    functions = [e.lancedb_function() for e in encoders if isinstance(e, SentenceTransformerEncoder)]
+    schema = table_schema(config.passthrough_columns(), described, meta, [f for f in functions if f])
     uri = dataset_uri(config.output.uri, config.output.table)
     current = open_dataset(uri, config.output.storage_options)
     if current is not None and not reembed:
@@ -103,7 +104,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     config, ctx = plan.config, plan.context
     storage = config.output.storage_options
     inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
-    read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_columns())
+    read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_fields())
     inspected = (
         read[ITEMS]
         | "Log read" >> beam.ParDo(LogProgress("read"))

@@ -3,12 +3,21 @@
 The table's metadata names its encoders, so a query encodes its text or image with exactly the
 models that embedded the items, in every encoder's space it can reach. The score is the weighted
 sum of per-encoder cosines, with the table's weights or the user's (`--weights`).
+
+Each search is planned (`plan_search`): an IVF index answers by probing the partitions near the query,
+and a filter keeps only its rows there, so a selective filter's best rows, which lie elsewhere, would be
+missed (recall@10 0.1 at 0.1% of 1M rows). A filter is counted first, through the fields' scalar
+indexes: few enough rows are searched exactly; more, through the index with as many partitions probed as
+it takes for them to hold FILTERED_CANDIDATES of the filter's rows. The numbers are measured at 1M rows
+(benchmarks/query.py, README "Queries").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import lancedb
 import numpy as np
@@ -21,12 +30,22 @@ from transforms.combine import normalise_weights, reweighted_query, weighted_cos
 from transforms.encoders import Encoder, build_encoder, l2_normalise
 from transforms.images import check_image, decode_image
 from transforms.interaction_log import items_of_user
-from transforms.lance_sink import id_in, rows_by_id, table_metadata, vector_matrix
+from transforms.lance_sink import TEXT_COLUMN, id_in, rows_by_id, table_metadata, vector_matrix
 from transforms.storage import read_bytes
 
 # The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
 # this many candidates per result are scored exactly and the best kept.
 RESCORED_CANDIDATES = 4
+# At 1M rows (README "Queries"): 50 partitions of 1,000 and a refine over 5x the candidates hold recall@10 at
+# 0.98 unfiltered (Lance's default 20: 0.80); an exact search costs about 20 us a filtered row; the index holds
+# recall@10 >= 0.95 where the probed partitions hold 2,500 of the filter's rows (a 1% filter: 250 partitions),
+# on a freshly built index; with 7 delta segments the 1% filter fell to 0.86 (README "Queries").
+ANN_NPROBES = 50
+REFINE_FACTOR = 5
+EXACT_MAX_ROWS = 2_000
+FILTERED_CANDIDATES = 2_500
+VECTOR_INDEX = "vector_idx"
+TEXT_INDEX = f"{TEXT_COLUMN}_idx"
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at", "image_stat", "image_digest")
 
 
@@ -44,6 +63,15 @@ class Table:
     @property
     def dims(self) -> dict[str, int]:
         return {e["name"]: e["dim"] for e in self.meta["encoders"]}
+
+    @cached_property
+    def indexes(self) -> dict:
+        return {index.name: index for index in self.handle.to_lance().describe_indices()}
+
+    @property
+    def indexed_rows(self) -> int:
+        """The rows the vector index covers (0 without one: every search is then a flat, exact one)."""
+        return self.indexes[VECTOR_INDEX].num_rows_indexed if VECTOR_INDEX in self.indexes else 0
 
     @property
     def interactions(self) -> str | None:
@@ -74,7 +102,7 @@ def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
 
 def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
     """The text in the space of every encoder that can take a text query (text and multimodal)."""
-    queries = {e.name: e.encode_text(e.load_text_model(), [text])[0] for e in table.encoders() if e.queries_by_text}
+    queries = {e.name: e.text_queries([text])[0] for e in table.encoders() if e.queries_by_text}
     if not queries:
         raise QueryError("the table has no encoder that can search by text")
     return queries
@@ -93,7 +121,7 @@ def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
 
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
-    queries = {e.name: e.encode(e.load(), [load_query_image(path, e.decode_side)])[0]
+    queries = {e.name: e.image_queries([load_query_image(path, e.decode_side)])[0]
                for e in table.encoders() if e.modality == "image"}
     if not queries:
         raise QueryError("the table has no image encoder")
@@ -175,14 +203,19 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
         vector = reweighted_query(queries, table.stored_weights, wanted, list(table.stored_weights), table.dims)
     except ValueError as err:
         raise QueryError(str(err)) from err
-    request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
-    request = request.limit(k * RESCORED_CANDIDATES)
-    filters = ([f"({where})"] if where else []) + ([f"NOT ({id_in(exclude)})"] if exclude else [])
-    if filters:
-        request = request.where(" AND ".join(filters), prefilter=True)
+    filters = _filters(where, exclude)
     try:
+        plan = plan_search(table, filters or None)
+        request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
+        request = request.limit(k * RESCORED_CANDIDATES)
+        if filters:
+            request = request.where(filters, prefilter=True)
+        if plan.method == "exact":
+            request = request.bypass_vector_index()
+        elif plan.method == "ann":
+            request = request.nprobes(plan.nprobes).refine_factor(REFINE_FACTOR)
         found = request.to_arrow()
-    except ValueError as err:         # LanceDB checks the filter only when the query runs
+    except ValueError as err:         # LanceDB checks a filter only when it runs
         if not where:
             raise
         raise QueryError(f"--where {where!r} is not a valid filter: {str(err).splitlines()[0]}") from err
@@ -191,6 +224,67 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
     rows = found.drop_columns(["vector"]).to_pylist()     # the stored vectors are scored, not shown
     ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
     return [_result(rows[i], float(scores[i])) for i in ranked[:k]]
+
+
+def hybrid_search(table: Table, text: str, queries: dict[str, np.ndarray], k: int,
+                  weights: dict[str, float] | None = None, where: str | None = None) -> list[dict]:
+    """The vector search's candidates and the full-text index's (BM25 over `embedded_text`), fused by their
+    scores (`_fused`): a word embeddings do not know (a SKU, a brand) lifts the items that have it, and a
+    paraphrase, which matches no word in particular, still ranks by meaning."""
+    if TEXT_INDEX not in table.indexes:
+        raise QueryError("the table has no full-text index yet (the job's upkeep makes it): run the job once more")
+    depth = k * RESCORED_CANDIDATES
+    by_vector = search(table, queries, depth, weights, where)
+    request = table.handle.search(text, query_type="fts", fts_columns=TEXT_COLUMN).limit(depth)
+    if where:
+        request = request.where(where, prefilter=True)
+    by_words = request.select(["id", "_score"]).to_arrow()
+    fused = _fused({r["id"]: r["score"] for r in by_vector},
+                   dict(zip(by_words["id"].to_pylist(), by_words["_score"].to_pylist(), strict=True)))
+    best = sorted(fused, key=lambda item: -fused[item])[:k]
+    shown = {r["id"]: r for r in by_vector}
+    shown.update((item, _result(row, 0.0)) for item, row in
+                 items_by_id(table, [item for item in best if item not in shown]).items())
+    return [dict(shown[item], score=round(fused[item], 6)) for item in best]
+
+
+def _fused(*rankings: dict[str, float]) -> dict[str, float]:
+    """Distribution-based score fusion: each list's scores mapped so that its mean +- 3 sd spans 0..1, then
+    summed (0 from a list an item is not in). Cosines and BM25 get one scale, and a term match far above the
+    other matches keeps its lead, which reciprocal rank fusion flattens (README "Queries" measures both)."""
+    fused: dict[str, float] = {}
+    for scores in rankings:
+        values = np.fromiter(scores.values(), float, len(scores))
+        spread = 6 * values.std() if len(values) else 0.0
+        low = values.mean() - spread / 2 if spread else 0.0
+        for item, score in scores.items():
+            fused[item] = fused.get(item, 0.0) + ((score - low) / spread if spread else 1.0)
+    return fused
+
+
+def _filters(where: str | None, exclude: Sequence[str]) -> str:
+    return " AND ".join(([f"({where})"] if where else []) + ([f"NOT ({id_in(exclude)})"] if exclude else []))
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    method: str                 # "flat" (no vector index), "exact" (over the filter's rows) or "ann"
+    nprobes: int | None = None
+    matching: int | None = None     # the rows the filter leaves, where there is one
+
+
+def plan_search(table: Table, filters: str | None) -> SearchPlan:
+    """How to search so that the ten best are found: see the module's docstring."""
+    if not table.indexed_rows:
+        return SearchPlan("flat")
+    partitions = max(1, int(math.sqrt(table.indexed_rows)))      # as maintain.py made them
+    if not filters:
+        return SearchPlan("ann", min(partitions, ANN_NPROBES))
+    matching = table.handle.count_rows(filters)
+    if matching <= EXACT_MAX_ROWS:
+        return SearchPlan("exact", matching=matching)
+    nprobes = max(ANN_NPROBES, math.ceil(FILTERED_CANDIDATES * partitions / matching))
+    return SearchPlan("ann", min(partitions, nprobes), matching)
 
 
 def items_by_id(table: Table, ids: list[str]) -> dict[str, dict]:

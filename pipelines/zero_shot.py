@@ -7,7 +7,6 @@ authors do), and an image's cosines to the labels, times the model's temperature
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -35,9 +34,9 @@ def multimodal_encoder(table: Table, name: str | None = None) -> Encoder:
     return found[name or next(iter(found))]
 
 
-def label_vectors(encoder: Encoder, model: Any, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def label_vectors(encoder: Encoder, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     prompts = [template.format(label_name(label)) for label in labels for template in templates]
-    vectors = encoder.encode_text(model, prompts).reshape(len(labels), len(templates), -1)
+    vectors = encoder.text_queries(prompts).reshape(len(labels), len(templates), -1)
     return l2_normalise(vectors.mean(axis=1))
 
 
@@ -56,10 +55,8 @@ def classify(table: Table, paths: Sequence[str], labels: Sequence[str], template
     if len(labels) < 2:
         raise QueryError("--labels needs at least two different labels, e.g. \"cat,dog\"")
     encoder = multimodal_encoder(table, encoder_name)
-    image_model, text_model = encoder.load(), encoder.load_text_model()
-    vectors = encoder.encode(image_model, [load_query_image(path, encoder.decode_side) for path in paths])
-    probabilities = label_probabilities(vectors, label_vectors(encoder, text_model, labels, templates),
-                                        encoder.logit_scale(text_model))
+    vectors = encoder.image_queries([load_query_image(path, encoder.decode_side) for path in paths])
+    probabilities = label_probabilities(vectors, label_vectors(encoder, labels, templates), encoder.logit_scale())
     results = []
     for path, row in zip(paths, probabilities, strict=True):
         ranked = sorted(zip(labels, row.tolist(), strict=True), key=lambda pair: -pair[1])

@@ -19,7 +19,7 @@ from PIL import Image
 from demo.build_catalog import build as build_demo_catalog
 from pipelines.config import Config, parse_config
 from pipelines.nightly import run_job
-from tests.servers import S3Server, s3_server
+from tests.servers import S3Server, environment, s3_server
 
 PHOTO_DIRS = (Path(skimage.data.__file__).parent, Path(sklearn.datasets.__file__).parent / "images")
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
@@ -51,6 +51,14 @@ def readme_gpu_command() -> list[str]:
     section = readme[readme.index("### Dataflow GPU workers"):]
     start = section.index("```sh") + len("```sh")
     return shlex.split(section[start:section.index("```", start)].replace("\\\n", " "))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def derived_cache(tmp_path_factory) -> Iterator[Path]:
+    """The tests' own cache of derived model data (transforms/derived.py), empty at the start of a session."""
+    folder = tmp_path_factory.mktemp("derived-cache")
+    with environment(CATALOG_EMBED_CACHE=str(folder)):
+        yield folder
 
 
 def photo(name: str) -> Path:

@@ -90,7 +90,7 @@ def dirty_catalog(tmp_path):
     expected["bad-cells"] = ("read", "MalformedRow", None)
     body = (HEADER + "\n" + "\n".join(lines) + "\n").encode()
     body += "caf\u00e9,a latin-1 caption,images/x.jpg\n".encode("latin-1")
-    expected[None] = ("read", "InvalidUtf8", None)
+    expected[None] = ("read", "InvalidEncoding", None)
     (folder / "catalog.csv").write_bytes(body)
     config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
                                     "text_fields": ["caption"]}, ENCODERS)

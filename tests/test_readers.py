@@ -104,3 +104,36 @@ def test_digikala_color_folders(tmp_path):
     rows = {r["id"]: r for r in read_table(config).to_pylist()}
     assert sorted(rows) == sorted(expected)
     assert rows["blue/product_1"]["label"] == "blue"
+
+
+NESTED_ROWS = [
+    {"sku": "jacket", "name": "Trail jacket", "attributes": {"material": "GORE-TEX", "color": "red"},
+     "tags": ["waterproof", "hiking"], "gallery": [{"src": f"img/{PHOTOS[0]}"}, {"src": f"img/{PHOTOS[1]}"}],
+     "variants": [{"size": "S"}, {"size": "M"}]},
+    {"sku": "mug", "name": "Coffee mug", "attributes": {"material": None, "color": "white"}, "tags": [],
+     "gallery": [{"src": f"img/{PHOTOS[2]}"}], "variants": []},
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_nested_fields_and_lists_are_read_by_path(tmp_path, fmt):
+    for name in PHOTOS[:3]:
+        copy_photo(name, tmp_path / "catalog" / "img" / name)
+    path = tmp_path / "catalog" / f"catalog.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in NESTED_ROWS))
+    else:
+        pq.write_table(pa.Table.from_pylist(NESTED_ROWS), path)
+    config = make_config(tmp_path, {"format": "manifest", "path": str(path), "id_field": "sku",
+                                    "image_field": "gallery.src",
+                                    "text_fields": ["name", "attributes.material", "tags"],
+                                    "fields": ["attributes.color", "variants.size"]})
+    summary = run(config)
+    rows = {r["id"]: r for r in read_table(config).to_pylist()}
+    assert summary["read"] == summary["written"] == 2
+    assert rows["jacket"]["embedded_text"] == "Trail jacket. GORE-TEX. waterproof. hiking"
+    assert rows["mug"]["embedded_text"] == "Coffee mug"
+    assert rows["jacket"]["attributes_material"] == "GORE-TEX" and rows["jacket"]["attributes_color"] == "red"
+    assert rows["jacket"]["variants_size"] == "S, M" and rows["mug"]["variants_size"] is None
+    assert rows["jacket"]["image_uri"] == str(tmp_path / "catalog" / "img" / PHOTOS[0])    # the gallery's first
+    assert rows["jacket"]["color_vec"] is not None

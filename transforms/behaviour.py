@@ -93,7 +93,7 @@ class ReadSessions(beam.PTransform):
         self._only_if = only_if
 
     def expand(self, pbegin):
-        rows, parse_rejects = read_table_file(pbegin, self._path, STAGE, self._only_if)
+        rows, parse_rejects = read_table_file(pbegin, self._path, STAGE, only_if=self._only_if)
         checked = rows | "Check interactions" >> beam.ParDo(CheckInteraction()).with_outputs(REJECTS, main=ITEMS)
         sessions = (
             checked[ITEMS]

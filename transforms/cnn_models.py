@@ -8,9 +8,11 @@ onto it in order, shape by shape. ResNets come from torchvision with a weights f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms as T
+
+from transforms.images import imagenet_crop
 
 
 class FeatureModel(nn.Module):
@@ -80,22 +82,19 @@ def _map_in_order(source: dict, target: dict) -> dict:
     return mapped
 
 
-RESAMPLING = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
-
-
-def imagenet_transform(mean: tuple, std: tuple, resample: str) -> T.Compose:
+def imagenet_transform(mean: tuple, std: tuple, resample: str):
     """The usual torchvision composition, one picture at a time: what a plain loop would use. The encoder
     computes the same pixels in two halves, `imagenet_pixels` and `normalise_pixels`."""
-    return T.Compose([T.Resize(256, interpolation=RESAMPLING[resample]), T.CenterCrop(224), T.ToTensor(),
+    from torchvision import transforms as T
+
+    interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[resample]
+    return T.Compose([T.Resize(256, interpolation=interpolation), T.CenterCrop(224), T.ToTensor(),
                       T.Normalize(mean, std)])
 
 
 def imagenet_pixels(images: list, resample: str) -> torch.Tensor:
     """Pictures resized to 256 on the shorter side and centre-cropped to 224, as one uint8 batch."""
-    import torchvision.transforms.functional as F
-
-    return torch.stack([F.pil_to_tensor(F.center_crop(F.resize(image, 256, interpolation=RESAMPLING[resample]), 224))
-                        for image in images])
+    return torch.from_numpy(np.stack([imagenet_crop(image, resample) for image in images]))
 
 
 def normalise_pixels(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:

@@ -79,8 +79,8 @@ class CommitRun(beam.DoFn):
             return
         if run["table_version"] != ctx.read_version:
             run["drift"] = self._drift(run["table_version"])
-            problems = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
-                                ctx.output.compact, ctx.output.storage_options)
+            problems, run["index"] = maintain(ctx.dataset_uri, ctx.output.retain_days, ctx.output.index_min_rows,
+                                              ctx.output.compact, ctx.output.storage_options)
             run["message"] = "; ".join(problems)
         else:
             run["status"] = "unchanged"
@@ -132,6 +132,6 @@ class CommitRun(beam.DoFn):
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
             "deleted": deleted, "rejected": rejected,
             "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
-            "drift": {}, "interactions": {},
+            "drift": {}, "interactions": {}, "index": {},
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,8 +32,10 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from pipelines.config import CONSE_DEFAULTS, ITEM2VEC_DEFAULTS, ConfigError, EncoderConfig
-from transforms.images import decode_image
+from transforms.derived import cached_array, cached_files, cached_value
+from transforms.images import decode_image, imagenet_crop
 
+log = logging.getLogger(__name__)
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 # Architecture facts of the CNNs we know how to cut at the penultimate layer.
@@ -60,6 +63,11 @@ DRAFT_MARGIN = 2
 SHARED_INPUT_SIDE = 256   # a CNN's input side
 QUERY_BATCH_SIZE = 32   # queries and labels, where an encoder's batch size is `auto`
 SAMPLE_TITLE = "slim fit organic cotton crew neck t-shirt in navy blue, model"  # a catalog title's length
+# Texts an export for queries is checked on: spaces around, capitals, accents, and one past any model's length.
+EXPORT_CHECK_TEXTS = ["a cup of coffee", "  Slim fit ORGANIC cotton crew neck T-shirt, navy  ",
+                      "Café crème au lait – 12 × 200 ml", " ".join(["a long product description"] * 200)]
+EXPORT_TOLERANCE = 1e-4     # the largest difference to the torch model's vectors an export may have
+CLASS_TEXT_SETTINGS = ("class_names", "class_definitions", "class_templates")   # what ConSE's classes depend on
 
 
 def cpu_runs_bf16() -> bool:
@@ -284,8 +292,30 @@ class Encoder(ABC):
         return self.load()
 
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
-        """Text queries into this encoder's space; only where `queries_by_text`."""
+        """Texts into this encoder's space with its torch model; only where `queries_by_text`."""
         raise NotImplementedError(f"{self.config.kind} encoders cannot encode text")
+
+    def text_queries(self, texts: list[str]) -> np.ndarray:
+        """Query texts (and zero-shot labels) into this encoder's space, loading as little as it can."""
+        return self.encode_text(self.load_text_model(), texts)
+
+    def image_queries(self, images: list[Image.Image]) -> np.ndarray:
+        """Query pictures (decoded at `decode_side`) into this encoder's space, loading as little as it can."""
+        return self.encode(self.load(), images)
+
+    @cached_property
+    def model_key(self) -> str:
+        """The network's identity (its description without the precision it runs at): what an export of it,
+        and what is derived from it alone, are cached under."""
+        described = self.describe()
+        described.pop("precision", None)
+        return json.dumps(dict(described, kind=self.config.kind), sort_keys=True)
+
+    def exported(self, export: Callable[[Any], None]) -> Any | None:
+        """The folder of this network exported for queries (query_models.py), made by `export(folder)` the first
+        time on this machine; None where it could not be, and queries run the torch model instead."""
+        folder = cached_files("query-onnx", self.model_key, lambda into: _export_or_note(self.name, export, into))
+        return folder if (folder / "model.onnx").exists() else None
 
     @property
     def space(self) -> tuple | None:
@@ -301,8 +331,26 @@ class Encoder(ABC):
     # The temperature that turns cosines into label probabilities, unless the config sets `logit_scale`.
     default_logit_scale = 100.0  # CLIP's trained value
 
-    def logit_scale(self, model: Any) -> float:
+    def logit_scale(self) -> float:
         return float(self.config.options.get("logit_scale", self.default_logit_scale))
+
+
+def _export_or_note(name: str, export: Callable[[Any], None], folder: Any) -> None:
+    """Export, checked against the torch model; what cannot be exported is noted, and queries use torch."""
+    log.info("encoder %s: exporting its network for queries (once per model, in the cache)", name)
+    try:
+        export(folder)
+    except Exception as err:  # noqa: BLE001 - any failure to export only means that queries run the torch model
+        for path in folder.iterdir():
+            path.unlink()
+        (folder / "unusable.txt").write_text(f"{type(err).__name__}: {err}")
+        log.warning("encoder %s: queries will run the torch model, the export failed: %s", name, err)
+
+
+def _check_export(name: str, exported: np.ndarray, reference: np.ndarray) -> None:
+    difference = float(np.abs(exported - reference).max())
+    if difference > EXPORT_TOLERANCE:
+        raise ValueError(f"the export of {name} differs from the torch model by {difference:.2e}")
 
 
 class SentenceTransformerEncoder(Encoder):
@@ -332,7 +380,8 @@ class SentenceTransformerEncoder(Encoder):
 
     @cached_property
     def dim(self) -> int:
-        return int(self.load().get_embedding_dimension())
+        # Cached per model: loading it only to learn its width cost every run's launcher the load.
+        return int(cached_value("text-dim", self.model_key, lambda: self.load().get_embedding_dimension()))
 
     def load(self) -> Any:
         from sentence_transformers import SentenceTransformer
@@ -355,6 +404,34 @@ class SentenceTransformerEncoder(Encoder):
 
     def encode_text(self, model: Any, texts: list[str]) -> np.ndarray:
         return self.encode(model, texts)
+
+    def lancedb_function(self) -> dict | None:
+        """This column's entry in LanceDB's embedding-function metadata, so that a plain LanceDB user's
+        `table.search("words", vector_column_name=...)` embeds the words with this model: LanceDB's own
+        `sentence-transformers` function, with remote code off. Only for a model known by its Hub name: a
+        folder on this machine is not on a reader's."""
+        model = self.config.model or MINILM_NAMES[0]
+        if os.path.exists(model):
+            return None
+        name = MINILM_NAMES[1] if model in MINILM_NAMES else model
+        settings = {"name": name, "device": "cpu", "normalize": True, "trust_remote_code": False}
+        return {"name": "sentence-transformers", "model": settings, "vector_column": f"{self.name}_vec"}
+
+    def text_queries(self, texts: list[str]) -> np.ndarray:
+        from transforms.query_models import TextQueries
+
+        folder = self.exported(self._export)
+        return super().text_queries(texts) if folder is None else l2_normalise(TextQueries(folder).encode(texts))
+
+    def _export(self, folder: Any) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from transforms.query_models import TextQueries, export_sentence_transformer
+
+        model = SentenceTransformer(self.model_path, device="cpu")     # its own copy: the export moves it
+        export_sentence_transformer(model, folder)
+        reference = l2_normalise(model.encode(EXPORT_CHECK_TEXTS, convert_to_numpy=True))
+        _check_export(self.name, l2_normalise(TextQueries(folder).encode(EXPORT_CHECK_TEXTS)), reference)
 
     @property
     def space(self) -> tuple:
@@ -440,6 +517,33 @@ class CnnEncoder(Encoder):
         features, _ = self.forward(model, prepared, memo)
         return l2_normalise(features.float().cpu().numpy())
 
+    def query_forward(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pooled features and logits of query pictures through the export; None where there is none."""
+        from transforms.query_models import ImageQueries
+
+        folder = self.exported(self._export)
+        if folder is None:
+            return None
+        return ImageQueries(folder).forward(np.stack([imagenet_crop(image, self.arch["resample"]) for image in images]))
+
+    def image_queries(self, images: list[Image.Image]) -> np.ndarray:
+        found = self.query_forward(images)
+        return super().image_queries(images) if found is None else l2_normalise(found[0])
+
+    def _export(self, folder: Any) -> None:
+        import torch
+
+        from transforms.cnn_models import imagenet_pixels, load_cnn, normalise_pixels
+        from transforms.query_models import ImageQueries, export_cnn
+
+        _, name, weights, _ = self.network
+        model = load_cnn(name, weights, "cpu")                      # its own copy, in fp32
+        export_cnn(model, self.arch["mean"], self.arch["std"], folder)
+        pixels = imagenet_pixels(self.sample_inputs(4), self.arch["resample"])
+        with torch.inference_mode():
+            reference = model.features(normalise_pixels(pixels, self.arch["mean"], self.arch["std"])).numpy()
+        _check_export(self.name, ImageQueries(folder).forward(pixels.numpy())[0], reference)
+
 
 class ColorEncoder(Encoder):
     """A joint histogram in CIE Lab, square-rooted (Hellinger) so that cosine compares distributions."""
@@ -486,8 +590,18 @@ class ConseModel:
     """The loaded parts (an object, not a dict: Beam's model sharing holds it by weak reference)."""
 
     image: Any
-    text: Any
-    classes: Any
+    classes: np.ndarray     # (1000, dim) unit vectors, one per ImageNet class
+
+
+def conse_mix(logits: np.ndarray, classes: np.ndarray, temperature: float, top_t: int) -> np.ndarray:
+    """ConSE's image vectors: the top_t classes' vectors, weighted by their softmax probabilities at the
+    temperature (renormalised over those classes), as unit vectors."""
+    scaled = logits / temperature
+    top = np.argpartition(-scaled, top_t - 1, axis=1)[:, :top_t]
+    chosen = np.take_along_axis(scaled, top, axis=1)
+    weights = np.exp(chosen - chosen.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    return l2_normalise(np.einsum("nt,ntd->nd", weights, classes[top]))
 
 
 class ConseEncoder(Encoder):
@@ -531,15 +645,24 @@ class ConseEncoder(Encoder):
         return {"image": image.describe(), "text": text.describe(), "classes": "imagenet-1k", **self.settings}
 
     def load(self) -> Any:
-        import torch
+        return ConseModel(image=self.parts[0].load(), classes=self.class_vectors())
 
-        image, text = self.parts
-        sentences, owners = class_sentences(self.settings)
-        text_model = text.load()
-        vectors = torch.from_numpy(text.encode(text_model, sentences))
-        sums = torch.zeros(int(owners.max()) + 1, vectors.shape[1]).index_add_(0, torch.from_numpy(owners), vectors)
-        classes = torch.nn.functional.normalize(sums, dim=-1).to(image.device)
-        return ConseModel(image=image.load(), text=text_model, classes=classes)
+    def class_vectors(self) -> np.ndarray:
+        """Each ImageNet class's vector: the normalised mean of its sentences' vectors. Encoding the 1,000
+        classes' sentences took 10 to 36 s per process; they are cached by what they depend on (the text
+        model, its precision and the class texts' settings), so a run or a query reads them in milliseconds."""
+        text = self.parts[1]
+        class_texts = {name: self.settings[name] for name in CLASS_TEXT_SETTINGS}
+        key = json.dumps({"text": text.describe(), **class_texts}, sort_keys=True)
+
+        def compute() -> np.ndarray:
+            sentences, owners = class_sentences(self.settings)
+            vectors = text.encode(text.load(), sentences)
+            sums = np.zeros((int(owners.max()) + 1, vectors.shape[1]), np.float32)
+            np.add.at(sums, owners, vectors)
+            return l2_normalise(sums)
+
+        return cached_array("conse-classes", key, compute)
 
     @property
     def input_side(self) -> int:
@@ -557,18 +680,21 @@ class ConseEncoder(Encoder):
         return self.parts[0].forward_key
 
     def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
-        import torch
-
         _, logits = self.parts[0].forward(model.image, prepared, memo)
-        settings = self.settings
-        with torch.inference_mode():
-            top = (logits / settings["temperature"]).softmax(-1).topk(settings["top_t"], dim=-1)
-            weights = top.values / top.values.sum(-1, keepdim=True)
-            vectors = (weights.unsqueeze(-1) * model.classes[top.indices]).sum(1)
-        return l2_normalise(vectors.float().cpu().numpy())
+        return self._mix(logits.float().cpu().numpy(), model.classes)
+
+    def _mix(self, logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        return conse_mix(logits, classes, self.settings["temperature"], self.settings["top_t"])
+
+    def image_queries(self, images: list[Image.Image]) -> np.ndarray:
+        found = self.parts[0].query_forward(images)
+        return super().image_queries(images) if found is None else self._mix(found[1], self.class_vectors())
 
     def load_text_model(self) -> Any:
         return self.parts[1].load()
+
+    def text_queries(self, texts: list[str]) -> np.ndarray:
+        return self.parts[1].text_queries(texts)
 
     @property
     def space(self) -> tuple:
@@ -718,8 +844,10 @@ class OpenClipEncoder(Encoder):
         with torch.inference_mode(), self.autocast():
             return l2_normalise(tower(self.to_device(batch)).float().cpu().numpy())
 
-    def logit_scale(self, model: ClipModel) -> float:
-        return float(self.config.options.get("logit_scale", model.network.logit_scale.detach().exp()))
+    def logit_scale(self) -> float:
+        if "logit_scale" in self.config.options:
+            return float(self.config.options["logit_scale"])
+        return float(self.load().network.logit_scale.detach().exp())
 
     @property
     def space(self) -> tuple:

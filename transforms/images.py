@@ -2,7 +2,8 @@
 
 Phone photos carry their rotation in EXIF; palette, grey, CMYK, 16-bit and alpha images each need
 their own conversion to look right in RGB; animated files contribute their first frame. Oversized
-images are refused before their pixels are decoded (decompression bombs).
+images are refused before their pixels are decoded (decompression bombs). ImageNet networks' resize
+and crop are here too, in PIL alone, for the job and for queries, which import no torch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+RESIZED_SIDE, CROPPED_SIDE = 256, 224        # ImageNet networks' preprocessing
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class ImageTooLarge(ValueError):
@@ -68,3 +72,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def imagenet_crop(image: Image.Image, resample: str) -> np.ndarray:
+    """A picture resized to 256 on its shorter side and centre-cropped to 224, as uint8 (3, 224, 224): the
+    pixels torchvision's Resize(256) and CenterCrop(224) make of a PIL image, computed with PIL alone, so
+    that the job and a query (which imports no torch) prepare pictures alike."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    long = int(RESIZED_SIDE * long / short)
+    size = (RESIZED_SIDE, long) if width <= height else (long, RESIZED_SIDE)
+    resized = image.resize(size, RESAMPLING[resample])
+    top = int(round((resized.height - CROPPED_SIDE) / 2.0))
+    left = int(round((resized.width - CROPPED_SIDE) / 2.0))
+    cropped = resized.crop((left, top, left + CROPPED_SIDE, top + CROPPED_SIDE))
+    return np.ascontiguousarray(np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1))

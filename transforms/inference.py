@@ -15,8 +15,9 @@ Inputs shared by many items (the same photo, the same caption) are encoded once:
 
 The network never waits for the CPU work: RunInference hands the handler large batches, which it cuts
 into sub-batches of the encoders' `batch_size` (with `auto`, the fastest size measured on the worker's
-device when the model loads). Sub-batches are read, decoded and prepared (resized, tokenised) on other
-threads while the network embeds the one before; PIL, tokenisers and torch release the GIL.
+device when the model loads, once per network and machine: the measure is kept in the derived cache).
+Sub-batches are read, decoded and prepared (resized, tokenised) on other threads while the network embeds
+the one before; PIL, tokenisers and torch release the GIL.
 
 RunInference gives the rest: models loaded once per worker process and shared by its threads (or, with
 an encoder's `large_model`/`model_copies`, served once per machine to its processes), and metrics.
@@ -25,8 +26,10 @@ Models load on the first batch, so a run with nothing to encode loads none.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import threading
 import time
 import uuid
@@ -41,6 +44,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from transforms.derived import cached_value
 from transforms.encoders import Encoder
 from transforms.fingerprint import has_input
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
@@ -82,6 +86,34 @@ def prepared_ahead(pool: ThreadPoolExecutor, prepare: Callable[[list], Any], chu
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def remembered_batch_size(encoder: Encoder, model: Any) -> int | None:
+    """`fastest_batch_size`, measured the first time this network runs at this precision on this kind of
+    machine and kept in the derived cache: a nightly run with a few changed items would spend more time
+    timing batch sizes than encoding."""
+    key = json.dumps({"forward": repr(encoder.forward_key), "device": encoder.device,
+                      "machine": _machine(encoder.device)})
+    measured = []
+
+    def measure() -> int | None:
+        measured.append(encoder.name)
+        return fastest_batch_size(encoder, model)
+
+    best = cached_value("batch-size", key, measure)
+    if not measured and best is not None:
+        log.info("encoder %s: batch_size auto -> %s on %s (measured before on this machine)", encoder.name, best,
+                 encoder.device)
+    return best
+
+
+def _machine(device: str) -> str:
+    """What a measured batch size holds for: the accelerator's name, or the CPU's architecture and threads."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.get_num_threads()} threads"
 
 
 def fastest_batch_size(encoder: Encoder, model: Any) -> int | None:
@@ -152,8 +184,10 @@ class LazyModels:
         with self._lock:
             if name not in self._models:
                 encoder = self._encoders[name]
-                log.info("loading encoder %s (%s) on %s", name, encoder.config.kind, encoder.device)
+                started = time.perf_counter()
                 self._models[name] = encoder.load()
+                log.info("loaded encoder %s (%s) on %s in %.1fs", name, encoder.config.kind, encoder.device,
+                         time.perf_counter() - started)
             return self._models[name]
 
     def prepare(self, name: str, inputs: list) -> Any:
@@ -179,7 +213,7 @@ class LazyModels:
             model = self._model(name)
             with self._lock:
                 if encoder.forward_key not in self._batch_sizes:
-                    self._batch_sizes[encoder.forward_key] = fastest_batch_size(encoder, model)
+                    self._batch_sizes[encoder.forward_key] = remembered_batch_size(encoder, model)
                 sizes.append(self._batch_sizes[encoder.forward_key])
         return min((size for size in sizes if size), default=UNTIMED_BATCH_SIZE)
 

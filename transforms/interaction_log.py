@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.config import INTERACTION_COLUMNS, ConfigError
-from transforms.readers import JSON_LINES, csv_header
+from transforms.csv_records import csv_header
+from transforms.readers import JSON_LINES
 
 USER_COLUMN = "user_id"         # optional; without it, each session is its own user
 LOOKUP_BATCH_ROWS = 65_536      # log rows per batch when a user's rows are looked for

@@ -21,13 +21,14 @@ times the size of their bytes.
 
 from __future__ import annotations
 
+import json
 import math
 import posixpath
 from typing import Any
 
 from apache_beam.coders import FastPrimitivesCoder
 
-from pipelines.config import CatalogConfig
+from pipelines.config import CatalogConfig, column_name
 
 REJECTS = "rejects"
 ITEMS = "items"
@@ -57,14 +58,19 @@ def reject_from_exception(item: dict, stage: str, err: BaseException) -> dict:
 
 
 def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], base_dir: str) -> dict:
-    """Turn a reader's uniform row (id, image, label and the catalog's own fields) into an item."""
+    """Turn a reader's uniform row (id, image, label and the catalog's own fields) into an item. Fields may
+    be paths into structs and lists (`field_value`): the text is every text field's pieces in order (a list
+    field's elements are pieces of their own), joined by ". "; a pass-through list is stored as its elements
+    joined by ", ", a struct as its JSON."""
+    if isinstance(row["id"], list | tuple | dict):
+        raise ValueError(f"the id field holds a {type(row['id']).__name__}, not one value")
     image = _clean(row.get("image"))
     return {
         "id": str(row["id"]).strip(),
         "label": _clean(row.get("label")),
-        "text": ". ".join(t for t in (_clean(row.get(f)) for f in catalog.text_fields) if t),
+        "text": ". ".join(piece for name in catalog.text_fields for piece in _pieces(field_value(row, name))),
         "image_uri": resolve_image_uri(image, base_dir) if image else None,
-        "fields": {name: _clean(row.get(name)) for name in passthrough},
+        "fields": {column_name(name): _stored(field_value(row, name)) for name in passthrough},
         "source": row.get("_source"),
         "image_stat": None,
         "digests": {},
@@ -92,6 +98,47 @@ def resolve_image_uri(image: str, base_dir: str) -> str:
     if not resolved.startswith(folder.rstrip("/") + "/"):
         raise UnsafePath(f"the image path {image!r} leaves the catalog folder")
     return f"{scheme}:/{resolved}" if separator else resolved
+
+
+def field_value(row: dict, name: str) -> Any:
+    """The row's value of a field: a column of that name, else a path into its structs (`attributes.color`).
+    Through a list, the path takes each element's value, in order (`variants.size`)."""
+    if name in row or "." not in name:
+        return row.get(name)
+    value: Any = row
+    for key in name.split("."):
+        value = _step(value, key)
+    return value
+
+
+def first_value(value: Any) -> Any:
+    """A single value for a field that must have one (an image: a gallery's first picture)."""
+    while isinstance(value, list | tuple):
+        value = next((element for element in value if _clean(element) is not None), None)
+    return value
+
+
+def _step(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return value.get(key)
+    if isinstance(value, list | tuple):
+        return [_step(element, key) for element in value]
+    return None
+
+
+def _pieces(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [piece for element in value for piece in _pieces(element)]
+    text = _clean(value)
+    return [text] if text else []
+
+
+def _stored(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    if isinstance(value, list | tuple):
+        return ", ".join(_pieces(value)) or None
+    return _clean(value)
 
 
 def _clean(value: Any) -> str | None:

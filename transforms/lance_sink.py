@@ -31,9 +31,12 @@ from transforms.fingerprint import fingerprints, has_input
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"catalog_embed"
+EMBEDDING_FUNCTIONS_KEY = b"embedding_functions"     # LanceDB's own: how its search() embeds words for a column
+TEXT_COLUMN = "embedded_text"                        # the text that the text encoders embedded, as they saw it
 COMMIT_LOCK_FILE = "_catalog_embed.lock"
 ID_LOOKUP_SLICE = 10_000
-RESERVED_COLUMNS = ("id", "label", "image_uri", "image_stat", "image_digest", "vector", "run_id", "embedded_at")
+RESERVED_COLUMNS = ("id", "label", "image_uri", "image_stat", "image_digest", TEXT_COLUMN, "vector", "run_id",
+                    "embedded_at")
 REPLACED = "replaced"  # (fragment id, item id) of stored rows that a written row replaces
 
 
@@ -42,16 +45,23 @@ def dataset_uri(db_uri: str, table: str) -> str:
     return f"{db_uri.rstrip('/')}/{table}.lance"
 
 
-def table_schema(passthrough: Sequence[str], encoders: Sequence[dict], table_meta: dict) -> pa.Schema:
-    """The table's explicit schema. `encoders` are dicts with at least `name` and `dim`."""
+def table_schema(passthrough: Sequence[str], encoders: Sequence[dict], table_meta: dict,
+                 embedding_functions: Sequence[dict] = ()) -> pa.Schema:
+    """The table's explicit schema. `encoders` are dicts with at least `name` and `dim`. `embedding_functions`
+    are LanceDB's entries (registered name and settings) of the columns its own search may embed words for."""
     columns = [pa.field("id", pa.string(), nullable=False)]
     columns += [pa.field(name, pa.string()) for name in passthrough if name not in RESERVED_COLUMNS]
-    columns += [pa.field(name, pa.string()) for name in ("label", "image_uri", "image_stat", "image_digest")]
+    columns += [pa.field(name, pa.string())
+                for name in ("label", "image_uri", "image_stat", "image_digest", TEXT_COLUMN)]
     columns += [pa.field(f"{e['name']}_vec", pa.list_(pa.float32(), e["dim"])) for e in encoders]
     columns.append(pa.field("vector", pa.list_(pa.float32(), sum(e["dim"] for e in encoders))))
     columns += [pa.field(f"{e['name']}_fp", pa.string()) for e in encoders]
     columns += [pa.field("run_id", pa.string()), pa.field("embedded_at", pa.timestamp("us", tz="UTC"))]
-    return pa.schema(columns, metadata={METADATA_KEY: json.dumps(table_meta, sort_keys=True).encode()})
+    metadata = {METADATA_KEY: json.dumps(table_meta, sort_keys=True).encode()}
+    if embedding_functions:
+        metadata[EMBEDDING_FUNCTIONS_KEY] = json.dumps(
+            [dict(entry, source_column=TEXT_COLUMN) for entry in embedding_functions], sort_keys=True).encode()
+    return pa.schema(columns, metadata=metadata)
 
 
 def table_metadata(schema: pa.Schema) -> dict:
@@ -81,6 +91,8 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str,
                                       for item in items], pa.string())
         elif name in ("id", "label", "image_uri", "image_stat"):
             columns[name] = pa.array([item[name] for item in items], pa.string())
+        elif name == TEXT_COLUMN:
+            columns[name] = pa.array([item["text"] or None for item in items], pa.string())
         else:
             columns[name] = pa.array([item["fields"].get(name) for item in items], pa.string())
     return pa.table(columns, schema=schema)

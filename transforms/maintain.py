@@ -1,9 +1,17 @@
-"""Table upkeep after each commit: compaction, old-version cleanup and indexes.
+"""Table upkeep after each commit: compaction, indexes and old-version cleanup.
 
 Nightly upserts leave many small fragments and deletion files behind; compaction rewrites them.
 Versions older than the retention are removed, except tagged ones (each run's `run-<id>` tag keeps
-its version queryable until the tag is deleted). Once the table is large enough for an ANN index to
-pay off, `vector` gets a cosine IVF index and `id` a scalar index; later runs fold new rows in.
+its version queryable until the tag is deleted).
+
+Indexes, each made once and then refreshed (`optimize_indices` folds the new rows in):
+- a scalar index on `id` (rows found by id) and on `label` and every pass-through field, BITMAP for a
+  field of at most BITMAP_MAX_VALUES distinct values and BTREE above, so that filtered searches count and
+  find their rows through it (pipelines/query.py plans each search by that count);
+- a full-text index on `embedded_text`, for `query --hybrid` and LanceDB's own full-text search;
+- once the table has `output.index_min_rows` rows, a cosine IVF_HNSW_SQ index on `vector`. Folding new rows
+  in adds a delta segment each night, which every search also reads; past MAX_DELTA_SEGMENTS the index is
+  trained again on the table as it is (new kinds get their own partitions) and is one segment again.
 """
 
 from __future__ import annotations
@@ -15,25 +23,40 @@ import math
 from datetime import timedelta
 
 import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms.lance_sink import TEXT_COLUMN
 
 log = logging.getLogger(__name__)
 ID_INDEX = "id_idx"         # the scalar index on `id`, which finds rows by id (lance_sink.rows_by_id)
+VECTOR_INDEX = "vector_idx"
+TEXT_INDEX = f"{TEXT_COLUMN}_idx"
 TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's size
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
+BITMAP_MAX_VALUES = 1_000   # Lance's bitmap index is for low-cardinality columns; a BTREE above
+# At 100k rows each delta segment added about 1.3 ms to a search (p50 41 -> 80 ms after 30 nights of 1% churn,
+# recall unchanged); a rebuild costs what the first build did (README "Queries"): about once a week.
+MAX_DELTA_SEGMENTS = 7
+NOT_FILTERED = frozenset({"id", "image_uri", "image_stat", "image_digest", TEXT_COLUMN, "run_id"})
 
 
 def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool,
-             storage_options: dict[str, str] | None = None) -> list[str]:
-    """Run the upkeep; return what could not be done. The run's version is committed before this, so
-    a failed step is a warning for the run's record, never a failed run: the next run tries again."""
+             storage_options: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """Run the upkeep; return what could not be done, and the indexes' state for the run's record. The
+    run's version is committed before this, so a failed step is a warning for the run's record, never a
+    failed run: the next run tries again."""
     _return_freed_heap()
 
     def latest() -> lance.LanceDataset:
         return lance.dataset(uri, storage_options=storage_options)
 
+    state: dict = {}
+    rebuilt: list[bool] = []
     steps = [("compaction", lambda: _compact(latest()))] if compact else []
-    steps += [("index", lambda: _index_when_large(latest(), index_min_rows)),
-              ("cleanup", lambda: _cleanup(latest(), retain_days))]
+    steps += [("index", lambda: rebuilt.append(_index(latest(), index_min_rows))),
+              ("cleanup", lambda: _cleanup(latest(), retain_days)),
+              ("index state", lambda: state.update(index_state(latest(), any(rebuilt))))]
     problems = []
     for step, action in steps:
         try:
@@ -41,7 +64,19 @@ def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool,
         except (RuntimeError, OSError, ValueError) as err:
             log.warning("upkeep: %s skipped: %s", step, err)
             problems.append(f"{step} skipped: {str(err).splitlines()[0]}")
-    return problems
+    return problems, state
+
+
+def index_state(dataset: lance.LanceDataset, rebuilt: bool = False) -> dict:
+    """Each index's rows indexed and segments, the rows the vector index does not cover yet, and whether this
+    upkeep rebuilt it."""
+    indices = {index.name: index for index in dataset.describe_indices()}
+    state = {name: {"type": index.index_type, "rows_indexed": index.num_rows_indexed,
+                    "segments": len(index.segments)} for name, index in indices.items()}
+    if VECTOR_INDEX in state:
+        state[VECTOR_INDEX]["rows_unindexed"] = max(0, dataset.count_rows() - state[VECTOR_INDEX]["rows_indexed"])
+        state[VECTOR_INDEX]["rebuilt"] = rebuilt
+    return state
 
 
 def _return_freed_heap() -> None:
@@ -59,12 +94,6 @@ def _compact(dataset: lance.LanceDataset) -> None:
         log.info("compaction: %d fragments removed, %d added", metrics.fragments_removed, metrics.fragments_added)
 
 
-def _index_when_large(dataset: lance.LanceDataset, index_min_rows: int) -> None:
-    rows = dataset.count_rows()
-    if rows >= index_min_rows:
-        _index(dataset, rows)
-
-
 def _cleanup(dataset: lance.LanceDataset, retain_days: float) -> None:
     stats = dataset.cleanup_old_versions(
         older_than=timedelta(days=retain_days), error_if_tagged_old_versions=False)
@@ -72,15 +101,45 @@ def _cleanup(dataset: lance.LanceDataset, retain_days: float) -> None:
         log.info("cleanup: %d old versions removed", stats.old_versions)
 
 
-def _index(dataset: lance.LanceDataset, rows: int) -> None:
+def _index(dataset: lance.LanceDataset, index_min_rows: int) -> bool:
+    """Refresh the indexes there are, then make the missing ones (the vector index only once the table is
+    large enough for it to pay off); True where the vector index was built again."""
     names = {index.name for index in dataset.describe_indices()}
-    if {"vector_idx", ID_INDEX} <= names:
-        dataset.optimize.optimize_indices()
-        return
-    partitions = max(1, int(math.sqrt(rows)))
-    # Lance trains on 256 vectors per partition by default: on 100k rows that is nearly all of them, in memory.
-    sample_rate = max(MIN_SAMPLE_RATE, TRAINING_VECTORS // partitions)
-    dataset.create_index("vector", "IVF_HNSW_SQ", name="vector_idx", metric="cosine", num_partitions=partitions,
-                         sample_rate=sample_rate)
-    dataset.create_scalar_index("id", "BTREE", name=ID_INDEX)
-    log.info("indexed %d rows: vector (IVF_HNSW_SQ, cosine, %d partitions) and id (BTREE)", rows, partitions)
+    if names - {VECTOR_INDEX}:
+        dataset.optimize.optimize_indices(index_names=sorted(names - {VECTOR_INDEX}))
+    if VECTOR_INDEX in names:
+        # New rows in a delta segment of their own: merging them into the last segment rebuilds it (412 s at
+        # 1M rows for 10k new ones, against 2.6 s); MAX_DELTA_SEGMENTS bounds the segments.
+        dataset.optimize.optimize_indices(index_names=[VECTOR_INDEX], num_indices_to_merge=0)
+    for column, kind in [("id", "BTREE"), *_filter_columns(dataset)]:
+        if f"{column}_idx" not in names:
+            dataset.create_scalar_index(column, kind, name=f"{column}_idx")
+    if TEXT_COLUMN in dataset.schema.names and TEXT_INDEX not in names:
+        dataset.create_scalar_index(TEXT_COLUMN, "INVERTED", name=TEXT_INDEX)
+    rows = dataset.count_rows()
+    segments = _vector_segments(dataset) if VECTOR_INDEX in names else 0
+    if (VECTOR_INDEX not in names and rows >= index_min_rows) or segments > 1 + MAX_DELTA_SEGMENTS:
+        partitions = max(1, int(math.sqrt(rows)))
+        # Lance trains on 256 vectors per partition by default: on 100k rows nearly all of them, in memory.
+        sample_rate = max(MIN_SAMPLE_RATE, TRAINING_VECTORS // partitions)
+        dataset.create_index("vector", "IVF_HNSW_SQ", name=VECTOR_INDEX, metric="cosine", replace=True,
+                             num_partitions=partitions, sample_rate=sample_rate)
+        log.info("indexed %d rows: vector (IVF_HNSW_SQ, cosine, %d partitions%s)", rows, partitions,
+                 f"; it had {segments} segments" if segments else "")
+        return bool(segments)
+    return False
+
+
+def _vector_segments(dataset: lance.LanceDataset) -> int:
+    return next(len(index.segments) for index in dataset.describe_indices() if index.name == VECTOR_INDEX)
+
+
+def _filter_columns(dataset: lance.LanceDataset) -> list[tuple[str, str]]:
+    """(column, index kind) of the columns a search may filter on: `label` and the pass-through fields."""
+    columns = [field.name for field in dataset.schema if pa.types.is_string(field.type)
+               and field.name not in NOT_FILTERED and not field.name.endswith("_fp")]
+    found = []
+    for column in columns:
+        values = pc.count_distinct(dataset.to_table(columns=[column])[column]).as_py()
+        found.append((column, "BITMAP" if values <= BITMAP_MAX_VALUES else "BTREE"))
+    return found

@@ -1,14 +1,13 @@
 """Catalog readers: each real layout becomes a PCollection of items, split across workers.
 
 Every reader turns its layout into uniform rows (`id`, `image`, `label` and the catalog's own
-fields); `make_item` then does the rest the same way for all. The reads are splittable (line-based
-text files, Parquet row groups, matched files); the compare's join by id then spreads the items over
-the workers before the heavy stages, so they are not shuffled once more here.
+fields); `make_item` then does the rest the same way for all. The reads are splittable (CSV at record
+boundaries, line-based text files, Parquet row groups, matched files); the compare's join by id then
+spreads the items over the workers before the heavy stages, so they are not shuffled once more here.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import posixpath
 
@@ -17,8 +16,9 @@ from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import CatalogConfig
-from transforms.items import ITEMS, REJECTS, make_item, make_reject
+from pipelines.config import CatalogConfig, CsvFormat
+from transforms.csv_records import ReadCsv, csv_header
+from transforms.items import ITEMS, REJECTS, field_value, first_value, make_item, make_reject
 
 JSON_LINES = ("jsonl", "json", "ndjson")
 FASHION_COLUMNS = (
@@ -33,12 +33,6 @@ def read_small_text(path: str) -> str:
         return handle.read().decode("utf-8")
 
 
-def csv_header(path: str) -> list[str]:
-    with FileSystems.open(path) as handle:
-        first = handle.readline().decode("utf-8-sig")
-    return next(csv.reader([first]))
-
-
 class ParseLines(beam.DoFn):
     """Lines arrive as bytes so that one undecodable line is a reject, not a crashed read."""
 
@@ -49,7 +43,7 @@ class ParseLines(beam.DoFn):
         try:
             line = raw.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as err:
-            yield self._reject("InvalidUtf8", f"not valid UTF-8: {err}", raw.decode("utf-8", "replace"))
+            yield self._reject("InvalidEncoding", f"not valid utf-8: {err}", raw.decode("utf-8", "replace"))
             return
         if line.strip():
             yield from self.parse(line)
@@ -60,31 +54,6 @@ class ParseLines(beam.DoFn):
     def _reject(self, error: str, message: str, line: str, item_id: str | None = None):
         return beam.pvalue.TaggedOutput(REJECTS, make_reject(item_id, "read", error, message,
                                                              f"{self._source}: {line[:200]}"))
-
-
-class ParseCsvLine(ParseLines):
-    """One CSV line to a row. Extra cells are joined into `overflow_column` when the layout is known
-    to have unquoted commas there (Kaggle's styles.csv); otherwise a wrong cell count is a reject."""
-
-    def __init__(self, header: list[str], source: str, overflow_column: str | None = None):
-        super().__init__(source)
-        self._header = header
-        self._overflow = overflow_column
-
-    def parse(self, line: str):
-        try:
-            cells = next(csv.reader([line]))
-        except csv.Error as err:
-            yield self._reject("MalformedRow", f"unreadable CSV: {err}", line)
-            return
-        width = len(self._header)
-        if len(cells) > width and self._overflow == self._header[-1]:
-            cells = cells[: width - 1] + [",".join(cells[width - 1 :])]
-        if len(cells) != width:
-            yield self._reject("MalformedRow", f"expected {width} cells, found {len(cells)}", line,
-                               cells[0] if cells else None)
-            return
-        yield dict(zip(self._header, cells, strict=True), _source=self._source)
 
 
 class ParseJsonLine(ParseLines):
@@ -146,7 +115,7 @@ class ReadCatalog(beam.PTransform):
         return posixpath.dirname(path) if self._catalog.format == "manifest" else path
 
     def _read_manifest(self, pbegin):
-        rows, rejects = read_table_file(pbegin, self._catalog.path, "manifest")
+        rows, rejects = read_table_file(pbegin, self._catalog.path, "manifest", self._catalog.csv)
         names = {"id": self._catalog.id_field, "image": self._catalog.image_field,
                  "label": self._catalog.label_field}
         return rows | "Manifest columns" >> beam.Map(_rename_manifest_columns, names), rejects
@@ -167,9 +136,7 @@ class ReadCatalog(beam.PTransform):
 
     def _read_fashion(self, pbegin):
         path = f"{self._catalog.path.rstrip('/')}/styles.csv"
-        header = csv_header(path)
-        parse = ParseCsvLine(header, path, overflow_column="productDisplayName")
-        rows, rejects = read_lines(pbegin, path, parse, "styles.csv", True)
+        rows, rejects = read_csv(pbegin, path, "styles.csv", self._catalog.csv, overflow_column="productDisplayName")
         return rows | "Fashion image paths" >> beam.Map(_fashion_row, self._catalog.label_field), rejects
 
     def _read_digikala(self, pbegin):
@@ -183,8 +150,8 @@ class ReadCatalog(beam.PTransform):
 
 
 def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool, only_if=None):
-    """(rows, rejects) of a line-based file, split across workers. With `only_if` (a PCollection of one
-    value), the file is read only when that value is truthy; otherwise nothing is read."""
+    """(rows, rejects) of a line-based file (JSONL, Food-101's lists), split across workers. With `only_if`
+    (a PCollection of one value), the file is read only when that value is truthy; otherwise nothing is read."""
     options = {"skip_header_lines": 1 if skip_header else 0, "coder": coders.BytesCoder()}
     if only_if is None:
         lines = pbegin | f"Read {label}" >> beam.io.ReadFromText(path, **options)
@@ -194,7 +161,17 @@ def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: boo
     return parsed[ITEMS], parsed[REJECTS]
 
 
-def read_table_file(pbegin, path: str, label: str, only_if=None):
+def read_csv(pbegin, path: str, label: str, fmt: CsvFormat, only_if=None, overflow_column: str | None = None):
+    """(rows, rejects) of a CSV file, split across workers at record boundaries (transforms/csv_records.py);
+    `only_if` as for `read_lines`."""
+    if only_if is None:
+        paths = pbegin | f"{label} path" >> beam.Create([path])
+    else:
+        paths = _path_if(pbegin, path, label, only_if)
+    return paths | f"Read {label} CSV" >> ReadCsv(csv_header(path, fmt), fmt, overflow_column)
+
+
+def read_table_file(pbegin, path: str, label: str, fmt: CsvFormat | None = None, only_if=None):
     """(rows, rejects) of a CSV, Parquet or JSONL file (by its extension), each row a dict of its columns
     and `_source`; `only_if` as for `read_lines`."""
     ext = path.lower().rsplit(".", 1)[-1]
@@ -207,7 +184,7 @@ def read_table_file(pbegin, path: str, label: str, only_if=None):
         return rows, pbegin | f"No {label} parse rejects" >> beam.Create([])
     if ext in JSON_LINES:
         return read_lines(pbegin, path, ParseJsonLine(path), label, False, only_if)
-    return read_lines(pbegin, path, ParseCsvLine(csv_header(path), path), label, True, only_if)
+    return read_csv(pbegin, path, label, fmt or CsvFormat(), only_if)
 
 
 def _path_if(pbegin, path: str, label: str, only_if):
@@ -241,7 +218,8 @@ class RowToItem(beam.DoFn):
 def _rename_manifest_columns(row: dict, names: dict) -> dict:
     out = dict(row)
     for uniform, column in names.items():
-        out[uniform] = row.get(column) if column else None
+        value = field_value(row, column) if column else None
+        out[uniform] = value if uniform == "id" else first_value(value)    # a gallery: its first picture
     return out
 
 

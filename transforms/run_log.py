@@ -35,6 +35,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("rejects_by", pa.string()),
     pa.field("drift", pa.string()),
     pa.field("interactions", pa.string()),
+    pa.field("index", pa.string()),         # each index's state after the run's upkeep (maintain.index_state)
     pa.field("table_version", pa.int64()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
@@ -117,7 +118,7 @@ def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema,
 def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None) -> None:
     row = dict(run, encoded=json.dumps(run["encoded"]), rejects_by=json.dumps(run["rejects_by"]),
                encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}),
-               interactions=json.dumps(run.get("interactions") or {}))
+               interactions=json.dumps(run.get("interactions") or {}), index=json.dumps(run.get("index") or {}))
     append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA, storage_options)
 
 
@@ -127,7 +128,7 @@ def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = 
         return []
     rows = db.open_table(runs_table_name(table)).to_arrow().to_pylist()
     for row in rows:
-        for key in ("encoded", "rejects_by", "encoder_ids", "drift", "interactions"):
+        for key in ("encoded", "rejects_by", "encoder_ids", "drift", "interactions", "index"):
             row[key] = json.loads(row[key]) if row.get(key) else {}
     return sorted(rows, key=lambda r: r["started_at"])
 

@@ -1,0 +1,65 @@
+"""Filtered searches stay right: on a table large enough for the job's upkeep to index, a selective filter
+returns exactly the exact-search top 10, and a broad one holds its recall through a planned number of probes.
+The filter fields are independent of the vectors' clusters (benchmarks/query.py writes the same table at 1M)."""
+
+from __future__ import annotations
+
+import lance
+import pytest
+
+from benchmarks.query import Catalog, exact_best, simulate_nights, synthetic_table
+from pipelines.query import EXACT_MAX_ROWS, open_table, plan_search, search
+from transforms.maintain import MAX_DELTA_SEGMENTS
+
+ROWS = 40_000
+DIMS = {"text": 24, "image": 32}
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    db = tmp_path_factory.mktemp("filtered")
+    catalog = Catalog(DIMS, seed=3)
+    uri = synthetic_table(db, ROWS, catalog)
+    return db, uri, catalog
+
+
+def test_upkeep_indexes_the_vector_and_every_filter_field(indexed):
+    _, uri, _ = indexed
+    kinds = {index.name: index.index_type for index in lance.dataset(uri).describe_indices()}
+    assert kinds["vector_idx"] == "IVF_HNSW_SQ" and kinds["id_idx"] == "BTree"
+    assert {kinds[f"group{n}_idx"] for n in (10, 100, 1000)} == {"Bitmap"}
+
+
+@pytest.mark.parametrize("where, plan", [("group100 = '7'", "exact"), ("group1000 = '42'", "exact"),
+                                         ("group10 = '3'", "ann"), (None, "ann")])
+def test_searches_find_the_exact_top_10(indexed, where, plan):
+    db, uri, catalog = indexed
+    table = open_table(str(db), "synthetic")
+    queries = catalog.queries(12)
+    truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, where)
+    planned = plan_search(table, f"({where})" if where else None)
+    assert planned.method == plan
+    found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10, where=where)}
+             for q in range(len(truth))]
+    recall = sum(len(f & t) for f, t in zip(found, truth, strict=True)) / (10 * len(truth))
+    if plan == "exact":
+        assert planned.matching <= EXACT_MAX_ROWS and found == truth
+    else:
+        assert recall >= 0.95, recall
+
+
+def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_path):
+    catalog = Catalog(DIMS, seed=5)
+    uri = synthetic_table(tmp_path, 12_000, catalog)
+    nights = [night["vector_index"] for night in simulate_nights(uri, catalog, MAX_DELTA_SEGMENTS + 4, 0.002)]
+    segments = [night["segments"] for night in nights]
+    rebuilt = [night["rebuilt"] for night in nights]
+    assert max(segments) == 1 + MAX_DELTA_SEGMENTS and rebuilt.count(True) == 1, nights
+    after = rebuilt.index(True)
+    assert segments[after - 1] == 1 + MAX_DELTA_SEGMENTS and segments[after] == 1
+    assert all(night["rows_unindexed"] == 0 for night in nights)
+    table = open_table(str(tmp_path), "synthetic")
+    queries = catalog.queries(10, new_kinds=True)
+    truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, None)
+    found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10)} for q in range(10)]
+    assert sum(len(f & t) for f, t in zip(found, truth, strict=True)) >= 95

@@ -1,0 +1,126 @@
+"""The encoders' networks as queries run them: exported once to ONNX (with torch, into the cache of
+derived.py, keyed by the model's identity) and run with onnxruntime, so that a query process imports
+neither torch nor the model libraries (torch, transformers, sentence-transformers and timm take 8 to 12 s
+to import here; onnxruntime 0.2 s).
+
+- A sentence-transformers model is exported whole (transformer, pooling, normalisation, any dense layer),
+  with its tokenizer; texts are tokenised as SentenceTransformer.encode does (its prompt, its
+  max_seq_length). Its vectors agree with the model's own to about 1e-6.
+- A CNN is exported from uint8 pixels to its pooled features and ImageNet logits, normalising inside as
+  the job does; pictures are resized and cropped with PIL alone (images.imagenet_crop), as in the job.
+
+The job itself runs the torch models (batched, on the GPU where there is one); only queries use these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+OPSET = 17
+_SESSIONS: dict[Path, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def session(folder: Path) -> Any:
+    """One onnxruntime session per exported model and process."""
+    import onnxruntime
+
+    with _SESSIONS_LOCK:
+        if folder not in _SESSIONS:
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            _SESSIONS[folder] = onnxruntime.InferenceSession(str(folder / "model.onnx"), options,
+                                                             providers=["CPUExecutionProvider"])
+        return _SESSIONS[folder]
+
+
+def export_sentence_transformer(model: Any, folder: Path) -> None:
+    """The whole model, from token ids to unit vectors, and its tokenizer."""
+    import torch
+
+    prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+    sample = model.tokenizer(["a cup of coffee", "an astronaut in a white suit"], padding=True,
+                             return_tensors="pt")
+    names = list(sample.keys())
+
+    class Whole(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors):
+            return self.model(dict(zip(names, tensors, strict=True)))["sentence_embedding"]
+
+    _export(Whole(), tuple(sample[name] for name in names), names, ["embedding"], folder,
+            {name: {0: "batch", 1: "tokens"} for name in names} | {"embedding": {0: "batch"}})
+    model.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"inputs": names, "max_length": model.max_seq_length, "prompt": prompt,
+                "pad_id": model.tokenizer.pad_token_id, "pad_token": model.tokenizer.pad_token}
+    (folder / "settings.json").write_text(json.dumps(settings))
+
+
+def export_cnn(model: Any, mean: tuple, std: tuple, folder: Path) -> None:
+    """The network from uint8 pixels (N, 3, 224, 224) to its pooled features and logits."""
+    import torch
+
+    from transforms.cnn_models import normalise_pixels
+
+    class FromPixels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels):
+            features = self.model.features(normalise_pixels(pixels, mean, std))
+            return features, self.model.classifier(features)
+
+    pixels = torch.zeros((2, 3, 224, 224), dtype=torch.uint8)
+    _export(FromPixels(), (pixels,), ["pixels"], ["features", "logits"], folder,
+            {"pixels": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _export(module: Any, sample: tuple, inputs: list[str], outputs: list[str], folder: Path, axes: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(module.eval().to("cpu").float(), sample, str(folder / "model.onnx"), input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+
+
+class TextQueries:
+    """A sentence-transformers model's vectors for texts, from its export."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self._settings = json.loads((folder / "settings.json").read_text())
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tokenizer.enable_truncation(self._settings["max_length"])
+        self._tokenizer.enable_padding(pad_id=self._settings["pad_id"], pad_token=self._settings["pad_token"])
+        self._session = session(folder)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        prompt = self._settings["prompt"] or ""
+        encodings = self._tokenizer.encode_batch([prompt + text for text in texts])
+        field = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        feed = {name: np.array([getattr(e, field[name]) for e in encodings], dtype=np.int64)
+                for name in self._settings["inputs"]}
+        return self._session.run(["embedding"], feed)[0]
+
+
+class ImageQueries:
+    """A CNN's pooled features and logits for prepared pixels, from its export."""
+
+    def __init__(self, folder: Path):
+        self._session = session(folder)
+
+    def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = self._session.run(["features", "logits"], {"pixels": pixels})
+        return features, logits
