@@ -31,6 +31,7 @@ INTERACTION_COLUMNS = ("session_id", "item_id")   # and optionally `ts`
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIME_KEYS = frozenset({"batch_size", "device", "large_model", "model_copies"})   # how it runs, not what it makes
+CATALOG_RUNTIME_KEYS = frozenset({"http", "immutable_urls"})
 # What each published layout brings with it unless the config says otherwise: the text to embed, the
 # label, and the columns worth passing through. A manifest's columns are the user's to name.
 FORMAT_PRESETS: dict[str, dict[str, Any]] = {
@@ -62,6 +63,21 @@ class CsvFormat:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """How images named by http(s) URL are fetched: politely, and within limits (README, "Images by URL")."""
+
+    max_per_host: int = 16          # requests in flight to one host, per worker process
+    max_per_worker: int = 64        # requests in flight from one worker process, all hosts together
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0    # the longest wait for the next bytes of a response
+    retries: int = 4                # after the first try, on 429, 5xx, timeouts and refused connections
+    backoff_s: float = 1.0          # the first retry's wait, doubled each time, unless Retry-After says
+    max_retry_after_s: float = 120.0
+    max_redirects: int = 5
+    user_agent: str = "catalog-embed/0.2 (a nightly batch embedding job)"
+
+
+@dataclass(frozen=True)
 class CatalogConfig:
     format: str
     path: str
@@ -72,6 +88,8 @@ class CatalogConfig:
     fields: tuple[str, ...] = ()
     interactions: str | None = None   # session_id,item_id[,ts] rows for item2vec encoders
     csv: CsvFormat = CsvFormat()
+    http: HttpSettings = HttpSettings()
+    immutable_urls: bool = False      # an unchanged http(s) URL is an unchanged image: no request at all
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,7 @@ class RunConfig:
     warn_reject_ratio: float = 0.01     # over it, the run commits and exits 3, for the scheduler to alert
     warn_drift: float = 0.05            # likewise over this drift score in any column (README "Catalog health")
     max_pixels: int = 100_000_000
+    max_image_bytes: int = 50_000_000   # an image file or response body over it is a reject
     rehash: bool = False  # read and hash every image, whatever its stat says (e.g. a weekly run)
 
 
@@ -143,7 +162,8 @@ class Config:
         the table's schema metadata, and a table whose schema changes is rewritten whole: a new batch size
         or reject level must not rewrite 100M rows."""
         encoders = [{k: v for k, v in asdict(e).items() if k not in RUNTIME_KEYS} for e in self.encoders]
-        data = {"catalog": asdict(self.catalog), "encoders": encoders}
+        catalog = {k: v for k, v in asdict(self.catalog).items() if k not in CATALOG_RUNTIME_KEYS}
+        data = {"catalog": catalog, "encoders": encoders}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -213,7 +233,7 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         raise ConfigError(f"catalog.path does not exist: {path}")
     path = absolute(path)
     allowed = {"format", "path", "id_field", "text_fields", "image_field", "label_field", "fields", "interactions",
-               "csv"}
+               "csv", "http", "immutable_urls"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"unknown catalog keys: {', '.join(sorted(unknown))}")
@@ -228,7 +248,32 @@ def _parse_catalog(raw: dict[str, Any]) -> CatalogConfig:
         fields=_strings(raw.get("fields"), "fields"),
         interactions=_interactions_path(raw.get("interactions")),
         csv=_csv_format(raw.get("csv") or {}),
+        http=_http_settings(raw.get("http") or {}),
+        immutable_urls=_flag(raw.get("immutable_urls", False), "catalog.immutable_urls"),
     )
+
+
+def _http_settings(raw: Any) -> HttpSettings:
+    known = {f.name: f for f in fields(HttpSettings)}
+    if not isinstance(raw, dict) or set(raw) - set(known):
+        raise ConfigError(f"catalog.http must be a mapping of: {', '.join(known)}")
+    for key, value in raw.items():
+        if key == "user_agent":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError("catalog.http.user_agent must be a non-empty string naming the job")
+            continue
+        least = 0 if key in ("retries", "backoff_s", "max_redirects", "max_retry_after_s") else 1e-9
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+            raise ConfigError(f"catalog.http.{key} must be a number of at least {least:g}, got {value!r}")
+        if known[key].type == "int" and not isinstance(value, int):
+            raise ConfigError(f"catalog.http.{key} must be a whole number, got {value!r}")
+    return HttpSettings(**raw)
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _csv_format(raw: Any) -> CsvFormat:
@@ -385,13 +430,13 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= most:
             raise ConfigError(f"run.{key} must be a number from 0 to {most}, got {ratio!r}")
         ratios[key] = float(ratio)
-    pixels = raw.get("max_pixels", 100_000_000)
-    if not isinstance(pixels, int) or pixels < 1:
-        raise ConfigError(f"run.max_pixels must be a positive integer, got {pixels!r}")
-    rehash = raw.get("rehash", False)
-    if not isinstance(rehash, bool):
-        raise ConfigError(f"run.rehash must be true or false, got {rehash!r}")
-    return RunConfig(**ratios, max_pixels=pixels, rehash=rehash)
+    limits = {}
+    for key in ("max_pixels", "max_image_bytes"):
+        limit = raw.get(key, getattr(RunConfig, key))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"run.{key} must be a positive integer, got {limit!r}")
+        limits[key] = limit
+    return RunConfig(**ratios, **limits, rehash=_flag(raw.get("rehash", False), "run.rehash"))
 
 
 def _check_columns(config: Config) -> None:

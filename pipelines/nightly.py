@@ -51,9 +51,11 @@ from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
 from transforms.run_log import WriteRejects, read_runs, utc_now
+from transforms.storage import ImageReader
 
 log = logging.getLogger(__name__)
 REJECT_BATCH = 10_000  # rejects per fragment of the rejects table
+HASH_BATCH = 512       # items per batch of image reads: a few stragglers (retries) hold up a batch, not the run
 
 
 @dataclass(frozen=True)
@@ -104,17 +106,25 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     config, ctx = plan.config, plan.context
     storage = config.output.storage_options
     inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
+    reader = ImageReader(config.catalog.http, config.run.max_image_bytes)
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_fields())
     inspected = (
         read[ITEMS]
         | "Log read" >> beam.ParDo(LogProgress("read"))
-        | "Inspect inputs" >> beam.ParDo(InspectInputs(frozenset(m for _, m in inputs.values())))
+        | "Inspect inputs" >> beam.ParDo(InspectInputs(frozenset(m for _, m in inputs.values()),
+                                                       config.catalog.immutable_urls))
         .with_outputs(REJECTS, main=ITEMS)
     )
     compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan),
                                   ctx.output.on_missing == "delete", plan.rehash)
-    hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(HashImages(config.run.max_pixels)).with_outputs(
-        REJECTS, main=ITEMS)
+    copies = FileSystems.join(plan.scratch, "images")
+    hashed = (
+        compared[ITEMS]
+        # Batches whose reads and requests are in flight together (catalog.http.max_per_worker).
+        | "Batch for hashing" >> beam.BatchElements(min_batch_size=HASH_BATCH, max_batch_size=HASH_BATCH)
+        | "Hash changed images" >> beam.ParDo(HashImages(reader, config.run.max_pixels, plan.rehash, copies))
+        .with_outputs(REJECTS, main=ITEMS)
+    )
     decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(DecideWork(inputs, ctx.overwrite)).with_outputs(
         UNCHANGED, main=ITEMS)
     items = decided[ITEMS]
@@ -137,7 +147,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                    beam.pvalue.AsSingleton(rows_read), {e.name: e.modality for e in plan.encoders}, plan.plan_path)
         return
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
-        encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders)
+        encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders, reader)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
         rejects.append(encoded[REJECTS])
     batches = (

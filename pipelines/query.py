@@ -31,7 +31,7 @@ from transforms.encoders import Encoder, build_encoder, l2_normalise
 from transforms.images import check_image, decode_image
 from transforms.interaction_log import items_of_user
 from transforms.lance_sink import TEXT_COLUMN, id_in, rows_by_id, table_metadata, vector_matrix
-from transforms.storage import read_bytes
+from transforms.storage import ImageReader
 
 # The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
 # this many candidates per result are scored exactly and the best kept.
@@ -112,7 +112,7 @@ def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
     """A picture given on the command line, checked and decoded as the job does catalog images (for an
     encoder, at its `decode_side`)."""
     try:
-        data = read_bytes(path)
+        data = ImageReader().read(path)
         check_image(data, RunConfig().max_pixels)
         return decode_image(data, min_side)
     except (OSError, ValueError) as err:

@@ -99,9 +99,10 @@ def captioned_catalog(root: Path) -> tuple[Path, list[dict]]:
     return folder, rows
 
 
-def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, table: str = "items") -> Config:
+def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, table: str = "items",
+                run: dict | None = None) -> Config:
     raw = {"catalog": catalog, "encoders": encoders or COLOR_ONLY,
-           "output": {"uri": str(tmp_path / "db"), "table": table}}
+           "output": {"uri": str(tmp_path / "db"), "table": table}, "run": run or {}}
     return parse_config(raw)
 
 

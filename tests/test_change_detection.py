@@ -38,6 +38,7 @@ from transforms import inference
 from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
 from transforms.encoders import ColorEncoder, build_encoder
 from transforms.images import decode_image
+from transforms.storage import ImageReader
 
 TEXT_AND_COLOR = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 IMAGE_ENCODERS = {"image": {"kind": "cnn", "weight": 0.5, "batch_size": 8},
@@ -244,11 +245,11 @@ def test_handler_copies_of_one_stage_share_their_threads_and_recent_vectors():
     """Beam deserialises a handler per harness thread: the copies share one prepare pool and one memory
     of recent vectors per process, as they share the model; another stage has its own."""
     encoders = [build_encoder(EncoderConfig(name="text", kind="sentence-transformers"))]
-    handler = inference.ModalityModelHandler("text", encoders, remembered=10)
+    handler = inference.ModalityModelHandler("text", encoders, remembered=10, reader=ImageReader())
     # As Beam ships a DoFn's handler to each harness thread: our own bytes, round-tripped in this process.
     first, second = (pickle.loads(pickle.dumps(handler)) for _ in range(2))
     first._threads().recent.remember("digest", {"text": np.ones(3)})
     assert second._threads() is first._threads()
     assert second._threads().recent.recall("digest", {"text"}) is not None
-    other = inference.ModalityModelHandler("text", encoders, remembered=10)
+    other = inference.ModalityModelHandler("text", encoders, remembered=10, reader=ImageReader())
     assert other._threads() is not first._threads()

@@ -10,20 +10,33 @@ and modification time, or what the object store reports). Where the stat and the
 table's, the stored digest is reused and the file is never opened; only new or changed stats are
 read and hashed by `HashImages`, after the compare. `run --rehash` hashes every image: a file
 rewritten with the same size and modification time is otherwise taken as unchanged.
+
+Images named by http(s) URL are not asked anything at inspection: `HashImages` asks the server a
+conditional GET with the validators stored for the same URL, so an unchanged image costs one request and
+no body, and a changed or new one costs one body, which is hashed and kept in the run's scratch folder
+(`image_copy`) for the encode stage to decode instead of downloading it again. With
+`catalog.immutable_urls`, a URL's stat is the URL itself: an unchanged URL sends no request at all.
+HashImages works on batches, its reads and requests in flight together (http.max_per_worker a process).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.http_fetch import is_url
 from transforms.images import check_image
 from transforms.items import REJECTS, reject_from_exception
-from transforms.storage import file_stat, read_bytes
+from transforms.storage import ImageReader, file_stat
 
 ABSENT = "absent"   # the digest of an input the item does not have: no text, no image reference
+IMMUTABLE_URL = "immutable-url"   # the stat of an image URL under catalog.immutable_urls: the URL says it all
+ASK_SERVER = "?"    # a URL's stat until HashImages asks the server: never equal to a stored one
 
 
 def has_input(item: dict, modality: str) -> bool:
@@ -52,8 +65,9 @@ class InspectInputs(beam.DoFn):
     from those encoders); an item with none of the inputs is a reject. A broken image reference is one too.
     """
 
-    def __init__(self, modalities: frozenset[str]):
+    def __init__(self, modalities: frozenset[str], immutable_urls: bool = False):
         self._modalities = modalities
+        self._url_stat = IMMUTABLE_URL if immutable_urls else ASK_SERVER
 
     def process(self, item: dict):
         digests = item["digests"]
@@ -62,7 +76,8 @@ class InspectInputs(beam.DoFn):
                 digests["text"] = content_digest(item["text"].encode("utf-8")) if item["text"] else ABSENT
             if "image" in self._modalities:
                 if item["image_uri"]:
-                    item["image_stat"] = file_stat(item["image_uri"])
+                    uri = item["image_uri"]
+                    item["image_stat"] = self._url_stat if is_url(uri) else file_stat(uri)
                 else:
                     digests["image"] = ABSENT
             if "behaviour" in self._modalities:
@@ -77,24 +92,70 @@ class InspectInputs(beam.DoFn):
 
 
 class HashImages(beam.DoFn):
-    """Read, check and digest the images whose digest the table could not vouch for."""
+    """Read, check and digest the images whose digest the table could not vouch for, a batch at a time."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, reader: ImageReader, max_pixels: int, rehash: bool, copies: str):
+        self._reader = reader
         self._max_pixels = max_pixels
+        self._rehash = rehash
+        self._copies = copies       # the run's folder for the bytes of fetched URLs
         self._hashed = Metrics.counter("catalog_embed", "images_hashed")
         self._bytes = Metrics.counter("catalog_embed", "image_bytes_hashed")
 
-    def process(self, item: dict):
+    def process(self, items: list[dict]):
+        for item, err in zip(items, _pool(self._reader.http.max_per_worker).map(self._hash, items), strict=True):
+            if err is not None:
+                yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
+            else:
+                yield item
+
+    def _hash(self, item: dict) -> Exception | None:
+        """Give the item its image digest (and a URL's stat and copy) in place; the error if it has none."""
         if item["image_stat"] is None or "image" in item["digests"]:
-            yield item
-            return
+            return None
         try:
-            data = read_bytes(item["image_uri"])
+            uri = item["image_uri"]
+            if is_url(uri):
+                data = self._fetch(item)
+                if data is None:
+                    return None
+            else:
+                data = self._reader.read(uri)
             check_image(data, self._max_pixels)
         except (OSError, ValueError) as err:
-            yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
-            return
-        item["digests"]["image"] = content_digest(data)
+            return err
+        item["digests"]["image"] = digest = content_digest(data)
+        if is_url(uri):
+            item["image_copy"] = self._keep_copy(digest, data)
         self._hashed.inc()
         self._bytes.inc(len(data))
-        yield item
+        return None
+
+    def _fetch(self, item: dict) -> bytes | None:
+        """The URL's body, or None when the server says the stored image is still current (304)."""
+        stored = item["stored"] or {}
+        current = stored.get("image_uri") == item["image_uri"] and stored.get("image_digest") and not self._rehash
+        fetched = self._reader.fetch(item["image_uri"], stored.get("image_stat") if current else None)
+        if fetched.body is None:
+            item["digests"]["image"] = stored["image_digest"]
+        if item["image_stat"] != IMMUTABLE_URL:
+            item["image_stat"] = stored["image_stat"] if fetched.body is None else fetched.validators
+        return fetched.body
+
+    def _keep_copy(self, digest: str, data: bytes) -> str:
+        path = FileSystems.join(self._copies, digest)
+        with FileSystems.create(path) as handle:
+            handle.write(data)
+        return path
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool a process for the reads and requests of HashImages, shared by its harness threads."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="hash-images")
+        return _POOLS[threads]

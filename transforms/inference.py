@@ -48,7 +48,7 @@ from transforms.derived import cached_value
 from transforms.encoders import Encoder
 from transforms.fingerprint import has_input
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
-from transforms.storage import read_bytes
+from transforms.storage import ImageReader
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ def needs(item: dict, encoder: Encoder) -> bool:
             and encoder.name not in item["vectors"])
 
 
-def read_input(modality: str, item: dict) -> Any:
-    """What a modality's encoders decode their inputs from: the item's text, or its picture's bytes."""
-    return item["text"] if modality == "text" else read_bytes(item["image_uri"])
+def read_input(modality: str, item: dict, reader: ImageReader) -> Any:
+    """What a modality's encoders decode their inputs from: the item's text, or its picture's bytes (from this
+    run's copy of a URL's image where it fetched one)."""
+    if modality == "text":
+        return item["text"]
+    return reader.read(item["image_copy"] or item["image_uri"])
 
 
 def prepared_ahead(pool: ThreadPoolExecutor, prepare: Callable[[list], Any], chunks: list[list],
@@ -245,11 +248,12 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
     digest are encoded once, and not at all when the worker remembers the digest's vectors.
     """
 
-    def __init__(self, modality: str, encoders: Sequence[Encoder], remembered: int):
+    def __init__(self, modality: str, encoders: Sequence[Encoder], remembered: int, reader: ImageReader):
         super().__init__()
         self._modality = modality
         self._encoders = list(encoders)
         self._remembered = remembered
+        self._reader = reader
         self._stage_key = uuid.uuid4().hex             # the same in every copy of this stage's handler
         self._stage: StageThreads | None = None
 
@@ -330,7 +334,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         errors: dict[str, Exception] = {}
         for key in chunk:
             try:
-                source = read_input(self._modality, firsts[key])
+                source = read_input(self._modality, firsts[key], self._reader)
                 for encoder in self._encoders:
                     if encoder.name in missing[key] and encoder.decode_side not in decoded[key]:
                         decoded[key][encoder.decode_side] = encoder.decode(source)
@@ -402,10 +406,11 @@ class EncodeModality(beam.PTransform):
     Outputs tagged `items` and `rejects`.
     """
 
-    def __init__(self, modality: str, encoders: Sequence[Encoder]):
+    def __init__(self, modality: str, encoders: Sequence[Encoder], reader: ImageReader):
         super().__init__()
         self._modality = modality
         self._encoders = [e for e in encoders if e.modality == modality]
+        self._reader = reader
 
     def expand(self, items):
         encoders, modality = self._encoders, self._modality
@@ -423,7 +428,7 @@ class EncodeModality(beam.PTransform):
             remembered = RECENT_TEXTS
         encoded = (
             groups
-            | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders, remembered))
+            | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders, remembered, self._reader))
             | "Share vectors" >> beam.ParDo(ShareVectors(encoders)).with_outputs(REJECTS, main=ITEMS)
         )
         return {ITEMS: encoded[ITEMS], REJECTS: encoded[REJECTS]}

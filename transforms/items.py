@@ -4,7 +4,8 @@ An item is a plain dict of references and small values, so that it is cheap to s
 runner. It never carries image bytes or stored vectors:
 
     id, label, text, image_uri, fields   what the catalog row says
-    image_stat                           the image file's size and modification time (fingerprint.py)
+    image_stat                           the image file's size and modification time, or a URL's validators
+    image_copy                           where this run keeps the bytes of a URL's image it fetched (fingerprint.py)
     digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
     stored                               the table's summary of the same id, if any (compare.py)
     replaces                             the fragment of the stored row this item replaces, once decided
@@ -53,8 +54,17 @@ def make_reject(item_id: Any, stage: str, error: str, message: str, input_ref: s
     }
 
 
+class InputError(OSError):
+    """An input that could not be had; `error` names why in the rejects table (`HTTP404`, `Timeout`, `TooLarge`)."""
+
+    def __init__(self, error: str, message: str):
+        super().__init__(message)
+        self.error = error
+
+
 def reject_from_exception(item: dict, stage: str, err: BaseException) -> dict:
-    return make_reject(item.get("id"), stage, type(err).__name__, str(err), item.get("source"))
+    error = err.error if isinstance(err, InputError) else type(err).__name__
+    return make_reject(item.get("id"), stage, error, str(err), item.get("source"))
 
 
 def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], base_dir: str) -> dict:
@@ -73,6 +83,7 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "fields": {column_name(name): _stored(field_value(row, name)) for name in passthrough},
         "source": row.get("_source"),
         "image_stat": None,
+        "image_copy": None,
         "digests": {},
         "stored": None,
         "replaces": None,

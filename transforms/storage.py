@@ -1,5 +1,5 @@
 """An item's files read where they lie (a local disk, s3://, gs://), through Beam's filesystems, with one
-object store client per process.
+object store client per process; images named by http(s) URL through `http_fetch`.
 
 Beam's S3 and GCS filesystems build a new client for each call: a boto3 session and client (160 ms
 here) or a storage.Client, for every stat and every read. At a stat per image each night and a read per
@@ -11,11 +11,16 @@ launcher and on every worker), and keeps it; a stat is the same size and time Fi
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.config import HttpSettings, RunConfig
+from transforms.http_fetch import Fetched, fetch, is_url
+from transforms.items import InputError
 
 _STORES: dict[str, tuple[PipelineOptions, Any]] = {}   # scheme -> (the options it was built for, its client)
 _STORES_LOCK = threading.Lock()
@@ -49,10 +54,28 @@ def _object_store(scheme: str, options: PipelineOptions) -> Any:
     return GcsIO(pipeline_options=options)
 
 
-def read_bytes(uri: str) -> bytes:
+@dataclass(frozen=True)
+class ImageReader:
+    """How a run reads its pictures, wherever they lie, and the most bytes it takes of one."""
+
+    http: HttpSettings = HttpSettings()
+    max_bytes: int = RunConfig.max_image_bytes
+
+    def read(self, uri: str) -> bytes:
+        return self.fetch(uri).body if is_url(uri) else read_bytes(uri, self.max_bytes)
+
+    def fetch(self, url: str, validators: str | None = None) -> Fetched:
+        """A URL's image, or no body when it has not changed since `validators` (http_fetch.fetch)."""
+        return fetch(url, self.http, self.max_bytes, validators)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     store = _store(uri)
     with store.open(uri, "rb") if store is not None else FileSystems.open(uri) as handle:
-        return handle.read()
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InputError("TooLarge", f"{uri} is over run.max_image_bytes {max_bytes} bytes")
+    return data
 
 
 def file_stat(uri: str) -> str:
