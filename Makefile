@@ -68,7 +68,9 @@ test: install browser
 # photos and their cost on a 1M-row table (benchmarks/health.py), then item2vec at 10k and 100k items against a
 # plain gensim script (benchmarks/behaviour.py), then ConSE's settings on the development set
 # (benchmarks/text_to_image.py), then queries: cold starts, --hybrid, and recall and latency on a 1M-row table
-# over 30 nights (benchmarks/query.py), then CSV reading at 1M rows against the line reader (benchmarks/csv_read.py).
+# over 30 nights (benchmarks/query.py), then CSV reading at 1M rows against the line reader (benchmarks/csv_read.py),
+# then catalogs of image URLs from a local CDN stand-in against a plain requests + thread-pool loop
+# (benchmarks/url_images.py).
 # Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
@@ -79,6 +81,7 @@ bench: install
 	$(BIN)/python -m benchmarks.text_to_image --out out/bench.json
 	$(BIN)/python -m benchmarks.query --out out/bench.json
 	$(BIN)/python -m benchmarks.csv_read --out out/bench.json
+	$(BIN)/python -m benchmarks.url_images --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .
