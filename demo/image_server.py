@@ -122,6 +122,8 @@ def _handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if status >= 400:
+                time.sleep(0.05)      # an error page after its headers, as a busy backend sends one
             if status != 304:
                 self.wfile.write(body)
 

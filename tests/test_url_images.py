@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from demo.image_server import ImageServer
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, HttpSettings
 from tests.conftest import COLOR_ONLY, PHOTOS, make_config, photo, read_table, run
+from transforms.http_fetch import fetch
 
 GOOD = ["img", "img", "img", "img", "flaky", "busy", "moved"]     # a kind of path per stored item
 BAD = {"missing": "HTTP404", "slow": "Timeout", "huge": "TooLarge", "page": "NotAnImage"}
-HTTP = {"retries": 2, "backoff_s": 0.05, "read_timeout_s": 0.5, "connect_timeout_s": 2}
+HTTP = {"retries": 1, "backoff_s": 0.05, "read_timeout_s": 2.0, "connect_timeout_s": 5}   # generous: CI is busy
 RUN = {"max_image_bytes": 2_000_000, "max_reject_ratio": 0.5}
 
 
@@ -51,7 +52,7 @@ def _rejects(config) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server():
-    with ImageServer({name: photo(name).read_bytes() for name in PHOTOS}, slow_s=2.0) as served:
+    with ImageServer({name: photo(name).read_bytes() for name in PHOTOS}, slow_s=5.0) as served:
         yield served
 
 
@@ -130,3 +131,15 @@ def test_http_settings_are_checked_before_any_work(tmp_path, http, message):
     catalog = {"format": "manifest", "path": str(tmp_path), "http": http}
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, catalog)
+
+
+def test_an_answer_left_unread_does_not_poison_the_next_request(server):
+    """A retried 503's body, left unread on a kept-alive connection, was once read as the next answer."""
+    settings = HttpSettings(**HTTP)
+    server.reset_counts()
+    flaky, busy = f"/flaky/{PHOTOS[7]}", f"/busy/{PHOTOS[7]}"
+    assert fetch(server.url(f"/img/{PHOTOS[7]}"), settings, 10**7).body == photo(PHOTOS[7]).read_bytes()
+    assert fetch(server.url(flaky), settings, 10**7).body == photo(PHOTOS[7]).read_bytes()
+    assert fetch(server.url(busy), settings, 10**7).body == photo(PHOTOS[7]).read_bytes()
+    assert server.requests[flaky] == server.requests[busy] == 2
+    assert server.times[busy][1] - server.times[busy][0] >= 0.95

@@ -132,11 +132,16 @@ def _get(client: _Client, url: str, max_bytes: int, headers: dict[str, str]) -> 
         raise _failure(url, err.reason) from err
     except HTTPError as err:
         raise _failure(url, err) from err
+    answered = False
     try:
-        return _answer(url, response, max_bytes)
+        fetched = _answer(url, response, max_bytes)
+        answered = True
+        return fetched
     except (TimeoutError, HTTPError) as err:
         raise _failure(url, err) from err
     finally:
+        if not answered:      # a body left unread would be taken for the next answer on this connection
+            response.close()
         response.release_conn()
 
 
