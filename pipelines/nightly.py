@@ -51,6 +51,7 @@ from transforms.progress import LogProgress
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
 from transforms.run_log import WriteRejects, read_runs, utc_now
+from transforms.staging import STAGED, ReadStagedRows, open_staging, resume, staging_folder
 from transforms.storage import ImageReader
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,13 @@ class JobPlan:
     rehash: bool
     scratch: str                    # the run's own folder for what it makes on the way (trained vectors)
     plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
+    staged_batches: tuple[str, ...] = ()    # what a run that died wrote from the same version (staging.py)
 
 
-def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, rehash: bool = False,
+def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, rehash: bool = False,
              worker_device_type: str | None = None) -> JobPlan:
-    """`worker_device_type`: the device of a remote runner's workers, for `precision: auto` (runners.py)."""
+    """`root`: where runs keep their scratch and staging (pipelines/scratch.py). `worker_device_type`: the
+    device of a remote runner's workers, for `precision: auto` (runners.py)."""
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
     encoders = build_encoders(config.encoders, worker_device_type)
@@ -98,8 +101,10 @@ def plan_job(config: Config, run_id: str, scratch: str, reembed: bool = False, r
         # Another encoder set or weighting changes the schema: every row is rewritten.
         overwrite=current is not None and not current.schema.equals(schema, check_metadata=True),
         started_at=utc_now(),
+        staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version),
     )
-    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, scratch)
+    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash,
+                   scratch_folder(root, config.output.table, run_id))
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
@@ -115,7 +120,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                                                        config.catalog.immutable_urls))
         .with_outputs(REJECTS, main=ITEMS)
     )
-    compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan),
+    staged_rows = pipeline | "Staged rows" >> ReadStagedRows(plan.staged_batches)
+    compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan), staged_rows,
                                   ctx.output.on_missing == "delete", plan.rehash)
     copies = FileSystems.join(plan.scratch, "images")
     hashed = (
@@ -146,6 +152,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         count_plan(pipeline, items, decided[UNCHANGED], compared[DELETES], rejects | "Rejects so far" >> beam.Flatten(),
                    beam.pvalue.AsSingleton(rows_read), {e.name: e.modality for e in plan.encoders}, plan.plan_path)
         return
+    resumed = resume(items, staged_rows, inputs)
+    items = resumed[ITEMS]
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders, reader)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
@@ -164,10 +172,10 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         CombineVectors(config.normalised_weights(), {e.name: e.dim for e in plan.encoders})).with_outputs(
         REJECTS, main=ITEMS)
     rejects.append(combined[REJECTS])
-    written = combined[ITEMS] | "Write fragments" >> beam.ParDo(
-        WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs, storage)).with_outputs(
-        REPLACED, main=ITEMS)
-    deletions = _deletions(pipeline, ctx, (written[REPLACED], compared[DELETES]))
+    writer = WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs, ctx.staging, storage)
+    written = combined[ITEMS] | "Write fragments" >> beam.ParDo(writer).with_outputs(REPLACED, main=ITEMS)
+    replaced_by_staged = resumed[STAGED] | "Staged replacing" >> beam.Filter(lambda pair: pair[0] is not None)
+    deletions = _deletions(pipeline, ctx, (written[REPLACED], replaced_by_staged, compared[DELETES]))
     reject_batches = (
         rejects
         | "All rejects" >> beam.Flatten()
@@ -182,7 +190,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
             rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
             deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
-            read=beam.pvalue.AsSingleton(rows_read), **behaviour)
+            read=beam.pvalue.AsSingleton(rows_read), matched=resumed["matched"], sizes=resumed["sizes"], **behaviour)
     )
 
 
@@ -215,8 +223,8 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     check_paths_reach_workers(config, options)
     FileSystems.set_options(options)    # the launcher reads and writes object stores as the workers will
     root = scratch_root(options.view_as(GoogleCloudOptions).temp_location, config.output.uri)
-    scratch = scratch_folder(root, config.output.table, run_id)
-    plan = plan_job(config, run_id, scratch, reembed, rehash, worker_device_type(options))
+    plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options))
+    scratch = plan.scratch
     if dry_run:
         plan = replace(plan, plan_path=FileSystems.join(scratch, "plan.json"))
     log.info("run %s%s: %s -> %s (from version %s, on %s)", run_id, " (dry run)" if dry_run else "",
@@ -225,6 +233,10 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     ended = {run["run_id"] for run in read_runs(config.output.uri, config.output.table, storage)}
     remove_stale_scratch(root, config.output.table, ended, config.output.retain_days)
     open_scratch(scratch, config.output.table, run_id)
+    if not dry_run:
+        plan = replace(plan, staged_batches=tuple(open_staging(
+            root, config.output.table, plan.context.config_hash, plan.context.read_version,
+            config.output.retain_days)))
     try:
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             build_pipeline(pipeline, plan)

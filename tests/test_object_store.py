@@ -217,7 +217,7 @@ def test_the_pipeline_and_options_carry_no_launcher_path(shop, cluster):
 
     options = PipelineOptions(cluster)
     FileSystems.set_options(options)        # as run_job does
-    plan = plan_job(load_config(str(shop.config)), "probe", f"{SCRATCH}/probe", reembed=True)
+    plan = plan_job(load_config(str(shop.config)), "probe", SCRATCH, reembed=True)
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, plan)
     graph = pipeline.to_runner_api().SerializeToString()

@@ -23,6 +23,7 @@ from transforms.behaviour import STAGE as LOG_STAGE
 from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
+from transforms.staging import read_fragments, remove_staging, whole_batches
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,27 @@ class RunContext:
     read_version: int | None
     overwrite: bool
     started_at: datetime
+    staging: str                    # this run's staging folder (staging.py)
 
 
 class CommitRun(beam.DoFn):
     """Side inputs, all small: per written batch its fragments and counts (`written`), per reject batch
-    likewise (`rejects`), per stored fragment its deletion file (`deletions`), and counts."""
+    likewise (`rejects`), per stored fragment its deletion file (`deletions`), per staged batch of a run that
+    died its rows and the rows this run matched (`sizes`, `matched`: staging.py), and counts."""
 
     def __init__(self, context: RunContext, schema):
         self._context = context
         self._schema = schema
 
     def process(self, _trigger, written: list[dict], rejects: list[dict], deletions: list[tuple],
-                deleted: int, unchanged: int, read: int, trained: Sequence[dict] = (), interactions_read: int = 0):
+                deleted: int, unchanged: int, read: int, matched: dict[str, int], sizes: dict[str, int],
+                trained: Sequence[dict] = (), interactions_read: int = 0):
         ctx = self._context
-        run = self._summary(written, rejects, deleted, unchanged, read)
+        resumed = [read_fragments(batch) for batch in whole_batches(matched, sizes)]
+        if resumed:
+            log.info("run %s commits %d rows that a run which did not finish wrote (%d batches)", ctx.run_id,
+                     sum(batch["rows"] for batch in resumed), len(resumed))
+        run = self._summary(written, resumed, rejects, deleted, unchanged, read)
         if trained:
             run["interactions"] = self._interactions(run, trained, interactions_read)
         refusal = self._refusal(run)
@@ -61,11 +69,12 @@ class CommitRun(beam.DoFn):
             run.update(status="failed", message=refusal, table_version=ctx.read_version)
             log.error("run %s commits nothing: %s", ctx.run_id, refusal)
         else:
-            self._commit(run, [raw for batch in written for raw in batch["fragments"]], deletions)
+            self._commit(run, [raw for batch in [*written, *resumed] for raw in batch["fragments"]], deletions)
         storage = ctx.output.storage_options
         commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]],
                        storage)
         record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()), storage)
+        remove_staging(ctx.staging)       # committed, or failed for good: nothing in it can be committed now
         yield run
 
     def _commit(self, run: dict, fragments: list[str], deletions: list[tuple]) -> None:
@@ -115,9 +124,12 @@ class CommitRun(beam.DoFn):
         return {"read": read, "rejected": rejected, "sessions": max(t["sessions"] for t in trained),
                 "needed": max(t["needed"] for t in trained), "trained": {t["encoder"]: t["items"] for t in trained}}
 
-    def _summary(self, written: list[dict], rejects: list[dict], deleted: int, unchanged: int, read: int) -> dict:
+    def _summary(self, written: list[dict], resumed: list[dict], rejects: list[dict], deleted: int, unchanged: int,
+                 read: int) -> dict:
+        """The run's counts. Rows a dead run wrote count as written, and their forward passes as that run's."""
         ctx = self._context
-        written_rows = sum(batch["rows"] for batch in written)
+        resumed_rows = sum(batch["rows"] for batch in resumed)
+        written_rows = sum(batch["rows"] for batch in written) + resumed_rows
         encoded, by_reason = Counter(), Counter()
         for batch in written:
             encoded.update(batch["encoded"])
@@ -130,7 +142,7 @@ class CommitRun(beam.DoFn):
         return {
             "run_id": ctx.run_id, "status": "committed", "message": "", "config_hash": ctx.config_hash,
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
-            "deleted": deleted, "rejected": rejected,
+            "deleted": deleted, "rejected": rejected, "resumed": resumed_rows,
             "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
             "drift": {}, "interactions": {}, "index": {},
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),

@@ -21,6 +21,7 @@ from transforms.items import ITEMS, REJECTS, make_reject, pack, unpack
 
 UNCHANGED = "unchanged"
 DELETES = "deletes"
+STAGED_ROWS = "staged_rows"
 
 
 def row_digest(label: str | None, image_uri: str | None, fields: dict) -> str:
@@ -73,10 +74,11 @@ class ReadTableSummaries(beam.PTransform):
 
 
 class CompareWithTable(beam.DoFn):
-    """Per id: the catalog's items and the table's summary. Outputs the item (main) with `stored` set,
-    `deletes` as (fragment, id) and `rejects` (duplicate ids in the catalog).
+    """Per id: the catalog's items, the table's summary and a staged row. Outputs the item (main) with `stored`
+    and `staged` set, `deletes` as (fragment, id) and `rejects` (duplicate ids in the catalog).
 
-    The stored image digest is reused when the image's path and stat are unchanged, unless `rehash`.
+    The stored (or else staged) image digest is reused when the image's path and stat are unchanged, unless
+    `rehash`.
     """
 
     def __init__(self, delete_missing: bool, rehash: bool):
@@ -87,7 +89,7 @@ class CompareWithTable(beam.DoFn):
         item_id, sides = joined
         items, stored = [unpack(i) for i in sides[ITEMS]], [unpack(s) for s in sides["table"]]
         if not items:
-            if self._delete_missing:
+            if stored and self._delete_missing:
                 yield beam.pvalue.TaggedOutput(DELETES, (stored[0]["fragment"], item_id))
             return
         # Which duplicate survives must not depend on worker order: keep the smallest input.
@@ -96,13 +98,18 @@ class CompareWithTable(beam.DoFn):
         for extra in duplicates:
             yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
                 item_id, "read", "DuplicateId", "another catalog row has the same id", extra.get("source")))
-        if stored:
-            item["stored"] = summary = stored[0]
-            same_file = (item["image_stat"] is not None and summary["image_digest"]
-                         and (summary["image_uri"], summary["image_stat"]) == (item["image_uri"], item["image_stat"]))
-            if same_file and not self._rehash:
-                item["digests"]["image"] = summary["image_digest"]
+        staged = sides.get(STAGED_ROWS) or ()
+        item["staged"] = unpack(staged[0]) if staged else None      # a row a run that died wrote (staging.py)
+        item["stored"] = stored[0] if stored else None
+        known = item["stored"] or item["staged"]
+        if known and not self._rehash and _same_file(item, known):
+            item["digests"]["image"] = known["image_digest"]
         yield item
+
+
+def _same_file(item: dict, known: dict) -> bool:
+    return bool(item["image_stat"] is not None and known["image_digest"]
+                and (known["image_uri"], known["image_stat"]) == (item["image_uri"], item["image_stat"]))
 
 
 class DecideWork(beam.DoFn):
@@ -129,10 +136,11 @@ class DecideWork(beam.DoFn):
         yield item
 
 
-def compare_with_table(items, table_summaries, delete_missing: bool, rehash: bool):
-    """Join items with stored summaries by id; returns the tagged outputs of CompareWithTable."""
+def compare_with_table(items, table_summaries, staged_rows, delete_missing: bool, rehash: bool):
+    """Join items with stored summaries and staged rows by id; returns the tagged outputs of CompareWithTable."""
     return (
-        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], pack(item))), "table": table_summaries}
+        {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], pack(item))), "table": table_summaries,
+         STAGED_ROWS: staged_rows}
         | "Join with table" >> beam.CoGroupByKey()
         | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash)).with_outputs(DELETES, REJECTS, main=ITEMS)
     )

@@ -8,6 +8,7 @@ runner. It never carries image bytes or stored vectors:
     image_copy                           where this run keeps the bytes of a URL's image it fetched (fingerprint.py)
     digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
     stored                               the table's summary of the same id, if any (compare.py)
+    staged                               the row a run that died wrote for it, if any (staging.py)
     replaces                             the fragment of the stored row this item replaces, once decided
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
     vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
@@ -86,6 +87,7 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "image_copy": None,
         "digests": {},
         "stored": None,
+        "staged": None,
         "replaces": None,
         "keep": [],
         "vectors": {},

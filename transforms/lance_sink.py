@@ -27,6 +27,7 @@ from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from transforms.fingerprint import fingerprints, has_input
+from transforms.staging import stage_batch
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ class WriteFragments(beam.DoFn):
     and (tagged `replaced`) the stored rows they replace, for the deletion stage."""
 
     def __init__(self, uri: str, schema: pa.Schema, run_id: str, overwrite: bool, inputs: dict[str, tuple[str, str]],
-                 storage_options: dict[str, str] | None = None):
+                 staging: str, storage_options: dict[str, str] | None = None):
         self._uri = uri
+        self._staging = staging        # where each written batch is recorded, for a run that resumes this one
         self._storage_options = storage_options
         self._schema = schema
         self._run_id = run_id
@@ -140,8 +142,10 @@ class WriteFragments(beam.DoFn):
         fragments = write_fragments(table, self._uri, schema=self._schema, mode=mode,
                                     storage_options=self._storage_options)
         self._written.inc(len(items))
-        yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(items),
-               "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
+        written = {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(items),
+                   "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
+        stage_batch(self._staging, written, items, self._inputs)
+        yield written
         if not self._overwrite:
             for item in items:
                 if item["replaces"] is not None:

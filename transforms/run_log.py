@@ -31,6 +31,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("unchanged", pa.int64()),
     pa.field("deleted", pa.int64()),
     pa.field("rejected", pa.int64()),
+    pa.field("resumed", pa.int64()),        # rows of a run that died, committed by this one (staging.py)
     pa.field("encoded", pa.string()),
     pa.field("rejects_by", pa.string()),
     pa.field("drift", pa.string()),

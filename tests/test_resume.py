@@ -1,0 +1,120 @@
+"""A run killed part-way is resumed by the next run of the same config: what reached storage is committed, not
+encoded again, and the table equals an uninterrupted run's. Staged work that can no longer be committed is
+removed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.config import load_config
+from tests.conftest import read_table, run
+from transforms import commit
+from transforms.lance_sink import dataset_uri, open_dataset
+
+ITEMS, BATCH = 2000, 100
+COLORS = ("red", "navy", "olive", "ivory", "teal", "amber", "plum", "slate")
+THINGS = ("mug", "scarf", "lamp", "boot", "chair", "kettle", "jacket", "vase", "towel", "clock")
+
+
+def _catalog(folder: Path, table: str = "shop", extra: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["id,title"] + [f"p{i:04d},{COLORS[i % 8]} {THINGS[i // 8 % 10]} no. {i} in size {i % 7}"
+                            for i in range(ITEMS)]
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    config = {"catalog": {"format": "manifest", "path": str(folder / "catalog.csv"), "text_fields": ["title"],
+                          **(extra or {})},
+              "encoders": {"text": {"kind": "sentence-transformers", "batch_size": 32, "precision": "fp32"}},
+              "output": {"uri": str(folder / "db"), "table": table, "write_batch_rows": BATCH}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(config))
+    return folder / "job.yaml"
+
+
+def _staged_batches(folder: Path) -> list[Path]:
+    return list((folder / "db" / "_catalog_embed_scratch").glob("catalog-embed-*-staging-*/*.fragments.json"))
+
+
+def _killed_once_half_is_written(config: Path, folder: Path) -> None:
+    """The run on 2 worker processes (the local stand-in for a cluster), SIGKILLed with its workers."""
+    command = [str(Path(sys.executable).parent / "catalog-embed"), "run", "--config", str(config), "--run-id", "dead",
+               "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(_staged_batches(folder)) < ITEMS // BATCH // 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before half was written"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    config = load_config(str(_catalog(folder)))
+    run(config, "whole")
+    return read_table(config)
+
+
+def test_a_killed_first_run_is_resumed_not_encoded_again(tmp_path, uninterrupted):
+    config_path = _catalog(tmp_path)
+    _killed_once_half_is_written(config_path, tmp_path)
+    staged = len(_staged_batches(tmp_path))
+    config = load_config(str(config_path))
+    assert open_dataset(dataset_uri(config.output.uri, "shop")) is None        # nothing was committed
+
+    summary = run(config, "again")
+    assert summary["status"] == "committed"
+    assert summary["read"] == summary["written"] == ITEMS
+    assert summary["resumed"] >= staged * BATCH >= ITEMS // 2
+    assert summary["encoded"]["text"] <= 0.6 * ITEMS
+    assert _staged_batches(tmp_path) == []                       # committed: the staging is gone
+
+    table = read_table(config)
+    assert table["id"].to_pylist() == uninterrupted["id"].to_pylist()
+    for column in ("title", "embedded_text", "text_fp"):
+        assert table[column].to_pylist() == uninterrupted[column].to_pylist(), column
+    ours, whole = (np.stack(t["text_vec"].to_numpy(zero_copy_only=False)) for t in (table, uninterrupted))
+    assert np.min(np.sum(ours * whole, axis=1)) >= 0.9999
+    assert run(config, "unchanged")["unchanged"] == ITEMS
+
+
+def test_staged_work_of_another_config_is_removed_and_never_committed(tmp_path, caplog):
+    config_path = _catalog(tmp_path)
+    _killed_once_half_is_written(config_path, tmp_path)
+    other = load_config(str(_catalog(tmp_path, extra={"fields": ["title"]})))      # another config hash
+    with caplog.at_level(logging.INFO, logger="transforms.staging"):
+        summary = run(other, "other")
+    assert "removing staged work that cannot be committed" in caplog.text
+    assert summary["resumed"] == 0 and summary["encoded"]["text"] == ITEMS
+    assert summary["written"] == ITEMS and _staged_batches(tmp_path) == []
+
+
+@pytest.mark.parametrize("dies_in", ["commit_run", "maintain"])
+def test_a_run_that_dies_in_its_commit_or_upkeep_costs_no_forward_pass_again(tmp_path, uninterrupted, monkeypatch,
+                                                                              dies_in):
+    """Dying in the commit leaves every batch staged for the next run; dying in the upkeep, after the commit,
+    leaves staging of a version the table has left, which the next run removes."""
+    config = load_config(str(_catalog(tmp_path)))
+
+    def dies(*args, **kwargs):
+        raise RuntimeError(f"killed in {dies_in}")
+
+    monkeypatch.setattr(commit, dies_in, dies)
+    with pytest.raises(Exception, match=f"killed in {dies_in}"):
+        run(config, "dead")
+    monkeypatch.undo()
+    summary = run(config, "again")
+    assert summary["encoded"]["text"] == 0
+    assert summary["resumed"] == (ITEMS if dies_in == "commit_run" else 0)
+    assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(tmp_path) == []
+    table = read_table(config)
+    assert table["text_fp"].to_pylist() == uninterrupted["text_fp"].to_pylist()
