@@ -38,12 +38,12 @@ from transforms.storage import ImageReader
 RESCORED_CANDIDATES = 4
 # At 1M rows (README "Queries"): 50 partitions of 1,000 and a refine over 5x the candidates hold recall@10 at
 # 0.98 unfiltered (Lance's default 20: 0.80); an exact search costs about 20 us a filtered row; the index holds
-# recall@10 >= 0.95 where the probed partitions hold 2,500 of the filter's rows (a 1% filter: 250 partitions),
-# on a freshly built index; with 7 delta segments the 1% filter fell to 0.86 (README "Queries").
+# recall@10 at 1.0 where the probed partitions hold 4,000 of the filter's rows (a 1% filter: 400 partitions),
+# also after 30 nights with 7 delta segments, where 2,500 gave 0.85, 3,000 0.97 and 3,500 0.996 (README "Queries").
 ANN_NPROBES = 50
 REFINE_FACTOR = 5
 EXACT_MAX_ROWS = 2_000
-FILTERED_CANDIDATES = 2_500
+FILTERED_CANDIDATES = 4_000
 VECTOR_INDEX = "vector_idx"
 TEXT_INDEX = f"{TEXT_COLUMN}_idx"
 HIDDEN_COLUMNS = ("vector", "_distance", "run_id", "embedded_at", "image_stat", "image_digest")
