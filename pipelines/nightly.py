@@ -34,7 +34,7 @@ from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.encoders import Encoder, SentenceTransformerEncoder, build_encoders, without_data
 from transforms.fingerprint import HashImages, InspectInputs
-from transforms.inference import ENCODE_ORDER, EncodeModality
+from transforms.inference import ENCODE_ORDER, EncodeModality, needs
 from transforms.interaction_log import check_interactions
 from transforms.items import ITEMS, REJECTS, reject_from_exception
 from transforms.lance_sink import (
@@ -47,7 +47,7 @@ from transforms.lance_sink import (
     table_schema,
 )
 from transforms.plan import count, count_plan
-from transforms.progress import LogProgress
+from transforms.progress import LogProgress, LogWork
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
 from transforms.run_log import WriteRejects, read_runs, utc_now
@@ -154,9 +154,11 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         return
     resumed = resume(items, staged_rows, inputs)
     items = resumed[ITEMS]
+    work = _encode_work(pipeline, items, plan.encoders)
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders, reader)
-        items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(LogProgress(f"encoded_{modality}"))
+        items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(
+            LogProgress(f"encoded_{modality}", work_key=modality), work)
         rejects.append(encoded[REJECTS])
     batches = (
         items
@@ -192,6 +194,16 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
             read=beam.pvalue.AsSingleton(rows_read), matched=resumed["matched"], sizes=resumed["sizes"], **behaviour)
     )
+
+
+def _encode_work(pipeline: beam.Pipeline, items, encoders: Sequence[Encoder]):
+    """Items per modality that some encoder of it must encode, logged once; a side input for the progress."""
+    work = beam.pvalue.AsDict(
+        items
+        | "Modalities to encode" >> beam.FlatMap(lambda item: {e.modality for e in encoders if needs(item, e)})
+        | "Items per modality" >> beam.combiners.Count.PerElement())
+    _ = pipeline | "Before encoding" >> beam.Create([None]) | "Log the work" >> beam.ParDo(LogWork(), work)
+    return work
 
 
 def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollection:

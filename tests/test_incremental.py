@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -41,11 +42,16 @@ def _vectors(table, column) -> dict:
     return {r["id"]: np.asarray(r[column]) for r in table.to_pylist()}
 
 
-def test_unchanged_catalog_encodes_nothing_and_adds_no_version(catalog):
+def test_unchanged_catalog_encodes_nothing_and_adds_no_version(catalog, caplog):
     config, _, rows = catalog
-    first = run(config, "r1")
+    with caplog.at_level(logging.INFO, logger="catalog_embed.progress"):
+        first = run(config, "r1")
+    assert f"to encode: image {len(rows):,} items, text {len(rows):,} items" in caplog.text      # up front
     version = _latest(config)
-    second = run(config, "r2")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="catalog_embed.progress"):
+        second = run(config, "r2")
+    assert "to encode: nothing" in caplog.text
     assert first["encoded"] == {"text": len(rows), "color": len(rows)}
     assert second["encoded"] == {"text": 0, "color": 0}
     assert (second["written"], second["unchanged"], second["status"]) == (0, len(rows), "unchanged")

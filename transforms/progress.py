@@ -1,5 +1,7 @@
 """Progress of long runs: a Beam counter per stage (remote runners show these) and, on each worker,
-a log line every few seconds with the count and rate, so a local run is never silent."""
+a log line every few seconds with the count and rate, so a local run is never silent. The encode stages
+know their work up front (`LogWork`: items per modality, logged once before encoding starts) and log how
+much of it is done and, at the worker's rate, how long the rest takes."""
 
 from __future__ import annotations
 
@@ -15,21 +17,37 @@ log = logging.getLogger("catalog_embed.progress")
 class LogProgress(beam.DoFn):
     """Pass elements through, counting them as `items_<stage>`."""
 
-    def __init__(self, stage: str, every_seconds: float = 5.0):
+    def __init__(self, stage: str, every_seconds: float = 5.0, work_key: str | None = None):
         self._stage = stage
         self._every = every_seconds
+        self._work_key = work_key      # the key of this stage's total in the `work` side input, if it has one
         self._counter = Metrics.counter("catalog_embed", f"items_{stage}")
 
     def setup(self):
         self._count = 0
         self._started = self._last = time.monotonic()
 
-    def process(self, element):
+    def process(self, element, work: dict[str, int] | None = None):
         self._count += 1
         self._counter.inc()
         now = time.monotonic()
         if now - self._last >= self._every:
             self._last = now
-            log.info("%s: %d items on this worker, %.1f items/s", self._stage, self._count,
-                     self._count / max(now - self._started, 1e-9))
+            rate = self._count / max(now - self._started, 1e-9)
+            total = (work or {}).get(self._work_key)
+            if total:
+                log.info("%s: %d of %d items on this worker, %.1f items/s, about %.0f s left at this rate",
+                         self._stage, self._count, total, rate, max(total - self._count, 0) / rate)
+            else:
+                log.info("%s: %d items on this worker, %.1f items/s", self._stage, self._count, rate)
         yield element
+
+
+class LogWork(beam.DoFn):
+    """Log the run's encode work once, before the encode stages start: items that need each modality's
+    encoders (shared inputs are encoded once, so the forward passes are at most these)."""
+
+    def process(self, _trigger, work: dict[str, int]):
+        log.info("to encode: %s", ", ".join(f"{modality} {count:,} items" for modality, count in sorted(work.items()))
+                 or "nothing")
+        yield work
