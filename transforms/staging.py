@@ -89,7 +89,7 @@ def stage_batch(folder: str, written: dict, items: Sequence[dict], inputs: dict[
     """Record a written batch: its fragments (what the commit needs) and its rows (what a resume matches)."""
     batch = FileSystems.join(folder, uuid.uuid4().hex)
     rows = [[item["id"], row_signature(item, inputs), item["image_uri"], item["image_stat"],
-             item["digests"]["image"] if has_input(item, "image") else None] for item in items]
+             item["digests"].get("image") if has_input(item, "image") else None] for item in items]
     with FileSystems.create(batch + ROWS) as handle:
         handle.write(json.dumps(rows).encode())
     with FileSystems.create(batch + FRAGMENTS) as handle:      # last: a batch without it was never staged
