@@ -56,7 +56,6 @@ from transforms.storage import ImageReader
 
 log = logging.getLogger(__name__)
 REJECT_BATCH = 10_000  # rejects per fragment of the rejects table
-HASH_BATCH = 512       # items per batch of image reads: a few stragglers (retries) hold up a batch, not the run
 
 
 @dataclass(frozen=True)
@@ -124,13 +123,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan), staged_rows,
                                   ctx.output.on_missing == "delete", plan.rehash)
     copies = FileSystems.join(plan.scratch, "images")
-    hashed = (
-        compared[ITEMS]
-        # Batches whose reads and requests are in flight together (catalog.http.max_per_worker).
-        | "Batch for hashing" >> beam.BatchElements(min_batch_size=HASH_BATCH, max_batch_size=HASH_BATCH)
-        | "Hash changed images" >> beam.ParDo(HashImages(reader, config.run.max_pixels, plan.rehash, copies))
-        .with_outputs(REJECTS, main=ITEMS)
-    )
+    hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(
+        HashImages(reader, config.run.max_pixels, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
     decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(DecideWork(inputs, ctx.overwrite)).with_outputs(
         UNCHANGED, main=ITEMS)
     items = decided[ITEMS]

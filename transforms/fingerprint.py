@@ -16,7 +16,8 @@ conditional GET with the validators stored for the same URL, so an unchanged ima
 no body, and a changed or new one costs one body, which is hashed and kept in the run's scratch folder
 (`image_copy`) for the encode stage to decode instead of downloading it again. With
 `catalog.immutable_urls`, a URL's stat is the URL itself: an unchanged URL sends no request at all.
-HashImages works on batches, its reads and requests in flight together (http.max_per_worker a process).
+HashImages reads the images it must in batches, their reads and requests in flight together
+(http.max_per_worker a process).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.http_fetch import is_url
 from transforms.images import check_image
@@ -37,6 +39,7 @@ from transforms.storage import ImageReader, file_stat
 ABSENT = "absent"   # the digest of an input the item does not have: no text, no image reference
 IMMUTABLE_URL = "immutable-url"   # the stat of an image URL under catalog.immutable_urls: the URL says it all
 ASK_SERVER = "?"    # a URL's stat until HashImages asks the server: never equal to a stored one
+HASH_BATCH = 512    # images read together: a few stragglers (retries) hold up a batch, not the run
 
 
 def has_input(item: dict, modality: str) -> bool:
@@ -92,7 +95,8 @@ class InspectInputs(beam.DoFn):
 
 
 class HashImages(beam.DoFn):
-    """Read, check and digest the images whose digest the table could not vouch for, a batch at a time."""
+    """Read, check and digest the images whose digest the table could not vouch for. Those are read
+    HASH_BATCH at a time, their reads and requests in flight together; every other item passes straight on."""
 
     def __init__(self, reader: ImageReader, max_pixels: int, rehash: bool, copies: str):
         self._reader = reader
@@ -102,8 +106,29 @@ class HashImages(beam.DoFn):
         self._hashed = Metrics.counter("catalog_embed", "images_hashed")
         self._bytes = Metrics.counter("catalog_embed", "image_bytes_hashed")
 
-    def process(self, items: list[dict]):
-        for item, err in zip(items, _pool(self._reader.http.max_per_worker).map(self._hash, items), strict=True):
+    def start_bundle(self):
+        self._waiting: list[dict] = []
+
+    def process(self, item: dict):
+        if item["image_stat"] is None or "image" in item["digests"]:
+            yield item
+            return
+        self._waiting.append(item)
+        if len(self._waiting) >= HASH_BATCH:
+            yield from self._hash_waiting()
+
+    def finish_bundle(self):
+        # Outputs of finish_bundle carry their window: this batch pipeline's items are in the global one.
+        for output in self._hash_waiting():
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
+
+    def _hash_waiting(self):
+        waiting, self._waiting = self._waiting, []
+        errors = _pool(self._reader.http.max_per_worker).map(self._hash, waiting)
+        for item, err in zip(waiting, errors, strict=True):
             if err is not None:
                 yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
             else:
@@ -111,8 +136,6 @@ class HashImages(beam.DoFn):
 
     def _hash(self, item: dict) -> Exception | None:
         """Give the item its image digest (and a URL's stat and copy) in place; the error if it has none."""
-        if item["image_stat"] is None or "image" in item["digests"]:
-            return None
         try:
             uri = item["image_uri"]
             if is_url(uri):
