@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import io
@@ -102,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the run's record (as in <table>_runs: status, counts, encoded per encoder, table "
                           "version, seconds), or with --dry-run the plan, as one JSON line: all of stdout")
     run.add_argument("--reembed", action="store_true",
-                     help="allow a run whose encoders differ from the table's: re-embed every item into a new version")
+                     help="encode every item again with every encoder, keeping no stored vector (a changed, added or "
+                          "removed encoder needs no flag: only its column is filled again)")
+    run.add_argument("--max-encode", type=_count, metavar="N",
+                     help="a budget: at most N forward passes in all, the rest left for later runs in "
+                          "run.backfill_order (overrides run.max_encode; the summary says how many runs are left)")
     run.add_argument("--rehash", action="store_true",
                      help="read and hash every image instead of trusting an unchanged size and modification time "
                           "(catches files rewritten in place with the same stat; costs a read of every image)")
@@ -275,6 +280,13 @@ def entry_point() -> None:
     sys.exit(code)
 
 
+def _count(text: str) -> int:
+    """A whole number, 0 or more (argparse's type for counts)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
+
+
 def new_run_id() -> str:
     """The UTC time and a random suffix: runs started in the same second still tag their own versions."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -286,6 +298,8 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.report import print_plan, print_run_summary, run_json
 
     config = load_config(args.config)
+    if args.max_encode is not None:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, max_encode=args.max_encode))
     run_id = args.run_id or new_run_id()
     # With --json, stdout is the one JSON line (a file of runs is JSON lines); the summary is logged.
     summary_to = _logged_lines() if args.json else contextlib.nullcontext()
@@ -337,7 +351,11 @@ def _warn_rejects(run: dict, warn_ratio: float) -> bool:
 
 
 def _warn_drift(run: dict, warn_score: float) -> bool:
-    over = {name: score for name, score in (run.get("drift") or {}).items() if score > warn_score}
+    # A column that a backfill fills moves by design, and the combined vector with it.
+    filling = set((run.get("backfill") or {}).get("encoders", {}))
+    expected = filling | ({"vector"} if filling else set())
+    over = {name: score for name, score in (run.get("drift") or {}).items()
+            if score > warn_score and name not in expected}
     if not over:
         return False
     print(f"catalog-embed: run {run['run_id']} committed version {run['table_version']}, which drifted from the "

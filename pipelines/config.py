@@ -132,6 +132,10 @@ class RunConfig:
     max_pixels: int = 100_000_000
     max_image_bytes: int = 50_000_000   # an image file or response body over it is a reject
     rehash: bool = False  # read and hash every image, whatever its stat says (e.g. a weekly run)
+    # A budget of forward passes per run: a number for all encoders together, or one per encoder name
+    # ({clip: 25000}); the rest is left for later runs, in backfill order (transforms/budget.py).
+    max_encode: int | dict[str, int] | None = None
+    backfill_order: str | None = None   # a pass-through field to encode first by ("-added_at": largest first)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ def parse_config(raw: dict[str, Any], source_path: str = "") -> Config:
     )
     _check_encoders_fit_catalog(config)
     _check_columns(config)
+    _check_budget(config)
     return config
 
 
@@ -436,7 +441,28 @@ def _parse_run(raw: dict[str, Any]) -> RunConfig:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"run.{key} must be a positive integer, got {limit!r}")
         limits[key] = limit
-    return RunConfig(**ratios, **limits, rehash=_flag(raw.get("rehash", False), "run.rehash"))
+    return RunConfig(**ratios, **limits, rehash=_flag(raw.get("rehash", False), "run.rehash"),
+                     max_encode=_budget(raw.get("max_encode")),
+                     backfill_order=_backfill_order(raw.get("backfill_order")))
+
+
+def _budget(raw: Any) -> int | dict[str, int] | None:
+    def count(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be a whole number of forward passes, 0 or more, got {value!r}")
+        return value
+
+    if raw is None or isinstance(raw, int):
+        return None if raw is None else count(raw, "run.max_encode")
+    if isinstance(raw, dict) and raw:
+        return {str(name): count(value, f"run.max_encode.{name}") for name, value in raw.items()}
+    raise ConfigError(f"run.max_encode must be a number, or a number per encoder name, got {raw!r}")
+
+
+def _backfill_order(raw: Any) -> str | None:
+    if raw is not None and (not isinstance(raw, str) or not raw.lstrip("-")):
+        raise ConfigError(f"run.backfill_order must be a field name (\"-name\": largest first), got {raw!r}")
+    return raw
 
 
 def _check_columns(config: Config) -> None:
@@ -446,6 +472,20 @@ def _check_columns(config: Config) -> None:
         other = seen.setdefault(column_name(name), name)
         if other != name:
             raise ConfigError(f"catalog fields {other!r} and {name!r} would both be the column {column_name(name)!r}")
+
+
+def _check_budget(config: Config) -> None:
+    budget, order = config.run.max_encode, config.run.backfill_order
+    if isinstance(budget, dict):
+        for name in budget:
+            if name not in {e.name for e in config.encoders}:
+                raise ConfigError(f"run.max_encode.{name}: there is no encoder {name!r}")
+            if config.encoder(name).kind == "item2vec":
+                raise ConfigError(f"run.max_encode.{name}: item2vec trains on the whole log in one run, "
+                                  "it takes no budget")
+    if order is not None and order.lstrip("-") not in {"id", *config.passthrough_fields()}:
+        raise ConfigError(f"run.backfill_order: {order.lstrip('-')!r} is not id or a field the table keeps "
+                          "(catalog.fields or text_fields)")
 
 
 def _check_encoders_fit_catalog(config: Config) -> None:

@@ -1,4 +1,4 @@
-"""The nightly job: read -> inspect -> compare -> hash what changed -> encode per modality -> keep ->
+"""The nightly job: read -> inspect -> compare -> hash what changed -> budget -> encode per modality -> keep ->
 behaviour -> combine -> write -> delete replaced rows -> commit.
 
 Beside it, when an encoder is item2vec: read the interaction log -> sessions -> train once (behaviour.py).
@@ -25,15 +25,16 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipelines.config import Config, ConfigError
+from pipelines.config import Config
 from pipelines.runners import check_paths_reach_workers, pipeline_runner, runner_name, worker_device_type
 from pipelines.scratch import open_scratch, remove_scratch, remove_stale_scratch, scratch_folder, scratch_root
 from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
+from transforms.budget import DEFERRED, apply_budget, budget_scopes
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.encoders import Encoder, SentenceTransformerEncoder, build_encoders, without_data
-from transforms.fingerprint import HashImages, InspectInputs
+from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
 from transforms.interaction_log import check_interactions
 from transforms.items import ITEMS, REJECTS, reject_from_exception
@@ -67,6 +68,7 @@ class JobPlan:
     schema: pa.Schema
     context: RunContext
     rehash: bool
+    reembed: bool                   # encode every item again, keeping no stored vector
     scratch: str                    # the run's own folder for what it makes on the way (trained vectors)
     plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
     staged_batches: tuple[str, ...] = ()    # what a run that died wrote from the same version (staging.py)
@@ -90,19 +92,21 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     schema = table_schema(config.passthrough_columns(), described, meta, [f for f in functions if f])
     uri = dataset_uri(config.output.uri, config.output.table)
     current = open_dataset(uri, config.output.storage_options)
-    if current is not None and not reembed:
-        _check_table_fits(config.output.table, table_metadata(current.schema), described)
+    if current is not None:
+        _log_encoder_changes(table_metadata(current.schema), described)
     context = RunContext(
         output=config.output, max_reject_ratio=config.run.max_reject_ratio, dataset_uri=uri, run_id=run_id,
         config_hash=config.config_hash(),
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
-        # Another encoder set or weighting changes the schema: every row is rewritten.
-        overwrite=current is not None and not current.schema.equals(schema, check_metadata=True),
+        # Another encoder set or weighting changes the schema: every row is rewritten, from the stored vectors
+        # of the encoders that did not change.
+        overwrite=current is not None and (reembed or not current.schema.equals(schema, check_metadata=True)),
         started_at=utc_now(),
         staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version),
+        budget=budget_scopes(config.run.max_encode),
     )
-    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash,
+    return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
                    scratch_folder(root, config.output.table, run_id))
 
 
@@ -125,9 +129,12 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     copies = FileSystems.join(plan.scratch, "images")
     hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(
         HashImages(reader, config.run.max_pixels, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
-    decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(DecideWork(inputs, ctx.overwrite)).with_outputs(
-        UNCHANGED, main=ITEMS)
-    items = decided[ITEMS]
+    decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(
+        DecideWork(inputs, ctx.overwrite, keep_stored=not plan.reembed)).with_outputs(UNCHANGED, main=ITEMS)
+    budgeted = apply_budget(decided[ITEMS], plan.encoders, config.run.max_encode, config.run.backfill_order)
+    items = budgeted[ITEMS]
+    backfill = {"deferred": count(budgeted[DEFERRED], "deferred"), "waiting": budgeted["waiting"],
+                "with_input": _inputs_per_encoder(pipeline, hashed[ITEMS], plan)}
     rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
     behaviour = {}
     if config.catalog.interactions and not plan.plan_path:
@@ -144,7 +151,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     )
     if plan.plan_path:
         count_plan(pipeline, items, decided[UNCHANGED], compared[DELETES], rejects | "Rejects so far" >> beam.Flatten(),
-                   beam.pvalue.AsSingleton(rows_read), {e.name: e.modality for e in plan.encoders}, plan.plan_path)
+                   beam.pvalue.AsSingleton(rows_read), {e.name: e.modality for e in plan.encoders}, plan.plan_path,
+                   backfill, ctx.budget)
         return
     resumed = resume(items, staged_rows, inputs)
     items = resumed[ITEMS]
@@ -186,8 +194,23 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
             rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
             deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
-            read=beam.pvalue.AsSingleton(rows_read), matched=resumed["matched"], sizes=resumed["sizes"], **behaviour)
+            read=beam.pvalue.AsSingleton(rows_read), matched=resumed["matched"], sizes=resumed["sizes"], **backfill,
+            **behaviour)
     )
+
+
+def _inputs_per_encoder(pipeline: beam.Pipeline, items, plan: JobPlan):
+    """Per budgeted encoder, the items that have its input: what its column holds once a backfill is done.
+    Counted only under a budget, so that an unchanged run pays nothing for it."""
+    if not plan.context.budget:
+        counted = pipeline | "No budget" >> beam.Create([])
+    else:
+        budgeted = [e for e in plan.encoders if e.modality in ENCODE_ORDER]
+        counted = (items
+                   | "Encoders with input" >> beam.FlatMap(
+                       lambda item: [e.name for e in budgeted if has_input(item, e.modality)])
+                   | "Inputs per encoder" >> beam.combiners.Count.PerElement())
+    return beam.pvalue.AsDict(counted)
 
 
 def _encode_work(pipeline: beam.Pipeline, items, encoders: Sequence[Encoder]):
@@ -260,15 +283,16 @@ def _read_plan(plan: JobPlan) -> dict:
     return {"run_id": plan.context.run_id, "dry_run": True, "table_version": plan.context.read_version, **counts}
 
 
-def _check_table_fits(table: str, stored: dict, described: list[dict]) -> None:
-    """A table embedded with other encoders is re-embedded only when asked: it costs a full run."""
+def _log_encoder_changes(stored: dict, described: list[dict]) -> None:
+    """Say what a change of encoders costs: new and changed encoders fill their columns (over several runs under
+    a budget); the others keep their stored vectors, and a removed encoder's column is dropped."""
     before = {e["name"]: without_data(e["id"]) for e in stored.get("encoders", [])}
     now = {e["name"]: without_data(e["id"]) for e in described}
-    if before != now:
-        changed = sorted(set(before.items()) ^ set(now.items()))
-        names = sorted({name for name, _ in changed})
-        raise ConfigError(f"table '{table}' was embedded with other encoders ({', '.join(names)} differ); "
-                          "run with --reembed to re-embed it into a new version")
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            what = "new" if name not in before else "removed" if name not in now else "changed"
+            log.info("encoder %s is %s: %s", name, what, "its column is dropped" if what == "removed" else
+                     "its column is filled again, the other encoders' vectors are kept")
 
 
 class CombineVectors(beam.DoFn):

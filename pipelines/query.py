@@ -204,6 +204,21 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
     except ValueError as err:
         raise QueryError(str(err)) from err
     filters = _filters(where, exclude)
+    rows, scores = _scored(table, vector, queries, wanted, filters, k, where)
+    ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
+    if len(ranked) < k and len(rows) == k * RESCORED_CANDIDATES:
+        # The candidates ran out on items that share no encoder with the query (a column still filling, items
+        # without an image): they tie at cosine 0, ahead of items the query scores below 0. Ask for scorable ones.
+        having = " OR ".join(f"{name}_vec IS NOT NULL" for name, weight in wanted.items() if weight)
+        rows, scores = _scored(table, vector, queries, wanted, " AND ".join(f"({f})" for f in (filters, having) if f),
+                               k, where)
+        ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
+    return [_result(rows[i], float(scores[i])) for i in ranked[:k]]
+
+
+def _scored(table: Table, vector: np.ndarray, queries: dict[str, np.ndarray], wanted: dict[str, float],
+            filters: str, k: int, where: str | None) -> tuple[list[dict], np.ndarray]:
+    """The candidates of one search through the combined column, and their exact weighted scores (NaN: none)."""
     try:
         plan = plan_search(table, filters or None)
         request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
@@ -221,9 +236,7 @@ def search(table: Table, queries: dict[str, np.ndarray], k: int, weights: dict[s
         raise QueryError(f"--where {where!r} is not a valid filter: {str(err).splitlines()[0]}") from err
     scores = weighted_cosines(vector_matrix(found["vector"]), queries, wanted, list(table.stored_weights),
                               table.dims)
-    rows = found.drop_columns(["vector"]).to_pylist()     # the stored vectors are scored, not shown
-    ranked = [i for i in np.argsort(-scores, kind="stable") if not np.isnan(scores[i])]
-    return [_result(rows[i], float(scores[i])) for i in ranked[:k]]
+    return found.drop_columns(["vector"]).to_pylist(), scores     # the stored vectors are scored, not shown
 
 
 def hybrid_search(table: Table, text: str, queries: dict[str, np.ndarray], k: int,

@@ -11,10 +11,15 @@ def print_run_summary(run: dict) -> None:
     rate = run["read"] / seconds if seconds > 0 else 0.0
     print(f"run {run['run_id']}: {run['status']}, table version {run['table_version']}, "
           f"{seconds:.1f}s ({rate:.1f} items/s)")
+    deferred = f" + deferred {run['deferred']}" if run.get("deferred") else ""
     print(f"  read {run['read']} = written {run['written']} + unchanged {run['unchanged']} "
-          f"+ rejected {run['rejected']};  deleted {run['deleted']}")
+          f"+ rejected {run['rejected']}{deferred};  deleted {run['deleted']}")
     if run["encoded"]:
-        print("  encoded (forward passes): " + ", ".join(f"{k} {v}" for k, v in sorted(run["encoded"].items())))
+        rates = run.get("encode_rate") or {}
+        print("  encoded (forward passes): " + ", ".join(
+            f"{k} {v}" + (f" ({rates[k]:,.0f}/s)" if k in rates else "") for k, v in sorted(run["encoded"].items())))
+    if run.get("backfill"):
+        print(f"  backfill: {describe_backfill(run['backfill'])}")
     if run.get("interactions"):
         log = run["interactions"]
         trained = ", ".join(f"{name} {items} items" for name, items in log["trained"].items())
@@ -34,11 +39,13 @@ def print_run_summary(run: dict) -> None:
 def print_plan(plan: dict) -> None:
     print(f"dry run {plan['run_id']}: against table version {plan['table_version']}, nothing written")
     print(f"  read {plan['read']}: new {plan['new']}, changed {plan['changed']}, unchanged {plan['unchanged']}, "
-          f"rejected so far {plan['rejected']};  deleted {plan['deleted']}")
+          f"rejected so far {plan['rejected']}, deferred {plan['deferred']};  deleted {plan['deleted']}")
     if plan["changed_by_encoder"]:
         print("  changed, by encoder: " + ", ".join(f"{k} {v}" for k, v in sorted(plan["changed_by_encoder"].items())))
     if plan["encode"]:
         print("  would encode (distinct inputs): " + ", ".join(f"{k} {v}" for k, v in sorted(plan["encode"].items())))
+    if plan["backfill"]:
+        print(f"  backfill after it: {describe_backfill(plan['backfill'])}")
 
 
 def run_json(run: dict) -> str:
@@ -80,7 +87,15 @@ def print_history(found: dict) -> None:
         print_results([{"run_id": r["run_id"], "status": r["status"], "version": r["table_version"],
                         "read": r["read"], "written": r["written"], "unchanged": r["unchanged"],
                         "deleted": r["deleted"], "rejected": r["rejected"],
+                        "backfill": _backfill_cell(r.get("backfill")),
                         "started": str(r["started_at"])[:19]} for r in found["runs"]])
+
+
+def _backfill_cell(backfill: dict | None) -> str:
+    """"clip 75%": per budgeted encoder, the share of the items with its input that hold its vector."""
+    if not backfill:
+        return ""
+    return ", ".join(f"{name} {n['done'] / n['of']:.0%}" for name, n in backfill["encoders"].items() if n["of"])
 
 
 def print_evaluation(report: dict) -> None:
@@ -101,3 +116,14 @@ def print_labels(results: Sequence[dict], top: int = 5) -> None:
     """Zero-shot results: each image's label and its `top` most likely labels with their probabilities."""
     print_results([{"image": r["image"], "label": r["label"], "probabilities": "  ".join(
         f"{label} {p:.3f}" for label, p in list(r["probabilities"].items())[:top])} for r in results], truncate=False)
+
+
+def describe_backfill(backfill: dict) -> str:
+    """"image 40,000 of 100,000 done, about 3 more runs at this budget"."""
+    done = ", ".join(f"{name} {n['done']:,} of {n['of']:,} done" for name, n in backfill["encoders"].items())
+    runs = backfill["runs_left"]
+    if runs == 0:
+        return f"{done}, complete"
+    if runs is None:
+        return f"{done}; a budget of 0 encodes nothing"
+    return f"{done}, about {runs} more run{'s' if runs != 1 else ''} at this budget"

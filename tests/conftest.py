@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ MULTIMODAL_ENCODERS = {
     "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
 }
 CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
 BUCKET = "catalog-embed"      # the local S3 server's bucket
 DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "label_field": "category",
                 "fields": ["category"]}
@@ -121,6 +125,20 @@ def embed_demo(root: Path, encoders: dict) -> tuple[Config, dict]:
     manifest = build_demo_catalog(root / "catalog")
     config = make_config(root, dict(DEMO_CATALOG, path=str(manifest)), encoders, table="demo")
     return config, run(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP (the reference) and the folder its checkpoint was saved to: `local-dir:<folder>`."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    torch.manual_seed(7)
+    reference, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")  # no weights: random
+    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return f"local-dir:{folder}", reference.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 
 @pytest.fixture(scope="session")

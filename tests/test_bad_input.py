@@ -247,23 +247,6 @@ def test_bad_configuration_is_one_line_and_exit_2(case, tmp_path, capsys, monkey
     assert len(err) == 1 and message in err[0], err
 
 
-def test_a_table_embedded_with_other_encoders_needs_reembed(tmp_path, capsys):
-    folder = tmp_path / "catalog"
-    copy_photo(PHOTOS[0], folder / "images" / "a.png")
-    (folder / "catalog.csv").write_text(HEADER + "\nitem,a cat,images/a.png\n")
-    config_file = tmp_path / "config.yaml"
-    base = f"catalog: {{format: manifest, path: {folder / 'catalog.csv'}, text_fields: [caption]}}\n" \
-           f"output: {{uri: {tmp_path / 'db'}, table: items}}\n"
-    config_file.write_text(base + "encoders: {color: {kind: color}}\n")
-    assert main(["run", "--config", str(config_file)]) == 0
-    config_file.write_text(base + "encoders: {color: {kind: color, bins: [8, 8, 8]}}\n")
-    capsys.readouterr()
-    assert main(["run", "--config", str(config_file)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--reembed" in err[0] and "color" in err[0]
-    assert main(["run", "--config", str(config_file), "--reembed"]) == 0
-
-
 def test_manifest_rows_cannot_escape_the_catalog_folder(tmp_path):
     folder = tmp_path / "catalog"
     copy_photo(PHOTOS[0], tmp_path / "secret.png")

@@ -167,11 +167,26 @@ def test_changed_encoder_reembeds_that_encoder_only(catalog, tmp_path):
     run(config, "r1")
     finer = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
                         {"text": ENCODERS["text"], "color": {"kind": "color", "weight": 0.4, "bins": [8, 8, 8]}})
-    summary = run(finer, "r2", reembed=True)
+    summary = run(finer, "r2")          # no --reembed: the text vectors are kept, the color column filled again
     assert summary["encoded"] == {"text": 0, "color": len(rows)}
     assert read_table(finer).schema.field("color_vec").type.list_size == 512
     old = open_table(config.output.uri, config.output.table, "run-r1").handle.to_arrow()
     assert old.schema.field("color_vec").type.list_size == 144
+    assert read_table(finer)["text_vec"].equals(old.sort_by("id")["text_vec"])
+    assert run(finer, "r3", reembed=True)["encoded"] == {"text": len(rows), "color": len(rows)}
+
+
+def test_a_removed_encoder_drops_its_column_and_encodes_nothing(catalog, tmp_path):
+    config, _, rows = catalog
+    run(config, "r1")
+    text_only = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
+                            {"text": ENCODERS["text"]})
+    summary = run(text_only, "r2")
+    assert summary["encoded"] == {"text": 0} and summary["written"] == len(rows)
+    table = read_table(text_only)
+    assert "color_vec" not in table.schema.names
+    np.testing.assert_allclose(np.stack(table["vector"].to_numpy(zero_copy_only=False)),
+                               np.stack(table["text_vec"].to_numpy(zero_copy_only=False)), atol=1e-6)
 
 
 def test_rollback_restores_earlier_content_as_a_new_version(catalog, capsys):

@@ -12,25 +12,11 @@ import torch
 from pipelines.config import ConfigError, EncoderConfig
 from pipelines.query import open_table, search, text_queries
 from pipelines.zero_shot import classify
-from tests.conftest import copy_photo, make_config, open_photo, photo, read_table, run
+from tests.conftest import TINY_CLIP, copy_photo, make_config, open_photo, photo, read_table, run
 from transforms.encoders import build_encoder
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
 CAPTIONS = {"chelsea.png": "a ginger cat", "coffee.png": "a cup of coffee", "rocket.jpg": "a rocket on its pad",
             "astronaut.png": "an astronaut", "motorcycle_left.png": "a red motorcycle", "flower.jpg": "a flower"}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIP (the reference) and the folder its checkpoint was saved to: `local-dir:<folder>`."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
-    torch.manual_seed(7)
-    reference, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")  # no weights: random
-    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return f"local-dir:{folder}", reference.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
 
 
 def decode_side(tiny_clip) -> int:

@@ -20,6 +20,7 @@ import lance
 from pipelines.config import OutputConfig
 from pipelines.drift import column_scores
 from transforms.behaviour import STAGE as LOG_STAGE
+from transforms.budget import backfill_progress
 from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
@@ -42,12 +43,14 @@ class RunContext:
     overwrite: bool
     started_at: datetime
     staging: str                    # this run's staging folder (staging.py)
+    budget: dict                    # forward passes per scope (budget.py); empty: no budget
 
 
 class CommitRun(beam.DoFn):
     """Side inputs, all small: per written batch its fragments and counts (`written`), per reject batch
     likewise (`rejects`), per stored fragment its deletion file (`deletions`), per staged batch of a run that
-    died its rows and the rows this run matched (`sizes`, `matched`: staging.py), and counts."""
+    died its rows and the rows this run matched (`sizes`, `matched`: staging.py), under a budget the items left
+    waiting per encoder and those that have its input (`waiting`, `with_input`: budget.py), and counts."""
 
     def __init__(self, context: RunContext, schema):
         self._context = context
@@ -55,13 +58,15 @@ class CommitRun(beam.DoFn):
 
     def process(self, _trigger, written: list[dict], rejects: list[dict], deletions: list[tuple],
                 deleted: int, unchanged: int, read: int, matched: dict[str, int], sizes: dict[str, int],
+                deferred: int, waiting: dict[str, int], with_input: dict[str, int],
                 trained: Sequence[dict] = (), interactions_read: int = 0):
         ctx = self._context
         resumed = [read_fragments(batch) for batch in whole_batches(matched, sizes)]
         if resumed:
             log.info("run %s commits %d rows that a run which did not finish wrote (%d batches)", ctx.run_id,
                      sum(batch["rows"] for batch in resumed), len(resumed))
-        run = self._summary(written, resumed, rejects, deleted, unchanged, read)
+        run = self._summary(written, resumed, rejects, deleted, unchanged, read, deferred)
+        run["backfill"] = backfill_progress(with_input, waiting, run["encoded"], ctx.budget)
         if trained:
             run["interactions"] = self._interactions(run, trained, interactions_read)
         refusal = self._refusal(run)
@@ -125,25 +130,30 @@ class CommitRun(beam.DoFn):
                 "needed": max(t["needed"] for t in trained), "trained": {t["encoder"]: t["items"] for t in trained}}
 
     def _summary(self, written: list[dict], resumed: list[dict], rejects: list[dict], deleted: int, unchanged: int,
-                 read: int) -> dict:
+                 read: int, deferred: int) -> dict:
         """The run's counts. Rows a dead run wrote count as written, and their forward passes as that run's."""
         ctx = self._context
         resumed_rows = sum(batch["rows"] for batch in resumed)
         written_rows = sum(batch["rows"] for batch in written) + resumed_rows
-        encoded, by_reason = Counter(), Counter()
+        encoded, seconds, by_reason = Counter(), Counter(), Counter()
         for batch in written:
             encoded.update(batch["encoded"])
+            seconds.update(batch["encode_seconds"])
         for batch in rejects:
             by_reason.update(batch["by"])
         rejected = sum(n for reason, n in by_reason.items() if not reason.startswith(f"{LOG_STAGE}/"))
-        if written_rows + unchanged + rejected != read:
-            log.error("conservation broken: read %d rows but %d written + unchanged + rejected", read,
-                      written_rows + unchanged + rejected)
+        if written_rows + unchanged + rejected + deferred != read:
+            log.error("conservation broken: read %d rows but %d written + unchanged + rejected + deferred", read,
+                      written_rows + unchanged + rejected + deferred)
         return {
             "run_id": ctx.run_id, "status": "committed", "message": "", "config_hash": ctx.config_hash,
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
-            "deleted": deleted, "rejected": rejected, "resumed": resumed_rows,
-            "encoded": {name: encoded[name] for name in ctx.encoder_ids}, "rejects_by": dict(sorted(by_reason.items())),
+            "deleted": deleted, "rejected": rejected, "resumed": resumed_rows, "deferred": deferred,
+            "encoded": {name: encoded[name] for name in ctx.encoder_ids},
+            # Forward passes per second of the encode stage's time, summed over workers: what a GPU-hour buys.
+            "encode_rate": {name: round(encoded[name] / seconds[name], 1) for name in ctx.encoder_ids
+                            if encoded[name] and seconds[name] > 0},
+            "rejects_by": dict(sorted(by_reason.items())),
             "drift": {}, "interactions": {}, "index": {},
             "table_version": None, "started_at": ctx.started_at, "ended_at": utc_now(),
         }

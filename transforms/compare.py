@@ -116,23 +116,26 @@ class DecideWork(beam.DoFn):
     """Fingerprint every encoder's input and decide what the item needs: nothing (`unchanged`), or a
     new row whose vectors are either kept from the table or encoded again.
 
-    `encoders` maps encoder name to (encoder id, modality).
+    `encoders` maps encoder name to (encoder id, modality). `rewrite_all`: every row is written (a new schema);
+    `keep_stored`: a stored vector whose fingerprint matches is kept (not with `run --reembed`).
     """
 
-    def __init__(self, encoders: dict[str, tuple[str, str]], rewrite_all: bool):
+    def __init__(self, encoders: dict[str, tuple[str, str]], rewrite_all: bool, keep_stored: bool = True):
         self._encoders = encoders
         self._rewrite_all = rewrite_all
+        self._keep_stored = keep_stored
 
     def process(self, item: dict):
         stored = item.pop("stored") or {"fingerprints": {}}
         item["replaces"] = stored.get("fragment")
         item["keep"] = sorted(name for name, fp in fingerprints(item, self._encoders).items()
-                              if stored["fingerprints"].get(name) == fp)
+                              if self._keep_stored and stored["fingerprints"].get(name) == fp)
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
                     and stored.get("image_stat") == item["image_stat"])
         if not self._rewrite_all and same_row and len(item["keep"]) == len(self._encoders):
             yield beam.pvalue.TaggedOutput(UNCHANGED, item["id"])
             return
+        item["rewrite"] = self._rewrite_all or not same_row
         yield item
 
 

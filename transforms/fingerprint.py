@@ -60,6 +60,11 @@ def fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, st
     return {name: fingerprint(encoder_id, item["digests"][modality]) for name, (encoder_id, modality) in inputs.items()}
 
 
+def written_fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, str | None]:
+    """The fingerprints its row holds: none for an encoder the budget left for later, so the next run takes it up."""
+    return {name: None if name in item["deferred"] else found for name, found in fingerprints(item, inputs).items()}
+
+
 class InspectInputs(beam.DoFn):
     """Digest each item's text and id, and stat its image: no image is opened here.
 

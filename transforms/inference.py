@@ -65,9 +65,9 @@ UNTIMED_BATCH_SIZE = 32                  # the sub-batch of encoders with no net
 
 def needs(item: dict, encoder: Encoder) -> bool:
     """Whether the item has this encoder's input, and has neither kept its vector from the table nor been
-    given it yet."""
+    given it yet, nor been left for a later run by the budget (budget.py)."""
     return (has_input(item, encoder.modality) and encoder.name not in item["keep"]
-            and encoder.name not in item["vectors"])
+            and encoder.name not in item["vectors"] and encoder.name not in item["deferred"])
 
 
 def read_input(modality: str, item: dict, reader: ImageReader) -> Any:
@@ -289,16 +289,18 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         stage = self._threads()
         recalled = {key: stage.recent.recall(key, names) for key, names in wanted.items()}
         missing = {key: names for key, names in wanted.items() if recalled[key] is None}
+        started = time.perf_counter()
         vectors, errors = self._encode(model, stage, {key: firsts[key] for key in missing}, missing)
+        share = (time.perf_counter() - started) / max(len(vectors), 1)    # each encoded input's part of the time
         paid: set[str] = set()
         for key, items in groups:
             if key in errors:
-                yield items, {}, [], reject_from_exception(items[0], "decode", errors[key])
+                yield items, {}, [], reject_from_exception(items[0], "decode", errors[key]), 0.0
             elif key in vectors:
-                yield items, vectors[key], [] if key in paid else list(vectors[key]), None
+                yield items, vectors[key], [] if key in paid else list(vectors[key]), None, share
                 paid.add(key)
             else:
-                yield items, recalled.get(key) or {}, [], None
+                yield items, recalled.get(key) or {}, [], None, 0.0
 
     def _encode(self, model: LazyModels, stage: StageThreads, firsts: dict[str, dict],
                 missing: dict[str, set[str]]) -> tuple[dict, dict]:
@@ -364,14 +366,14 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
 
 class ShareVectors(beam.DoFn):
     """Give each item of a group the vectors it needs; the group's first item carries the count of the
-    forward passes made for the group."""
+    forward passes made for the group, and their share of the stage's time."""
 
     def __init__(self, encoders: Sequence[Encoder]):
         self._encoders = list(encoders)
         self._counters = {e.name: Metrics.counter("catalog_embed", f"encoded_{e.name}") for e in encoders}
 
     def process(self, result: tuple):
-        items, vectors, ran, reject = result
+        items, vectors, ran, reject, seconds = result
         for position, item in enumerate(items):
             if reject is not None:
                 yield beam.pvalue.TaggedOutput(REJECTS, dict(reject, id=item["id"], input_ref=item.get("source")))
@@ -386,6 +388,7 @@ class ShareVectors(beam.DoFn):
             item["vectors"].update((name, vectors[name]) for name in wanted)
             if position == 0:
                 item["encoded"].extend(ran)
+                item["encode_seconds"].update((name, seconds) for name in ran)
                 for name in ran:
                     self._counters[name].inc()
             yield item

@@ -10,9 +10,12 @@ runner. It never carries image bytes or stored vectors:
     stored                               the table's summary of the same id, if any (compare.py)
     staged                               the row a run that died wrote for it, if any (staging.py)
     replaces                             the fragment of the stored row this item replaces, once decided
+    rewrite                              whether its row is written whatever its vectors (new, changed, overwrite)
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
+    deferred [encoder]                   encoders the run's budget leaves for a later run (budget.py)
     vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
     encoded [encoder]                    encoders whose forward pass this item paid for (for the counts)
+    encode_seconds {encoder: s}          its share of the encode stage's time, where it paid (for the rates)
 
 A reject is a dict with the columns of the `<table>_rejects` table.
 
@@ -89,9 +92,12 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "stored": None,
         "staged": None,
         "replaces": None,
+        "rewrite": False,
         "keep": [],
+        "deferred": [],
         "vectors": {},
         "encoded": [],
+        "encode_seconds": {},
     }
 
 

@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
-from transforms.fingerprint import fingerprints, has_input
+from transforms.fingerprint import has_input, written_fingerprints
 from transforms.staging import stage_batch
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def items_to_arrow(items: Sequence[dict], schema: pa.Schema, run_id: str,
                    inputs: dict[str, tuple[str, str]]) -> pa.Table:
     """The rows of a batch; `inputs` maps encoder name to (encoder id, modality), for the fingerprints."""
     now = datetime.now(timezone.utc)
-    item_fingerprints = [fingerprints(item, inputs) for item in items]
+    item_fingerprints = [written_fingerprints(item, inputs) for item in items]
     columns = {}
     for field in schema:
         name = field.name
@@ -143,7 +143,8 @@ class WriteFragments(beam.DoFn):
                                     storage_options=self._storage_options)
         self._written.inc(len(items))
         written = {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(items),
-                   "encoded": dict(Counter(name for item in items for name in item["encoded"]))}
+                   "encoded": dict(Counter(name for item in items for name in item["encoded"])),
+                   "encode_seconds": dict(sum((Counter(item["encode_seconds"]) for item in items), Counter()))}
         stage_batch(self._staging, written, items, self._inputs)
         yield written
         if not self._overwrite:

@@ -14,6 +14,7 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.budget import backfill_progress
 from transforms.fingerprint import has_input
 
 
@@ -27,24 +28,27 @@ def counts_per_key(pcoll: beam.PCollection, label: str):
 
 
 def encoders_to_run(item: dict, modalities: dict[str, str]) -> list[tuple[str, str]]:
-    """(encoder, input digest) for each encoder whose vector the item does not keep."""
+    """(encoder, input digest) for each encoder whose vector the item neither keeps nor leaves for a later run."""
     return [(name, item["digests"][modality]) for name, modality in modalities.items()
-            if name not in item["keep"] and has_input(item, modality)]
+            if name not in item["keep"] and name not in item["deferred"] and has_input(item, modality)]
 
 
 class WritePlan(beam.DoFn):
-    def __init__(self, path: str):
+    def __init__(self, path: str, budget: dict[str, int]):
         self._path = path
+        self._budget = budget
 
-    def process(self, _trigger, **plan):
+    def process(self, _trigger, waiting: dict[str, int], with_input: dict[str, int], **plan):
+        plan["backfill"] = backfill_progress(with_input, waiting, plan["encode"], self._budget)
         with FileSystems.create(self._path) as handle:
             handle.write(json.dumps(plan, sort_keys=True).encode())
         yield plan
 
 
 def count_plan(pipeline: beam.Pipeline, items, unchanged, deleted, rejects, read, modalities: dict[str, str],
-               path: str) -> None:
-    """Count what a run would do and write it to `path` (JSON)."""
+               path: str, backfill: dict, budget: dict[str, int]) -> None:
+    """Count what a run would do and write it to `path` (JSON). `backfill`: the budget's side inputs
+    (`deferred`, `waiting`, `with_input`, budget.py), `budget` its scopes."""
     work = items | "Encoders to run" >> beam.FlatMap(encoders_to_run, modalities)
     changed = items | "Changed" >> beam.Filter(lambda item: item["replaces"] is not None)
     changed_encoders = changed | "Changed encoders" >> beam.FlatMap(lambda item: [n for n in modalities
@@ -53,12 +57,12 @@ def count_plan(pipeline: beam.Pipeline, items, unchanged, deleted, rejects, read
         pipeline
         | "Once" >> beam.Create([None])
         | "Write plan" >> beam.ParDo(
-            WritePlan(path),
+            WritePlan(path, budget),
             new=count(items | "New" >> beam.Filter(lambda item: item["replaces"] is None), "new"),
             changed=count(changed, "changed"),
             changed_by_encoder=counts_per_key(changed_encoders, "changed by encoder"),
             encode=counts_per_key(work | "Distinct inputs" >> beam.Distinct() | "Encoder" >> beam.Keys(),
                                   "distinct inputs"),
             unchanged=count(unchanged, "unchanged"), deleted=count(deleted, "deleted"),
-            rejected=count(rejects, "rejected"), read=read)
+            rejected=count(rejects, "rejected"), read=read, **backfill)
     )

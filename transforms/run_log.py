@@ -32,7 +32,10 @@ RUNS_SCHEMA = pa.schema([
     pa.field("deleted", pa.int64()),
     pa.field("rejected", pa.int64()),
     pa.field("resumed", pa.int64()),        # rows of a run that died, committed by this one (staging.py)
+    pa.field("deferred", pa.int64()),       # rows a budget left for a later run, not written (budget.py)
     pa.field("encoded", pa.string()),
+    pa.field("encode_rate", pa.string()),   # forward passes per second of encode-stage time, per encoder
+    pa.field("backfill", pa.string()),      # under a budget: per encoder, items done of those with its input
     pa.field("rejects_by", pa.string()),
     pa.field("drift", pa.string()),
     pa.field("interactions", pa.string()),
@@ -41,6 +44,8 @@ RUNS_SCHEMA = pa.schema([
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
 ])
+
+JSON_COLUMNS = ("encoded", "rejects_by", "encoder_ids", "drift", "interactions", "index", "encode_rate", "backfill")
 
 REJECTS_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
@@ -117,9 +122,7 @@ def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema,
 
 
 def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None) -> None:
-    row = dict(run, encoded=json.dumps(run["encoded"]), rejects_by=json.dumps(run["rejects_by"]),
-               encoder_ids=json.dumps(run["encoder_ids"]), drift=json.dumps(run.get("drift") or {}),
-               interactions=json.dumps(run.get("interactions") or {}), index=json.dumps(run.get("index") or {}))
+    row = dict(run, **{key: json.dumps(run.get(key) or {}) for key in JSON_COLUMNS})
     append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA, storage_options)
 
 
@@ -129,7 +132,7 @@ def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = 
         return []
     rows = db.open_table(runs_table_name(table)).to_arrow().to_pylist()
     for row in rows:
-        for key in ("encoded", "rejects_by", "encoder_ids", "drift", "interactions", "index"):
+        for key in JSON_COLUMNS:
             row[key] = json.loads(row[key]) if row.get(key) else {}
     return sorted(rows, key=lambda r: r["started_at"])
 

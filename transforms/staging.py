@@ -29,7 +29,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.compare import row_digest
-from transforms.fingerprint import fingerprints, has_input
+from transforms.fingerprint import has_input, written_fingerprints
 from transforms.items import ITEMS, pack, unpack
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def staging_folder(root: str, table: str, config_hash: str, read_version: int | 
 def row_signature(item: dict, inputs: dict[str, tuple[str, str]]) -> str:
     """A digest of everything the item's row is made from: equal signatures, equal rows (but run_id and
     embedded_at)."""
-    made_from = [sorted(fingerprints(item, inputs).items()), row_digest(item["label"], item["image_uri"],
+    made_from = [sorted(written_fingerprints(item, inputs).items()), row_digest(item["label"], item["image_uri"],
                                                                         item["fields"]),
                  item["image_stat"], item["text"]]
     return hashlib.sha256(json.dumps(made_from, separators=(",", ":")).encode()).hexdigest()[:32]
