@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import sklearn.datasets
 from PIL import Image
 
 from demo.build_catalog import build as build_demo_catalog
+from demo.tiny_clip import save_tiny_clip
 from pipelines.config import Config, parse_config
 from pipelines.nightly import run_job
 from tests.servers import S3Server, environment, s3_server
@@ -41,9 +41,6 @@ MULTIMODAL_ENCODERS = {
     "conse": {"kind": "conse", "top_t": 10, "weight": 0.2, "batch_size": 8},
 }
 CAPTIONS = ["a ginger cat", "a cup of coffee", "an astronaut", "a rocket", "a temple roof", "a pink flower"]
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
 BUCKET = "catalog-embed"      # the local S3 server's bucket
 DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "label_field": "category",
                 "fields": ["category"]}
@@ -131,14 +128,10 @@ def embed_demo(root: Path, encoders: dict) -> tuple[Config, dict]:
 def tiny_clip(tmp_path_factory):
     """A random CLIP (the reference) and the folder its checkpoint was saved to: `local-dir:<folder>`."""
     import open_clip
-    import torch
 
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
-    torch.manual_seed(7)
-    reference, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")  # no weights: random
-    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return f"local-dir:{folder}", reference.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+    model, reference = save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    _, _, preprocess = open_clip.create_model_and_transforms(model)
+    return model, reference, preprocess, open_clip.get_tokenizer(model)
 
 
 @pytest.fixture(scope="session")

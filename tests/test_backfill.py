@@ -14,6 +14,7 @@ from PIL import Image
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
 from tests.conftest import ALL_ENCODERS, PHOTOS, captioned_catalog, make_config, photo, read_table, run
+from transforms.budget import order_key
 from transforms.combine import combine
 
 ITEMS, BUDGET, CROP = 2000, 500, 48
@@ -138,3 +139,13 @@ def test_budget_settings_are_checked(tmp_path, settings, message):
     folder, _ = captioned_catalog(tmp_path)
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv")}, run=settings)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_the_backfill_order_compares_numbers_as_numbers_and_puts_missing_values_last(descending):
+    values = ["9", "10", "2.5", "apple", "apples", "banana", None, "-3", "app"]
+    items = [{"id": f"item-{n}", "fields": {"added": value}} for n, value in enumerate(values)]
+    ordered = [item["fields"]["added"] for item in sorted(items, key=lambda it: order_key(it, "added", descending))]
+    numbers = sorted((v for v in values if v and v[-1].isdigit()), key=float, reverse=descending)
+    texts = sorted((v for v in values if v and not v[-1].isdigit()), reverse=descending)
+    assert ordered == numbers + texts + [None]

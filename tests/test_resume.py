@@ -10,23 +10,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import yaml
 
 from pipelines.config import load_config
-from tests.conftest import read_table, run
+from tests.conftest import BUCKET, read_table, run
 from transforms import commit
 from transforms.lance_sink import dataset_uri, open_dataset
 
 ITEMS, BATCH = 2000, 100
+TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
 COLORS = ("red", "navy", "olive", "ivory", "teal", "amber", "plum", "slate")
 THINGS = ("mug", "scarf", "lamp", "boot", "chair", "kettle", "jacket", "vase", "towel", "clock")
 
 
-def _catalog(folder: Path, table: str = "shop", extra: dict | None = None) -> Path:
+def _catalog(folder: Path, table: str = "shop", extra: dict | None = None, uri: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["id,title"] + [f"p{i:04d},{COLORS[i % 8]} {THINGS[i // 8 % 10]} no. {i} in size {i % 7}"
                             for i in range(ITEMS)]
@@ -34,22 +37,32 @@ def _catalog(folder: Path, table: str = "shop", extra: dict | None = None) -> Pa
     config = {"catalog": {"format": "manifest", "path": str(folder / "catalog.csv"), "text_fields": ["title"],
                           **(extra or {})},
               "encoders": {"text": {"kind": "sentence-transformers", "batch_size": 32, "precision": "fp32"}},
-              "output": {"uri": str(folder / "db"), "table": table, "write_batch_rows": BATCH}}
+              "output": {"uri": uri or str(folder / "db"), "table": table, "write_batch_rows": BATCH}}
     (folder / "job.yaml").write_text(yaml.safe_dump(config))
     return folder / "job.yaml"
 
 
-def _staged_batches(folder: Path) -> list[Path]:
-    return list((folder / "db" / "_catalog_embed_scratch").glob("catalog-embed-*-staging-*/*.fragments.json"))
+def _staged_batches(scratch: Path | str) -> list[str]:
+    """The batches staged under a scratch root: a local folder (`<table folder>/db/_catalog_embed_scratch` unless
+    --temp_location says otherwise), or an s3:// prefix."""
+    if isinstance(scratch, str):
+        bucket, _, prefix = scratch.removeprefix("s3://").partition("/")
+        listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+        return [found["Key"] for found in listed if found["Key"].endswith(".fragments.json")]
+    return [str(path) for path in scratch.glob("catalog-embed-*-staging-*/*.fragments.json")]
 
 
-def _killed_once_half_is_written(config: Path, folder: Path) -> None:
+def _local_scratch(folder: Path) -> Path:
+    return folder / "db" / "_catalog_embed_scratch"
+
+
+def _killed_once_half_is_written(config: Path, scratch: Path | str, beam_args: Sequence[str] = TWO_WORKERS) -> None:
     """The run on 2 worker processes (the local stand-in for a cluster), SIGKILLed with its workers."""
     command = [str(Path(sys.executable).parent / "catalog-embed"), "run", "--config", str(config), "--run-id", "dead",
-               "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+               *beam_args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(_staged_batches(folder)) < ITEMS // BATCH // 2:
+    while len(_staged_batches(scratch)) < ITEMS // BATCH // 2:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before half was written"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
@@ -64,19 +77,26 @@ def uninterrupted(tmp_path_factory):
     return read_table(config)
 
 
-def test_a_killed_first_run_is_resumed_not_encoded_again(tmp_path, uninterrupted):
-    config_path = _catalog(tmp_path)
-    _killed_once_half_is_written(config_path, tmp_path)
-    staged = len(_staged_batches(tmp_path))
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_killed_first_run_is_resumed_not_encoded_again(tmp_path, uninterrupted, storage, request):
+    if storage == "s3":
+        s3 = request.getfixturevalue("s3")
+        scratch = f"s3://{BUCKET}/resume/tmp"
+        beam_args = (*TWO_WORKERS, f"--s3_endpoint_url={s3.endpoint}", f"--temp_location={scratch}")
+        config_path = _catalog(tmp_path, uri=f"s3://{BUCKET}/resume/db")
+    else:
+        scratch, beam_args, config_path = _local_scratch(tmp_path), TWO_WORKERS, _catalog(tmp_path)
+    _killed_once_half_is_written(config_path, scratch, beam_args)
+    staged = len(_staged_batches(scratch))
     config = load_config(str(config_path))
     assert open_dataset(dataset_uri(config.output.uri, "shop")) is None        # nothing was committed
 
-    summary = run(config, "again")
+    summary = run(config, "again", beam_args)
     assert summary["status"] == "committed"
     assert summary["read"] == summary["written"] == ITEMS
     assert summary["resumed"] >= staged * BATCH >= ITEMS // 2
     assert summary["encoded"]["text"] <= 0.6 * ITEMS
-    assert _staged_batches(tmp_path) == []                       # committed: the staging is gone
+    assert _staged_batches(scratch) == []                        # committed: the staging is gone
 
     table = read_table(config)
     assert table["id"].to_pylist() == uninterrupted["id"].to_pylist()
@@ -89,13 +109,13 @@ def test_a_killed_first_run_is_resumed_not_encoded_again(tmp_path, uninterrupted
 
 def test_staged_work_of_another_config_is_removed_and_never_committed(tmp_path, caplog):
     config_path = _catalog(tmp_path)
-    _killed_once_half_is_written(config_path, tmp_path)
+    _killed_once_half_is_written(config_path, _local_scratch(tmp_path))
     other = load_config(str(_catalog(tmp_path, extra={"fields": ["title"]})))      # another config hash
     with caplog.at_level(logging.INFO, logger="transforms.staging"):
         summary = run(other, "other")
     assert "removing staged work that cannot be committed" in caplog.text
     assert summary["resumed"] == 0 and summary["encoded"]["text"] == ITEMS
-    assert summary["written"] == ITEMS and _staged_batches(tmp_path) == []
+    assert summary["written"] == ITEMS and _staged_batches(_local_scratch(tmp_path)) == []
 
 
 @pytest.mark.parametrize("dies_in", ["commit_run", "maintain"])
@@ -115,6 +135,6 @@ def test_a_run_that_dies_in_its_commit_or_upkeep_costs_no_forward_pass_again(tmp
     summary = run(config, "again")
     assert summary["encoded"]["text"] == 0
     assert summary["resumed"] == (ITEMS if dies_in == "commit_run" else 0)
-    assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(tmp_path) == []
+    assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(_local_scratch(tmp_path)) == []
     table = read_table(config)
     assert table["text_fp"].to_pylist() == uninterrupted["text_fp"].to_pylist()

@@ -156,6 +156,9 @@ def apply_budget(items, encoders: Sequence[Encoder], max_encode: int | dict[str,
     """Split items into those this run writes (`items`, with `deferred` set) and those it leaves (`deferred`);
     `waiting` counts, per encoder, the items left waiting for it."""
     budget = Budget(encoders, max_encode, backfill_order)
+    if not budget.limits:       # no budget: nothing waits, and no stage waits for all items to be decided
+        return {ITEMS: items, DEFERRED: items.pipeline | "Nothing deferred" >> beam.Create([]),
+                "waiting": beam.pvalue.AsDict(items.pipeline | "Nothing waiting" >> beam.Create([]))}
     boundaries = beam.pvalue.AsSingleton(
         items
         | "Budgeted pairs" >> beam.FlatMap(budget.pairs)
