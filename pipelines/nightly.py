@@ -160,7 +160,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders, reader)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(
-            LogProgress(f"encoded_{modality}", work_key=modality), work)
+            LogProgress(f"encoded_{modality}", work_key=("modality", modality)), work)
         rejects.append(encoded[REJECTS])
     batches = (
         items
@@ -214,11 +214,16 @@ def _inputs_per_encoder(pipeline: beam.Pipeline, items, plan: JobPlan):
 
 
 def _encode_work(pipeline: beam.Pipeline, items, encoders: Sequence[Encoder]):
-    """Items per modality that some encoder of it must encode, logged once; a side input for the progress."""
+    """The run's encode work, logged once: items per encoder that must encode them (forward passes at most), and
+    per modality, for the stages' progress; a side input keyed ("encoder", name) and ("modality", name)."""
+    def work_of(item: dict) -> list[tuple[str, str]]:
+        wanted = [e for e in encoders if needs(item, e)]
+        return [("encoder", e.name) for e in wanted] + [("modality", m) for m in {e.modality for e in wanted}]
+
     work = beam.pvalue.AsDict(
         items
-        | "Modalities to encode" >> beam.FlatMap(lambda item: {e.modality for e in encoders if needs(item, e)})
-        | "Items per modality" >> beam.combiners.Count.PerElement())
+        | "Work of item" >> beam.FlatMap(work_of)
+        | "Work in all" >> beam.combiners.Count.PerElement())
     _ = pipeline | "Before encoding" >> beam.Create([None]) | "Log the work" >> beam.ParDo(LogWork(), work)
     return work
 

@@ -46,7 +46,7 @@ def test_unchanged_catalog_encodes_nothing_and_adds_no_version(catalog, caplog):
     config, _, rows = catalog
     with caplog.at_level(logging.INFO, logger="catalog_embed.progress"):
         first = run(config, "r1")
-    assert f"to encode: image {len(rows):,} items, text {len(rows):,} items" in caplog.text      # up front
+    assert f"to encode: color {len(rows):,} items, text {len(rows):,} items" in caplog.text      # up front
     version = _latest(config)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="catalog_embed.progress"):

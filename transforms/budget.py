@@ -141,7 +141,8 @@ class ApplyBudget(beam.DoFn):
         waiting = self._budget.waiting(item, boundaries) if boundaries else []
         if waiting:
             item["deferred"] = waiting
-            if not item["rewrite"] and not any(needs(item, e) for e in self._encoders) or not self._has_vector(item):
+            worth_writing = item["rewrite"] or any(needs(item, e) for e in self._encoders)
+            if not worth_writing or not self._has_vector(item):
                 yield beam.pvalue.TaggedOutput(DEFERRED, waiting)
                 return
         yield item

@@ -1,6 +1,6 @@
 """Progress of long runs: a Beam counter per stage (remote runners show these) and, on each worker,
 a log line every few seconds with the count and rate, so a local run is never silent. The encode stages
-know their work up front (`LogWork`: items per modality, logged once before encoding starts) and log how
+know their work up front (`LogWork`: items per encoder, logged once before encoding starts) and log how
 much of it is done and, at the worker's rate, how long the rest takes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ log = logging.getLogger("catalog_embed.progress")
 class LogProgress(beam.DoFn):
     """Pass elements through, counting them as `items_<stage>`."""
 
-    def __init__(self, stage: str, every_seconds: float = 5.0, work_key: str | None = None):
+    def __init__(self, stage: str, every_seconds: float = 5.0, work_key: tuple[str, str] | None = None):
         self._stage = stage
         self._every = every_seconds
         self._work_key = work_key      # the key of this stage's total in the `work` side input, if it has one
@@ -27,7 +27,7 @@ class LogProgress(beam.DoFn):
         self._count = 0
         self._started = self._last = time.monotonic()
 
-    def process(self, element, work: dict[str, int] | None = None):
+    def process(self, element, work: dict[tuple[str, str], int] | None = None):
         self._count += 1
         self._counter.inc()
         now = time.monotonic()
@@ -44,10 +44,10 @@ class LogProgress(beam.DoFn):
 
 
 class LogWork(beam.DoFn):
-    """Log the run's encode work once, before the encode stages start: items that need each modality's
-    encoders (shared inputs are encoded once, so the forward passes are at most these)."""
+    """Log the run's encode work once, before the encode stages start: per encoder, the items it must encode
+    (shared inputs are encoded once, so its forward passes are at most these)."""
 
-    def process(self, _trigger, work: dict[str, int]):
-        log.info("to encode: %s", ", ".join(f"{modality} {count:,} items" for modality, count in sorted(work.items()))
-                 or "nothing")
+    def process(self, _trigger, work: dict[tuple[str, str], int]):
+        per_encoder = sorted((name, count) for (kind, name), count in work.items() if kind == "encoder")
+        log.info("to encode: %s", ", ".join(f"{name} {count:,} items" for name, count in per_encoder) or "nothing")
         yield work
