@@ -37,6 +37,7 @@ KILL_AT = 0.7
 def _config(root: Path, catalog: Path, encoders: dict, name: str, table: str = "shop") -> Path:
     raw = {"catalog": {"format": "manifest", "path": str(catalog), "text_fields": ["title"]},
            "encoders": encoders, "output": {"uri": str(root / "db"), "table": table, "write_batch_rows": WRITE_BATCH}}
+    root.mkdir(parents=True, exist_ok=True)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -77,9 +78,11 @@ def plain_rewrite(uri: str, weights_json: str) -> None:
 
 
 def measure(*args: str) -> dict:
+    """One measurement in a fresh process: what it printed, and the command's wall time (imports included)."""
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benchmarks.backfill", "--one", *args], capture_output=True,
                           text=True, check=True, cwd=REPO)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), command_s=round(time.perf_counter() - started, 1))
 
 
 def _killed_at(config: Path, root: Path, batches: int) -> float:
@@ -135,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--out", default="out/bench.json")
-    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     def one_or_plain(*args: str) -> None:
         if args[0] == "plain":
