@@ -31,6 +31,12 @@ setup(
         "onnx>=1.17",
         "onnxruntime>=1.20",
         "tokenizers>=0.20",
+        # `catalog-embed serve` (pipelines/serve.py)
+        "fastapi>=0.165,<1",
+        "uvicorn>=0.55,<1",
+        "python-multipart>=0.0.34",
+        "prometheus-client>=0.26,<1",
     ],
+    package_data={"pipelines": ["page/*.html"]},
     entry_points={"console_scripts": ["catalog-embed=pipelines.cli:entry_point"]},
 )

@@ -216,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "version. Nothing is lost: the versions after it stay in the history.")
     _table_arguments(rollback)
     rollback.add_argument("--to", required=True, metavar="TAG_OR_VERSION", help="the version number or tag")
+
+    serve = add_command(
+        "serve", help="serve a table's search, items, images, versions and health reports, and a page to look",
+        description="An HTTP service over one table: POST /api/search (text, an image, like or user; weights, "
+                    "filters, k, version or tag), GET /api/items/{id}, /api/items/{id}/image, /api/versions, "
+                    "/api/health/{duplicates|outliers|drift}, /healthz, /metrics, the OpenAPI schema at /docs, "
+                    "and a page at /. It serves the latest version, and a version a run commits from the next "
+                    "request on.")
+    _table_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8080, help="the port (default 8080)")
+    serve.add_argument("--allow-sql-filter", action="store_true",
+                       help="also take a raw SQL filter (`where`) in searches; without it, only structured "
+                            "filters (field, operator, value) on the table's fields")
     return parser
 
 
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"run": _run, "query": _query, "versions": _versions, "rollback": _rollback,
                    "classify": _classify, "evaluate": _evaluate, "duplicates": _duplicates, "outliers": _outliers,
-                   "drift": _drift}[args.command]
+                   "drift": _drift, "serve": _serve}[args.command]
         return handler(args, extra)
     except ConfigError as err:
         print(f"catalog-embed: config error: {err}", file=sys.stderr)
@@ -511,6 +526,13 @@ def _versions(args: argparse.Namespace, _extra: list[str]) -> int:
         print(json.dumps(found, default=str))
     else:
         print_history(found)
+    return 0
+
+
+def _serve(args: argparse.Namespace, _extra: list[str]) -> int:
+    from pipelines.serve import serve
+
+    serve(args.uri, args.table, args.host, args.port, args.allow_sql_filter)
     return 0
 
 

@@ -113,15 +113,32 @@ def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
     encoder, at its `decode_side`)."""
     try:
         data = ImageReader().read(path)
+    except OSError as err:
+        raise QueryError(f"cannot use image {path}: {err}") from err
+    return query_image(data, min_side, path)
+
+
+def query_image(data: bytes, min_side: int | None = None, name: str = "the upload") -> Image.Image:
+    """A query picture's bytes, checked (run.max_pixels, a readable image) and decoded."""
+    try:
         check_image(data, RunConfig().max_pixels)
         return decode_image(data, min_side)
     except (OSError, ValueError) as err:
-        raise QueryError(f"cannot use image {path}: {err}") from err
+        raise QueryError(f"cannot use image {name}: {err}") from err
 
 
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
-    queries = {e.name: e.image_queries([load_query_image(path, e.decode_side)])[0]
+    try:
+        data = ImageReader().read(path)
+    except OSError as err:
+        raise QueryError(f"cannot use image {path}: {err}") from err
+    return image_queries_of(table, data, path)
+
+
+def image_queries_of(table: Table, data: bytes, name: str = "the upload") -> dict[str, np.ndarray]:
+    """A picture's bytes in the space of every image encoder of the table."""
+    queries = {e.name: e.image_queries([query_image(data, e.decode_side, name)])[0]
                for e in table.encoders() if e.modality == "image"}
     if not queries:
         raise QueryError("the table has no image encoder")
@@ -302,11 +319,12 @@ def plan_search(table: Table, filters: str | None) -> SearchPlan:
 
 def items_by_id(table: Table, ids: list[str]) -> dict[str, dict]:
     """Stored items as results show them (id, fields, label, image_uri; no vectors), by id."""
-    columns = [name for name in table.handle.schema.names if _shown(name)]
+    columns = [name for name in table.handle.schema.names if is_shown(name)]
     return {row["id"]: row for row in rows_by_id(table.handle.to_lance(), ids, columns).to_pylist()}
 
 
-def _shown(column: str) -> bool:
+def is_shown(column: str) -> bool:
+    """Whether results show this column (not vectors, fingerprints or bookkeeping)."""
     return column not in HIDDEN_COLUMNS and not column.endswith(("_vec", "_fp"))
 
 
@@ -319,5 +337,5 @@ def _rebuild(described: dict) -> Encoder:
 
 def _result(row: dict, score: float) -> dict:
     out = {"id": row["id"], "score": round(score, 6)}
-    out.update({k: v for k, v in row.items() if _shown(k) and k != "id"})
+    out.update({k: v for k, v in row.items() if is_shown(k) and k != "id"})
     return out

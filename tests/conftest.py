@@ -17,6 +17,7 @@ import sklearn.datasets
 from PIL import Image
 
 from demo.build_catalog import build as build_demo_catalog
+from demo.reuploads import reupload
 from demo.tiny_clip import save_tiny_clip
 from pipelines.config import Config, parse_config
 from pipelines.nightly import run_job
@@ -98,6 +99,33 @@ def captioned_catalog(root: Path) -> tuple[Path, list[dict]]:
         rows.append({"id": f"item-{i}", "caption": caption, "image": f"images/{i}.png"})
     write_catalog(folder, rows)
     return folder, rows
+
+
+REUPLOADS = {"chelsea": "resized", "coffee": "recompressed", "rocket": "cropped", "astronaut": "all"}
+DEMO_FIELDS = ["id", "title", "description", "category", "image"]
+
+
+def demo_rows(manifest: Path) -> list[dict]:
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_demo_rows(manifest: Path, rows: list[dict]) -> None:
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=DEMO_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def with_reuploads(manifest: Path) -> list[dict]:
+    rows = demo_rows(manifest)
+    for row in list(rows):
+        if row["id"] in REUPLOADS:
+            variant = REUPLOADS[row["id"]]
+            image = reupload(manifest.parent / row["image"], variant, manifest.parent / "images" / f"{row['id']}-2.jpg")
+            rows.append(dict(row, id=f"{row['id']}-2", title=row["title"] + " (new photo)",
+                             image=str(image.relative_to(manifest.parent))))
+    return rows
 
 
 def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, table: str = "items",

@@ -3,7 +3,6 @@ a catalog half replaced by another kind of item; and the reports' JSON, pages an
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -16,41 +15,24 @@ from PIL import Image
 
 from demo.build_catalog import build as build_demo_catalog
 from demo.photos import PACKAGE_FOLDERS
-from demo.reuploads import reupload
 from pipelines.cli import main
 from pipelines.config import Config
 from pipelines.duplicates import connected_components
 from pipelines.neighbours import neighbour_blocks
 from pipelines.vectors import VectorColumn
-from tests.conftest import DEMO_CATALOG, MULTIMODAL_ENCODERS, make_config, run
+from tests.conftest import (
+    DEMO_CATALOG,
+    MULTIMODAL_ENCODERS,
+    REUPLOADS,
+    demo_rows,
+    make_config,
+    run,
+    with_reuploads,
+    write_demo_rows,
+)
 from tests.test_contact_sheet import render_in_chromium
 
-REUPLOADS = {"chelsea": "resized", "coffee": "recompressed", "rocket": "cropped", "astronaut": "all"}
 SWAPPED = (("chelsea", "rocket"), ("coffee", "moon"))     # their captions trade places on the second night
-FIELDS = ["id", "title", "description", "category", "image"]
-
-
-def _rows(manifest: Path) -> list[dict]:
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write(manifest: Path, rows: list[dict]) -> None:
-    with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _with_reuploads(manifest: Path) -> list[dict]:
-    rows = _rows(manifest)
-    for row in list(rows):
-        if row["id"] in REUPLOADS:
-            variant = REUPLOADS[row["id"]]
-            image = reupload(manifest.parent / row["image"], variant, manifest.parent / "images" / f"{row['id']}-2.jpg")
-            rows.append(dict(row, id=f"{row['id']}-2", title=row["title"] + " (new photo)",
-                             image=str(image.relative_to(manifest.parent))))
-    return rows
 
 
 def _swap_captions(rows: list[dict]) -> list[dict]:
@@ -80,19 +62,19 @@ def nights(tmp_path_factory) -> tuple[Config, list[dict]]:
     root = tmp_path_factory.mktemp("health")
     manifest = build_demo_catalog(root / "catalog")
     config = make_config(root, dict(DEMO_CATALOG, path=str(manifest)), MULTIMODAL_ENCODERS, table="demo")
-    rows = _with_reuploads(manifest)
-    _write(manifest, rows)
+    rows = with_reuploads(manifest)
+    write_demo_rows(manifest, rows)
     runs = [run(config, "night-1")]
-    _write(manifest, _swap_captions(rows))
+    write_demo_rows(manifest, _swap_captions(rows))
     runs.append(run(config, "night-2"))
-    _write(manifest, _half_replaced_by_faces(manifest, rows))
+    write_demo_rows(manifest, _half_replaced_by_faces(manifest, rows))
     runs.append(run(config, "night-3"))
     return config, runs
 
 
 def _faces(config: Config) -> int:
     """How many items night 3 replaced by faces."""
-    return sum(row["id"].startswith("face-") for row in _rows(Path(config.catalog.path)))
+    return sum(row["id"].startswith("face-") for row in demo_rows(Path(config.catalog.path)))
 
 
 def _json(capsys, *argv: str):
@@ -149,12 +131,13 @@ def test_half_the_catalog_replaced_drifts_far_more_than_swapped_captions(nights,
 def test_a_run_that_drifts_over_the_warning_level_commits_and_exits_3(nights, tmp_path, capsys):
     config, _ = nights
     manifest = Path(config.catalog.path).with_name("night-4.csv")     # beside the images it names
-    _write(manifest, _rows(Path(config.catalog.path)))
+    write_demo_rows(manifest, demo_rows(Path(config.catalog.path)))
     job = tmp_path / "job.yaml"
     job.write_text(f"catalog: {{format: manifest, path: {manifest}}}\nencoders: {{color: {{kind: color}}}}\n"
                    f"output: {{uri: {tmp_path / 'db'}, table: t}}\n")
     assert main(["run", "--config", str(job)]) == 0
-    _write(manifest, [row for row in _rows(manifest) if row["id"].startswith("face-")])    # only the faces are left
+    faces = [row for row in demo_rows(manifest) if row["id"].startswith("face-")]
+    write_demo_rows(manifest, faces)      # only the faces are left
     assert main(["run", "--config", str(job), "--json"]) == 3
     out, err = capsys.readouterr()
     record = json.loads(out.strip().splitlines()[-1])

@@ -41,6 +41,11 @@ def session(folder: Path) -> Any:
         return _SESSIONS[folder]
 
 
+def loaded_models() -> int:
+    """How many exported models this process has loaded."""
+    return len(_SESSIONS)
+
+
 def export_sentence_transformer(model: Any, folder: Path) -> None:
     """The whole model, from token ids to unit vectors, and its tokenizer."""
     import torch
