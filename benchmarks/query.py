@@ -59,14 +59,17 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 class Catalog:
     """Clustered items of the job's table layout, and queries near the same clusters."""
 
-    def __init__(self, dims: dict[str, int], seed: int = 0):
+    def __init__(self, dims: dict[str, int], seed: int = 0, described: list[dict] | None = None):
+        """`described`: the encoders as the table's metadata names them (default: synthetic ones, which no query
+        can encode words or pictures for); their weights must be equal."""
         self.dims = dims
         self.rng = np.random.default_rng(seed)
         self.centres = {name: self.rng.standard_normal((KINDS + NEW_KINDS, dim)).astype(np.float32)
                         for name, dim in dims.items()}
-        described = [{"name": name, "kind": "synthetic", "dim": dim, "weight": 1 / len(dims), "id": name,
-                      "config": {"kind": "synthetic", "model": None, "weights_file": None, "pretrained": None,
-                                 "options": {}}} for name, dim in dims.items()]
+        described = described or [
+            {"name": name, "kind": "synthetic", "dim": dim, "weight": 1 / len(dims), "id": name,
+             "config": {"kind": "synthetic", "model": None, "weights_file": None, "pretrained": None, "options": {}}}
+            for name, dim in dims.items()]
         self.schema = table_schema(list(GROUPS), described,
                                    {"encoders": described, "order": list(dims), "config_hash": "synthetic"})
 
@@ -95,11 +98,11 @@ class Catalog:
         return self.vectors(self.rng.integers(low, high, count))
 
 
-def synthetic_table(db: Path, rows: int, catalog: Catalog) -> str:
+def synthetic_table(db: Path, rows: int, catalog: Catalog, name: str = "synthetic") -> str:
     """The table, written in fragments as the job writes them, and indexed by the job's upkeep."""
     from transforms.maintain import maintain
 
-    uri = dataset_uri(str(db), "synthetic")
+    uri = dataset_uri(str(db), name)
     batches = (catalog.rows([f"item-{k:07d}" for k in range(start, min(rows, start + WRITE_ROWS))],
                             catalog.rng.integers(0, KINDS, min(WRITE_ROWS, rows - start))).to_batches()[0]
                for start in range(0, rows, WRITE_ROWS))

@@ -81,12 +81,7 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
     encoders = build_encoders(config.encoders, worker_device_type)
-    weights = config.normalised_weights()
-    described = [
-        {"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
-         "config": _encoder_config(e)}
-        for e in encoders
-    ]
+    described = describe_encoders(encoders, config.normalised_weights())
     meta = {"encoders": described, "order": [e.name for e in encoders], "config_hash": config.config_hash()}
     functions = [e.lancedb_function() for e in encoders if isinstance(e, SentenceTransformerEncoder)]
     schema = table_schema(config.passthrough_columns(), described, meta, [f for f in functions if f])
@@ -108,6 +103,12 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     )
     return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
                    scratch_folder(root, config.output.table, run_id))
+
+
+def describe_encoders(encoders: Sequence[Encoder], weights: dict[str, float]) -> list[dict]:
+    """The encoders as the table's metadata describes them: what queries rebuild them from (pipelines/query.py)."""
+    return [{"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
+             "config": _encoder_config(e)} for e in encoders]
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
