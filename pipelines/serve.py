@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import query as q
@@ -154,7 +155,8 @@ def create_app(uri: str, table: str, allow_sql_filter: bool = False) -> FastAPI:
         `filters` ([{field, op, value}]), `k`, `version` or `tag`, `hybrid`. JSON, or a multipart form whose
         fields hold the same values (JSON for weights and filters). Returns `query --json`'s results."""
         asked, image = await _search_request(request)
-        return run_search(served, asked, image, allow_sql_filter)
+        # The search itself runs on the worker threads, as FastAPI runs plain endpoints: not on the event loop.
+        return await run_in_threadpool(run_search, served, asked, image, allow_sql_filter)
 
     @app.get("/api/items/{item_id}")
     def item(item_id: str, version: int | None = None, tag: str | None = None) -> dict:

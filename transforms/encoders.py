@@ -104,6 +104,8 @@ def resolve_device(device: str) -> str:
 
 _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
+_EXPORTS: dict[str, Any] = {}          # model key -> its export's folder for queries, or None (Encoder.exported)
+_EXPORTS_LOCK = threading.Lock()
 
 
 def shared_model(key: tuple, build: Callable[[], Any]) -> Any:
@@ -313,9 +315,14 @@ class Encoder(ABC):
 
     def exported(self, export: Callable[[Any], None]) -> Any | None:
         """The folder of this network exported for queries (query_models.py), made by `export(folder)` the first
-        time on this machine; None where it could not be, and queries run the torch model instead."""
-        folder = cached_files("query-onnx", self.model_key, lambda into: _export_or_note(self.name, export, into))
-        return folder if (folder / "model.onnx").exists() else None
+        time on this machine; None where it could not be, and queries run the torch model instead. Looked up
+        (and its files checked) once per process: a service answers many queries."""
+        with _EXPORTS_LOCK:
+            if self.model_key not in _EXPORTS:
+                folder = cached_files("query-onnx", self.model_key,
+                                      lambda into: _export_or_note(self.name, export, into))
+                _EXPORTS[self.model_key] = folder if (folder / "model.onnx").exists() else None
+            return _EXPORTS[self.model_key]
 
     @property
     def space(self) -> tuple | None:
@@ -421,7 +428,7 @@ class SentenceTransformerEncoder(Encoder):
         from transforms.query_models import TextQueries
 
         folder = self.exported(self._export)
-        return super().text_queries(texts) if folder is None else l2_normalise(TextQueries(folder).encode(texts))
+        return super().text_queries(texts) if folder is None else l2_normalise(TextQueries.of(folder).encode(texts))
 
     def _export(self, folder: Any) -> None:
         from sentence_transformers import SentenceTransformer
@@ -524,7 +531,8 @@ class CnnEncoder(Encoder):
         folder = self.exported(self._export)
         if folder is None:
             return None
-        return ImageQueries(folder).forward(np.stack([imagenet_crop(image, self.arch["resample"]) for image in images]))
+        pixels = np.stack([imagenet_crop(image, self.arch["resample"]) for image in images])
+        return ImageQueries.of(folder).forward(pixels)
 
     def image_queries(self, images: list[Image.Image]) -> np.ndarray:
         found = self.query_forward(images)

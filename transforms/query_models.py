@@ -99,7 +99,21 @@ def _export(module: Any, sample: tuple, inputs: list[str], outputs: list[str], f
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-class TextQueries:
+class Loaded:
+    """One instance per exported model and process (`of`): loading a tokenizer costs more than a query."""
+
+    _loaded: dict = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def of(cls, folder: Path):
+        with cls._lock:
+            if (cls, folder) not in cls._loaded:
+                cls._loaded[(cls, folder)] = cls(folder)
+            return cls._loaded[(cls, folder)]
+
+
+class TextQueries(Loaded):
     """A sentence-transformers model's vectors for texts, from its export."""
 
     def __init__(self, folder: Path):
@@ -120,7 +134,7 @@ class TextQueries:
         return self._session.run(["embedding"], feed)[0]
 
 
-class ImageQueries:
+class ImageQueries(Loaded):
     """A CNN's pooled features and logits for prepared pixels, from its export."""
 
     def __init__(self, folder: Path):
