@@ -36,6 +36,8 @@ def session(folder: Path) -> Any:
         if folder not in _SESSIONS:
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
+            # Threads that wait for work sleep instead of spinning: a service runs several queries at once.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             _SESSIONS[folder] = onnxruntime.InferenceSession(str(folder / "model.onnx"), options,
                                                              providers=["CPUExecutionProvider"])
         return _SESSIONS[folder]
