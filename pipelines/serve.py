@@ -97,13 +97,14 @@ def create_app(uri: str, table: str, allow_sql_filter: bool = False) -> FastAPI:
     @app.middleware("http")
     async def measured(request: Request, call_next):
         started = time.perf_counter()
-        endpoint = request.scope.get("route").path if request.scope.get("route") else request.url.path
         try:
             response = await call_next(request)
         except Exception:   # noqa: BLE001 - logged with its traceback, answered as a 500 without one
             log.exception("%s %s failed", request.method, request.url.path)
             response = JSONResponse({"error": "internal error; see the service's log"}, status_code=500)
-        endpoint = request.scope["route"].path if request.scope.get("route") else endpoint
+        # By route, not by path: ids in paths would make a metric per item.
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
