@@ -118,23 +118,31 @@ def test_staged_work_of_another_config_is_removed_and_never_committed(tmp_path, 
     assert summary["written"] == ITEMS and _staged_batches(_local_scratch(tmp_path)) == []
 
 
+@pytest.mark.parametrize("storage", ["local", "s3"])
 @pytest.mark.parametrize("dies_in", ["commit_run", "maintain"])
 def test_a_run_that_dies_in_its_commit_or_upkeep_costs_no_forward_pass_again(tmp_path, uninterrupted, monkeypatch,
-                                                                              dies_in):
+                                                                              dies_in, storage, request):
     """Dying in the commit leaves every batch staged for the next run; dying in the upkeep, after the commit,
-    leaves staging of a version the table has left, which the next run removes."""
-    config = load_config(str(_catalog(tmp_path)))
+    leaves staging of a version the table has left, which the next run removes. In this process, where the
+    commit stage can be made to die."""
+    if storage == "s3":
+        s3 = request.getfixturevalue("s3")
+        scratch = f"s3://{BUCKET}/dies-in-{dies_in}/tmp"
+        beam_args = (f"--s3_endpoint_url={s3.endpoint}", f"--temp_location={scratch}")
+        config = load_config(str(_catalog(tmp_path, uri=f"s3://{BUCKET}/dies-in-{dies_in}/db")))
+    else:
+        scratch, beam_args, config = _local_scratch(tmp_path), (), load_config(str(_catalog(tmp_path)))
 
     def dies(*args, **kwargs):
         raise RuntimeError(f"killed in {dies_in}")
 
     monkeypatch.setattr(commit, dies_in, dies)
     with pytest.raises(Exception, match=f"killed in {dies_in}"):
-        run(config, "dead")
+        run(config, "dead", beam_args)
     monkeypatch.undo()
-    summary = run(config, "again")
+    summary = run(config, "again", beam_args)
     assert summary["encoded"]["text"] == 0
     assert summary["resumed"] == (ITEMS if dies_in == "commit_run" else 0)
-    assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(_local_scratch(tmp_path)) == []
+    assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(scratch) == []
     table = read_table(config)
     assert table["text_fp"].to_pylist() == uninterrupted["text_fp"].to_pylist()
