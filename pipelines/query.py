@@ -111,11 +111,7 @@ def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
 def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
     """A picture given on the command line, checked and decoded as the job does catalog images (for an
     encoder, at its `decode_side`)."""
-    try:
-        data = ImageReader().read(path)
-    except OSError as err:
-        raise QueryError(f"cannot use image {path}: {err}") from err
-    return query_image(data, min_side, path)
+    return query_image(_query_bytes(path), min_side, path)
 
 
 def query_image(data: bytes, min_side: int | None = None, name: str = "the upload") -> Image.Image:
@@ -129,11 +125,14 @@ def query_image(data: bytes, min_side: int | None = None, name: str = "the uploa
 
 def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
     """The picture in the space of every image encoder of the table."""
+    return image_queries_of(table, _query_bytes(path), path)
+
+
+def _query_bytes(path: str) -> bytes:
     try:
-        data = ImageReader().read(path)
+        return ImageReader().read(path)
     except OSError as err:
         raise QueryError(f"cannot use image {path}: {err}") from err
-    return image_queries_of(table, data, path)
 
 
 def image_queries_of(table: Table, data: bytes, name: str = "the upload") -> dict[str, np.ndarray]:
