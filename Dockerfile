@@ -1,5 +1,5 @@
 # The worker container for Dataflow (and other portable runners): the Apache Beam Python SDK image with
-# this project and its pinned dependencies. One Dockerfile, two builds (README, "Dataflow GPU workers"):
+# this project and its pinned dependencies. One Dockerfile, two builds (docs/clusters.md, "Dataflow GPU workers"):
 #   docker build -t IMAGE .                                  CPU workers: torch's CPU-only wheels
 #   docker build --build-arg DEVICE=gpu -t IMAGE-gpu .       GPU workers: torch's CUDA wheels
 # torch 2.14.1 from PyPI carries its CUDA runtime (the nvidia-* wheels); the driver comes from the

@@ -46,7 +46,7 @@ def _config(root: Path, catalog: Path, encoders: dict, name: str, table: str = "
 def one(config: str, run_id: str, *extra: str) -> None:
     """One `catalog-embed run` in this fresh process: its record's counts, its seconds and peak memory."""
     from pipelines.cli import main
-    from pipelines.config import load_config
+    from transforms.config import load_config
     from transforms.run_log import read_runs
 
     started = time.perf_counter()

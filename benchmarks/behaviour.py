@@ -80,7 +80,7 @@ def plain_script(sessions: str, db: str) -> None:
     import pyarrow as pa
     from gensim.models import Word2Vec
 
-    from pipelines.config import ITEM2VEC_DEFAULTS as S
+    from transforms.encoders.item2vec import ITEM2VEC_DEFAULTS as S
 
     started = time.perf_counter()
     log = pd.read_csv(sessions, dtype={"session_id": str, "item_id": str}).sort_values(["session_id", "ts"])
@@ -95,7 +95,7 @@ def plain_script(sessions: str, db: str) -> None:
 
 def user_query(sessions: str, db: str, user: str) -> None:
     """`query --user`'s work, through the library: the user's items from the log, their mean, a search."""
-    from pipelines.query import open_table, search, user_queries
+    from pipelines.search.query import open_table, search, user_queries
 
     started = time.perf_counter()
     table = open_table(db, "shop")

@@ -25,7 +25,7 @@ from apache_beam import coders
 from apache_beam.metrics import Metrics, MetricsFilter
 
 from benchmarks.results import save_section
-from pipelines.config import CsvFormat
+from transforms.config import CsvFormat
 from transforms.csv_records import ReadCsv, csv_header
 
 ROWS = Metrics.counter("csv_read", "rows")

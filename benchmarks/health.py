@@ -37,8 +37,8 @@ from PIL import Image
 from benchmarks.results import peak_rss_mib, run_benchmark
 from demo.photos import PACKAGE_FOLDERS, photo_path
 from demo.reuploads import VARIANTS, reupload
-from pipelines.config import parse_config
 from pipelines.nightly import run_job
+from transforms.config import parse_config
 from transforms.lance_sink import dataset_uri, table_schema, vector_matrix
 
 REPO = Path(__file__).resolve().parent.parent

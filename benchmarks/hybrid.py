@@ -7,7 +7,7 @@ Two labelled query sets, each query with the one item it asks for:
   (Vaerdal) among items of the same colour and type, and a rare material word (Merino, Cordura) on one
   item of its type. The query is the SKU, "<brand> <colour> <type>" or "<word> <type>".
 - paraphrases: the demo's `demo/queries.csv` on the demo table (every encoder, the table's weights).
-Each query is answered by the vector search, by our hybrid (reciprocal rank fusion, pipelines.query), and by
+Each query is answered by the vector search, by our hybrid (reciprocal rank fusion, pipelines.search.query), and by
 LanceDB's own hybrid query with its RRFReranker over the same query vector; scored as hit@1 and hit@5.
 """
 
@@ -101,7 +101,7 @@ def demo_queries() -> list[tuple[str, str, str]]:
 def answers(db: Path, table_name: str, text: str, k: int) -> dict[str, list[str]]:
     from lancedb.rerankers import RRFReranker
 
-    from pipelines.query import hybrid_search, open_table, search, text_queries
+    from pipelines.search.query import hybrid_search, open_table, search, text_queries
     from transforms.combine import reweighted_query
     from transforms.lance_sink import TEXT_COLUMN
 

@@ -11,7 +11,7 @@ Sides, all EfficientNet-Lite0 pooled features from the files on disk:
   `batch_size: auto`);
 - plain fp32: open, convert, transform and run the network in batches of 16, in fp32;
 - plain best: the same loop channels-last under bf16 autocast where the CPU runs bf16 (what `auto`
-  picks, measured to agree with fp32 in the README's "Precision"), else channels-last fp32;
+  picks, measured to agree with fp32 in the docs/encoders.md, "Precision"), else channels-last fp32;
 - compute limit: the network alone at plain best's precision on tensors decoded beforehand, at its
   fastest batch size (4 to 64), after a warm-up.
 
@@ -56,8 +56,8 @@ def write_catalog(folder: Path, photos: list[Path]) -> Path:
 def _network(best: bool):
     import torch
 
-    from transforms.cnn_models import load_efficientnet_lite0
-    from transforms.encoders import cpu_runs_bf16
+    from transforms.encoders.cnn_models import load_efficientnet_lite0
+    from transforms.encoders.precision import cpu_runs_bf16
 
     model = load_efficientnet_lite0().eval()
     if not best:
@@ -67,8 +67,8 @@ def _network(best: bool):
 
 
 def _transform():
-    from transforms.cnn_models import imagenet_transform
-    from transforms.encoders import CNN_MODELS
+    from transforms.encoders.cnn import CNN_MODELS
+    from transforms.encoders.cnn_models import imagenet_transform
 
     arch = CNN_MODELS["efficientnet-lite0"]
     return imagenet_transform(arch["mean"], arch["std"], arch["resample"])
@@ -96,8 +96,8 @@ def plain_loop(paths: list[str], best: bool) -> int:
 
 
 def pipeline(catalog: Path, db: Path) -> int:
-    from pipelines.config import parse_config
     from pipelines.nightly import run_job
+    from transforms.config import parse_config
 
     config = {"catalog": {"format": "manifest", "path": str(catalog)},
               "encoders": {"image": {"kind": "cnn"}},
@@ -129,7 +129,7 @@ def draft_decoding(paths: list[str]) -> dict:
     pictures/s of each, and how the fp32 vectors of the two agree."""
     import numpy as np
 
-    from pipelines.config import EncoderConfig
+    from transforms.config import EncoderConfig
     from transforms.encoders import build_encoder
     from transforms.images import decode_image
 

@@ -4,7 +4,7 @@ job writes it; how the index holds up over 30 nights; and each query kind's cold
 The table: `--rows` items (1,000,000 by default) with text 384-d and image 512-d vectors from 1,000
 clustered kinds and the combined vector, and filter fields independent of the clusters: `group10`,
 `group100` and `group1000` (each value holds 10%, 1% and 0.1% of the rows). The job's own upkeep
-(transforms/maintain.py) indexes it. Each case runs QUERIES queries through pipelines.query.search and
+(transforms/maintain.py) indexes it. Each case runs QUERIES queries through pipelines.search.query.search and
 scores them against the exact 10 best by the same weighted score, computed over every row:
 - default weights, the text encoder alone, and a 0.9 / 0.1 re-weighting, unfiltered;
 - filters selecting 10%, 1% and 0.1% of the rows (default weights);
@@ -132,7 +132,7 @@ def exact_best(uri: str, queries: dict[str, np.ndarray], weights: dict[str, floa
 
 def measure_case(uri: str, db: Path, queries: dict[str, np.ndarray], weights: dict[str, float] | None,
                  where: str | None) -> dict:
-    from pipelines.query import open_table, plan_search, search
+    from pipelines.search.query import open_table, plan_search, search
 
     table = open_table(str(db), "synthetic")
     used = weights or WEIGHTS

@@ -104,7 +104,7 @@ def one(config: str, run_id: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.cli import main
-    from pipelines.config import load_config
+    from transforms.config import load_config
     from transforms.run_log import read_runs
 
     opened = []

@@ -41,8 +41,8 @@ PICTURES = [("skimage", "coffee.png"), ("skimage", "chelsea.png"), ("skimage", "
 
 def described_encoders() -> list[dict]:
     """The text and color encoders as the job would describe them in the table's metadata."""
-    from pipelines.config import parse_config
     from pipelines.nightly import describe_encoders
+    from transforms.config import parse_config
     from transforms.encoders import build_encoders
 
     config = parse_config({"catalog": {"format": "manifest", "path": __file__, "text_fields": ["title"]},
@@ -99,7 +99,7 @@ def measure_load(url: str, requests: list[tuple], clients: int) -> dict:
 
 def in_process_like(db: Path, ids: list[str], filtered: bool) -> float:
     """The p50 ms of the same `like` searches as function calls in this process."""
-    from pipelines import query as q
+    from pipelines.search import query as q
     from pipelines.serve import structured_filter
 
     table = q.open_table(str(db), "shop")

@@ -25,12 +25,12 @@ import numpy as np
 
 from benchmarks.results import save_section
 from demo.photos import photo_path
-from pipelines.config import CONSE_DEFAULTS, EncoderConfig
-from pipelines.evaluate import image_ranks, top1_accuracy
-from pipelines.query import load_query_image
 from pipelines.report import print_results
-from pipelines.zero_shot import DEFAULT_TEMPLATES, label_vectors
-from transforms.encoders import ConseEncoder, class_sentences
+from pipelines.search.evaluate import image_ranks, top1_accuracy
+from pipelines.search.query import load_query_image
+from pipelines.search.zero_shot import DEFAULT_TEMPLATES, label_vectors
+from transforms.config import EncoderConfig
+from transforms.encoders.conse import CONSE_DEFAULTS, ConseEncoder, class_sentences
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 # CLIP's seven ImageNet prompts, the ensemble its authors selected (Radford et al., 2021, notebook).

@@ -2,7 +2,7 @@
 titles, the same model (all-MiniLM-L6-v2) and the same CPU:
 - plain_fp32: SentenceTransformer.encode over the titles, batch 64, in fp32;
 - plain_best: the same loop under bf16 autocast where the CPU runs bf16 (what `precision: auto` picks,
-  measured to agree with fp32 in the README's "Precision"), else fp32;
+  measured to agree with fp32 in the docs/encoders.md, "Precision"), else fp32;
 - mltransform: Apache Beam's MLTransform with SentenceTransformerEmbeddings (RunInference underneath) on
   the DirectRunner;
 - registry: LanceDB's embedding registry (`sentence-transformers` through `lancedb.embeddings`, then
@@ -99,7 +99,7 @@ def run_plain(catalog: Path, best: bool) -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from transforms.encoders import cpu_runs_bf16
+    from transforms.encoders.precision import cpu_runs_bf16
 
     texts = [row["title"] for row in read_titles(catalog)]
     model = SentenceTransformer(model_path(), device="cpu")

@@ -31,7 +31,7 @@ from PIL import Image
 from benchmarks.results import run_benchmark, run_command
 from demo.image_server import ImageServer
 from demo.photos import photo_path
-from pipelines.config import HttpSettings
+from transforms.config import HttpSettings
 
 THREADS = HttpSettings().max_per_host
 SOURCES = (("skimage", "chelsea.png"), ("skimage", "coffee.png"), ("skimage", "astronaut.png"),
@@ -58,7 +58,7 @@ def plain_loop(urls_file: str, db: str) -> None:
     import lancedb
     import requests
 
-    from pipelines.config import EncoderConfig
+    from transforms.config import EncoderConfig
     from transforms.encoders import build_encoder
 
     urls = Path(urls_file).read_text().split()

@@ -1,6 +1,6 @@
 """Airflow: the nightly run as one task, never two at once for a table.
 
-Exit codes (README, "Run it every night"): 0 done; 1 failed or refused, nothing committed (retried once: a
+Exit codes (docs/operations.md, "Run it every night"): 0 done; 1 failed or refused, nothing committed (retried once: a
 table that moved or a flaky store passes the second time); 2 bad usage or config (a person must fix
 it: the retry fails the same way); 3 committed, but over the reject warning level: the task is marked
 skipped, which the UI shows apart from success, and the run's record is still its XCom. The last line

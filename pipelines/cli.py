@@ -19,9 +19,9 @@ import secrets
 import sys
 from datetime import datetime, timezone
 
-from pipelines.config import ConfigError
 from pipelines.errors import QueryError
 from pipelines.logs import configure_logging
+from transforms.config import ConfigError
 
 EXAMPLES = """\
 examples:
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed a product or image catalog into a versioned LanceDB table, and search it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    logs = argparse.ArgumentParser(add_help=False)
+    logs = OneLineParser(add_help=False)
     logs.add_argument("-v", "--verbose", action="store_true",
                       help="also show the libraries' logs, warnings and progress bars (quiet by default)")
     logs.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "encoder, else 'vector')")
     duplicates.add_argument("--threshold", type=float, metavar="X",
                             help="the cosine that makes two items duplicates (default per encoder kind, measured: "
-                                 "0.75 for cnn; see README 'Catalog health')")
+                                 "0.75 for cnn; see docs/health.md, 'Catalog health')")
     _version_arguments(duplicates)
     _report_outputs(duplicates)
 
@@ -308,9 +308,9 @@ def new_run_id() -> str:
 
 
 def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.config import load_config
     from pipelines.nightly import run_job
     from pipelines.report import print_plan, print_run_summary, run_json
+    from transforms.config import load_config
 
     config = load_config(args.config)
     if args.max_encode is not None:
@@ -380,8 +380,8 @@ def _warn_drift(run: dict, warn_score: float) -> bool:
 
 
 def _query(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines import query as q
     from pipelines.report import print_results
+    from pipelines.search import query as q
 
     if args.k < 1:
         print("catalog-embed: -k must be at least 1", file=sys.stderr)
@@ -415,7 +415,7 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
         return 0
     print_results(results)
     if args.html:
-        from pipelines import contact_sheet
+        from pipelines.search import contact_sheet
 
         contact_sheet.write(args.html, [("", results)], f"{args.table}: {len(results)} results", _describe_query(args))
         print(f"contact sheet: {args.html}")
@@ -431,9 +431,9 @@ def _describe_query(args: argparse.Namespace) -> str:
 
 
 def _classify(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines.query import open_table
     from pipelines.report import print_labels
-    from pipelines.zero_shot import DEFAULT_TEMPLATES, classify
+    from pipelines.search.query import open_table
+    from pipelines.search.zero_shot import DEFAULT_TEMPLATES, classify
 
     table = open_table(args.uri, args.table)
     results = classify(table, args.images, args.labels.split(","), args.template or DEFAULT_TEMPLATES, args.encoder)
@@ -445,11 +445,11 @@ def _classify(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines.config import load_config
-    from pipelines.evaluate import evaluate, read_queries
-    from pipelines.query import open_table
     from pipelines.report import print_evaluation
-    from pipelines.zero_shot import DEFAULT_TEMPLATES
+    from pipelines.search.evaluate import evaluate, read_queries
+    from pipelines.search.query import open_table
+    from pipelines.search.zero_shot import DEFAULT_TEMPLATES
+    from transforms.config import load_config
 
     config = load_config(args.config)
     queries = read_queries(args.queries) if args.queries else ()
@@ -464,14 +464,14 @@ def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _duplicates(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines.health import duplicates_report
+    from pipelines.health.reports import duplicates_report
 
     table = _open_at(args)
     return _print_report(args, table, duplicates_report(table, args.column, args.threshold))
 
 
 def _outliers(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines.health import outliers_report
+    from pipelines.health.reports import outliers_report
 
     if args.k < 1 or args.neighbours < 1:
         print("catalog-embed: -k and --neighbours must be at least 1", file=sys.stderr)
@@ -482,9 +482,9 @@ def _outliers(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _drift(args: argparse.Namespace, _extra: list[str]) -> int:
-    from pipelines.drift import previous_run_version
-    from pipelines.health import drift_report
-    from pipelines.query import open_table
+    from pipelines.health.drift import previous_run_version
+    from pipelines.health.reports import drift_report
+    from pipelines.search.query import open_table
     from transforms.lance_sink import dataset_uri
 
     at = int(args.version_to) if args.version_to and args.version_to.isdigit() else args.version_to
@@ -496,14 +496,14 @@ def _drift(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _open_at(args: argparse.Namespace):
     """The table of --uri/--table, at --version or --tag when given."""
-    from pipelines.query import open_table
+    from pipelines.search.query import open_table
 
     return open_table(args.uri, args.table, args.version if args.version is not None else args.tag)
 
 
 def _print_report(args: argparse.Namespace, table, report) -> int:
-    from pipelines import contact_sheet
     from pipelines.report import print_results
+    from pipelines.search import contact_sheet
 
     if args.json:
         print(json.dumps(report.data))

@@ -25,7 +25,6 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipelines.config import Config
 from pipelines.runners import check_paths_reach_workers, pipeline_runner, runner_name, worker_device_type
 from pipelines.scratch import open_scratch, remove_scratch, remove_stale_scratch, scratch_folder, scratch_root
 from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
@@ -33,7 +32,10 @@ from transforms.budget import DEFERRED, apply_budget, budget_scopes
 from transforms.combine import combine
 from transforms.commit import CommitRun, RunContext
 from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
-from transforms.encoders import Encoder, SentenceTransformerEncoder, build_encoders, without_data
+from transforms.config import Config
+from transforms.encoders import build_encoders
+from transforms.encoders.base import Encoder, without_data
+from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
 from transforms.interaction_log import check_interactions
@@ -106,7 +108,7 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
 
 
 def describe_encoders(encoders: Sequence[Encoder], weights: dict[str, float]) -> list[dict]:
-    """The encoders as the table's metadata describes them: what queries rebuild them from (pipelines/query.py)."""
+    """The encoders as the table's metadata describes them: what queries rebuild them from."""
     return [{"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
              "config": _encoder_config(e)} for e in encoders]
 

@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineRunner
 
-from pipelines.config import Config, ConfigError
+from transforms.config import Config, ConfigError
 
 DEFAULT_RUNNER = "FnApiRunner"
 # Runners whose workers run on this machine, and so see its disk, GPU and CPU.

@@ -4,7 +4,7 @@ a page at `/` to look at them (pipelines/page/index.html, plain HTML and JS: no 
 Every answer is what the command line gives for the same request: the endpoints call the functions the
 `query`, `versions` and health commands call. The service reads the table's latest version unless a request
 names one, and notices a version a nightly run committed on the next request (a look at the table's latest
-manifest); the table's models are loaded once, on the first query that needs each (query_models.py).
+manifest); the table's models are loaded once, on the first query that needs each (transforms/encoders/query_models.py).
 
 Safe by default: it binds to 127.0.0.1; uploads are checked as catalog images are; filters are structured
 (field, operator, value) on the table's own columns, with values quoted, and raw SQL is taken only with
@@ -28,12 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines import query as q
 from pipelines.errors import QueryError
+from pipelines.search import query as q
+from transforms.encoders.query_models import loaded_models
 from transforms.lance_sink import rows_by_id
-from transforms.query_models import loaded_models
 from transforms.storage import ImageReader
 
 log = logging.getLogger("catalog_embed.serve")
@@ -215,9 +216,10 @@ def structured_filter(filters: list[dict], fields: list[str]) -> str | None:
         if op not in OPERATORS:
             raise BadRequest(f"unknown operator {op!r} in a filter; the operators are {', '.join(OPERATORS)}")
         values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in values):
+        literals = [v for v in values if isinstance(v, str | int | float) and not isinstance(v, bool)]
+        if not values or len(literals) != len(values):
             raise BadRequest(f"the filter on {field!r} needs a value (text or number, or a list of them for 'in')")
-        literal = ", ".join(_quoted(v) for v in values)
+        literal = ", ".join(_quoted(v) for v in literals)
         parts.append(f"`{field}` IN ({literal})" if op == "in" else f"`{field}` {op} {literal}")
     return " AND ".join(parts) or None
 
@@ -254,11 +256,11 @@ def run_search(served: ServedTable, asked: dict, image: bytes | None, allow_sql_
 
 def health_report(served: ServedTable, report: str, version: int | str | None, k: int,
                   isolated: bool | None = None) -> Any:
-    from pipelines.drift import previous_run_version
-    from pipelines.health import drift_report, duplicates_report, outliers_report
-    from pipelines.outliers import DEFAULT_NEIGHBOURS, caption_pair
-    from pipelines.vectors import COMBINED
+    from pipelines.health.drift import previous_run_version
+    from pipelines.health.outliers import DEFAULT_NEIGHBOURS, caption_pair
+    from pipelines.health.reports import drift_report, duplicates_report, outliers_report
     from transforms.lance_sink import dataset_uri
+    from transforms.vector_columns import COMBINED
 
     table = served.at(version)
     if report == "duplicates":
@@ -281,11 +283,12 @@ async def _search_request(request: Request) -> tuple[dict, bytes | None]:
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
         upload = form.get("image")
-        image = await upload.read(MAX_UPLOAD_BYTES + 1) if hasattr(upload, "read") else None
-        asked = {key: value for key, value in form.items() if key != "image"}
+        image = await upload.read(MAX_UPLOAD_BYTES + 1) if isinstance(upload, UploadFile) else None
+        asked: dict[str, Any] = {key: value for key, value in form.items() if key != "image"}
         for key in ("weights", "filters", "k", "version", "hybrid"):
-            if isinstance(asked.get(key), str) and asked[key]:
-                asked[key] = _json_field(key, asked[key])
+            value = asked.get(key)
+            if isinstance(value, str) and value:
+                asked[key] = _json_field(key, value)
         return asked, image
     try:
         asked = await request.json()

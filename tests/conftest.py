@@ -19,9 +19,9 @@ from PIL import Image
 from demo.build_catalog import build as build_demo_catalog
 from demo.reuploads import reupload
 from demo.tiny_clip import save_tiny_clip
-from pipelines.config import Config, parse_config
 from pipelines.nightly import run_job
 from tests.servers import S3Server, environment, s3_server
+from transforms.config import Config, parse_config
 
 PHOTO_DIRS = (Path(skimage.data.__file__).parent, Path(sklearn.datasets.__file__).parent / "images")
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
@@ -48,9 +48,9 @@ DEMO_CATALOG = {"format": "manifest", "text_fields": ["title", "description"], "
 
 
 def readme_gpu_command() -> list[str]:
-    """The README's Dataflow GPU command line, as a user copies it."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Dataflow GPU workers"):]
+    """The Dataflow GPU command line of docs/clusters.md, as a user copies it."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "clusters.md").read_text()
+    section = page[page.index("## Dataflow GPU workers"):]
     start = section.index("```sh") + len("```sh")
     return shlex.split(section[start:section.index("```", start)].replace("\\\n", " "))
 

@@ -12,10 +12,10 @@ import yaml
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.config import ConfigError, load_config
 from tests.conftest import ALL_ENCODERS, PHOTOS, captioned_catalog, make_config, photo, read_table, run
 from transforms.budget import order_key
 from transforms.combine import combine
+from transforms.config import ConfigError, load_config
 
 ITEMS, BUDGET, CROP = 2000, 500, 48
 

@@ -20,10 +20,10 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 
 from pipelines.cli import main
-from pipelines.config import EncoderConfig
 from tests.conftest import PHOTOS, copy_photo, make_config, photo, read_table, run
 from transforms import commit
-from transforms.encoders import ColorEncoder
+from transforms.config import EncoderConfig
+from transforms.encoders.color import ColorEncoder
 from transforms.images import decode_image
 from transforms.lance_sink import dataset_uri
 from transforms.run_log import commit_rejects

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from pipelines.cli import main
-from pipelines.config import ConfigError
-from pipelines.query import item_queries, open_table, search, user_queries
+from pipelines.search.query import item_queries, open_table, search, user_queries
 from tests.conftest import make_config, read_table, run
 from transforms.combine import combine
+from transforms.config import ConfigError
 from transforms.run_log import read_runs
 
 CLUSTERS, CLUSTER_SIZE, SESSIONS = 6, 20, 600

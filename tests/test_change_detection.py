@@ -21,7 +21,6 @@ from sentence_transformers import SentenceTransformer
 from timm.data import ImageNetInfo
 
 from pipelines.cli import main
-from pipelines.config import EncoderConfig
 from tests.conftest import (
     CAPTIONS,
     PHOTOS,
@@ -35,8 +34,10 @@ from tests.conftest import (
     write_catalog,
 )
 from transforms import inference
-from transforms.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
-from transforms.encoders import ColorEncoder, build_encoder
+from transforms.config import EncoderConfig
+from transforms.encoders import build_encoder
+from transforms.encoders.cnn_models import FeatureModel, imagenet_transform, load_efficientnet_lite0
+from transforms.encoders.color import ColorEncoder
 from transforms.images import decode_image
 from transforms.storage import ImageReader
 
@@ -163,7 +164,7 @@ def test_one_decode_and_one_forward_pass_serve_every_image_encoder(tmp_path, ope
                         lambda self, pixels: forward_passes.append(len(pixels)) or real_features(self, pixels))
     decodes = []
     real_decode = decode_image
-    monkeypatch.setattr("transforms.encoders.decode_image",
+    monkeypatch.setattr("transforms.encoders.base.decode_image",
                         lambda data, side=None: decodes.append(side) or real_decode(data, side))
     config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
                                     "text_fields": ["caption"]}, IMAGE_ENCODERS)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import EncoderConfig
 from tests.conftest import CAPTIONS, PHOTOS, open_photo, photo
 from transforms import derived
+from transforms.config import EncoderConfig
 from transforms.encoders import build_encoder
 
 
@@ -61,11 +61,11 @@ def test_a_derived_value_is_computed_once_and_a_corrupt_or_foreign_entry_is_buil
 
 
 def test_conse_class_vectors_are_computed_once_per_text_model_and_settings(monkeypatch):
-    from transforms import encoders
+    from transforms.encoders import conse
 
     calls = []
-    real = encoders.class_sentences
-    monkeypatch.setattr(encoders, "class_sentences", lambda settings: calls.append(1) or real(settings))
+    real = conse.class_sentences
+    monkeypatch.setattr(conse, "class_sentences", lambda settings: calls.append(1) or real(settings))
     first = _encoder("conse", top_t=5).class_vectors()
     second = _encoder("conse", top_t=7).class_vectors()          # another mix of the same classes
     other = _encoder("conse", class_definitions=False).class_vectors()

@@ -12,8 +12,8 @@ import lancedb
 import pytest
 
 import transforms.csv_records as csv_records
-from pipelines.config import parse_config
 from tests.conftest import COLOR_ONLY, PHOTOS, copy_photo, make_config, read_table, run
+from transforms.config import parse_config
 
 FILLER = [{"id": f"f{i}", "title": f"Plain product {i}"} for i in range(40)]   # keeps rejects under 5%
 

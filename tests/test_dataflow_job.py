@@ -1,4 +1,4 @@
-"""The Dataflow job of the README's GPU command, built offline: the graph translates for Runner v2, the
+"""The Dataflow job of docs/clusters.md's GPU command, built offline: the graph translates for Runner v2, the
 workers are asked for GPUs, the encoders are planned at the GPU's precision, and nothing in the job
 names a folder of the launcher's.
 

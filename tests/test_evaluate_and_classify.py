@@ -11,9 +11,9 @@ from sentence_transformers import SentenceTransformer
 
 from pipelines.cli import main
 from pipelines.errors import QueryError
-from pipelines.evaluate import evaluate, read_queries
-from pipelines.query import open_table
-from pipelines.zero_shot import DEFAULT_TEMPLATES, classify, label_name
+from pipelines.search.evaluate import evaluate, read_queries
+from pipelines.search.query import open_table
+from pipelines.search.zero_shot import DEFAULT_TEMPLATES, classify, label_name
 from tests.conftest import photo
 
 

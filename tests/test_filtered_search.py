@@ -8,7 +8,7 @@ import lance
 import pytest
 
 from benchmarks.query import Catalog, exact_best, simulate_nights, synthetic_table
-from pipelines.query import EXACT_MAX_ROWS, open_table, plan_search, search
+from pipelines.search.query import EXACT_MAX_ROWS, open_table, plan_search, search
 from transforms.maintain import MAX_DELTA_SEGMENTS
 
 ROWS = 40_000
@@ -63,5 +63,5 @@ def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_pat
     truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, None)
     found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10)} for q in range(10)]
     # Lance's k-means is seeded at random: on 10 queries of unseen kinds at 12k rows, fresh clones measured 92
-    # of 100 twice among passing runs of 95 and more; the 1M-row benchmark holds 1.00 (README "Queries").
+    # of 100 twice among passing runs of 95 and more; the 1M-row benchmark holds 1.00 (docs/search.md).
     assert sum(len(f & t) for f, t in zip(found, truth, strict=True)) >= 90

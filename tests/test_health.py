@@ -16,10 +16,8 @@ from PIL import Image
 from demo.build_catalog import build as build_demo_catalog
 from demo.photos import PACKAGE_FOLDERS
 from pipelines.cli import main
-from pipelines.config import Config
-from pipelines.duplicates import connected_components
-from pipelines.neighbours import neighbour_blocks
-from pipelines.vectors import VectorColumn
+from pipelines.health.duplicates import connected_components
+from pipelines.search.neighbours import neighbour_blocks
 from tests.conftest import (
     DEMO_CATALOG,
     MULTIMODAL_ENCODERS,
@@ -31,6 +29,8 @@ from tests.conftest import (
     write_demo_rows,
 )
 from tests.test_contact_sheet import render_in_chromium
+from transforms.config import Config
+from transforms.vector_columns import VectorColumn
 
 SWAPPED = (("chelsea", "rocket"), ("coffee", "moon"))     # their captions trade places on the second night
 

@@ -17,7 +17,7 @@ from lance.fragment import write_fragments
 
 from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
-from pipelines.query import item_queries, open_table, search
+from pipelines.search.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
 from transforms import commit, lance_sink
 from transforms.lance_sink import ConcurrentRunError, commit_run, dataset_uri

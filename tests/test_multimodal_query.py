@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.query import item_queries, open_table, search, text_queries
-from transforms.encoders import class_sentences
+from pipelines.search.query import item_queries, open_table, search, text_queries
+from transforms.encoders.conse import class_sentences
 
 TEXT_TO_PHOTO = {"a cat": "chelsea", "a cup of coffee": "coffee", "a rocket": "rocket", "a motorcycle": "motorcycle",
                  "a flower": "flower", "a temple": "china", "a horse": "horse", "coins": "coins"}

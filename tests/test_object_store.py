@@ -212,8 +212,8 @@ def test_the_pipeline_and_options_carry_no_launcher_path(shop, cluster):
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.config import load_config
     from pipelines.nightly import build_pipeline, plan_job
+    from transforms.config import load_config
 
     options = PipelineOptions(cluster)
     FileSystems.set_options(options)        # as run_job does

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from demo.tiny_clip import TINY_CLIP
-from pipelines.config import ConfigError, EncoderConfig
-from pipelines.query import open_table, search, text_queries
-from pipelines.zero_shot import classify
+from pipelines.search.query import open_table, search, text_queries
+from pipelines.search.zero_shot import classify
 from tests.conftest import copy_photo, make_config, open_photo, photo, read_table, run
+from transforms.config import ConfigError, EncoderConfig
 from transforms.encoders import build_encoder
 
 CAPTIONS = {"chelsea.png": "a ginger cat", "coffee.png": "a cup of coffee", "rocket.jpg": "a rocket on its pad",

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from pipelines import query as q
-from pipelines.config import Config
+from pipelines.search import query as q
 from pipelines.serve import create_app
 from tests.conftest import (
     DEMO_CATALOG,
@@ -26,6 +25,7 @@ from tests.conftest import (
     with_reuploads,
     write_demo_rows,
 )
+from transforms.config import Config
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -132,7 +132,7 @@ def test_the_page_searches_reweights_explores_and_shows_duplicates(server, brows
     page.click("nav button[data-tab=duplicates]")
     page.wait_for_function("document.getElementById('status').textContent.includes('near-duplicates')")
     groups = page.eval_on_selector_all("#results .group", "groups => groups.length")
-    from pipelines.duplicates import find_duplicates
+    from pipelines.health.duplicates import find_duplicates
 
     assert groups == len(find_duplicates(table)["groups"]) == len(REUPLOADS)
     _screenshot(page, tmp_path / "duplicates.png")

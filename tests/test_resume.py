@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.config import load_config
 from tests.conftest import BUCKET, read_table, run
 from transforms import commit
+from transforms.config import load_config
 from transforms.lance_sink import dataset_uri, open_dataset
 
 ITEMS, BATCH = 2000, 100

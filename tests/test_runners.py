@@ -14,10 +14,11 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from pipelines import nightly
 from pipelines.cli import main
-from pipelines.config import ConfigError, EncoderConfig
 from pipelines.runners import pipeline_runner, runner_name, worker_device_type
 from tests.conftest import COLOR_ONLY, captioned_catalog, make_config, run
 from transforms import encoders
+from transforms.config import ConfigError, EncoderConfig
+from transforms.encoders import base
 
 GPU_DATAFLOW = ["--runner=DataflowRunner", "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1"]
 
@@ -67,7 +68,7 @@ def test_remote_workers_are_planned_for_the_device_the_options_give_them(monkeyp
     assert worker_device_type(PipelineOptions([])) is None                         # local: this machine decides
     assert worker_device_type(PipelineOptions(GPU_DATAFLOW)) == "cuda"
     assert worker_device_type(PipelineOptions(["--runner=FlinkRunner"])) == "cpu"
-    monkeypatch.setattr(encoders, "cpu_runs_bf16", lambda: True)                  # whatever this CPU does
+    monkeypatch.setattr(base, "cpu_runs_bf16", lambda: True)                  # whatever this CPU does
     configs = [EncoderConfig(name=kind, kind=kind) for kind in ("sentence-transformers", "cnn", "conse")]
     on_gpus = encoders.build_encoders(configs, "cuda")
     on_cpus = encoders.build_encoders(configs, "cpu")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from demo.image_server import ImageServer
-from pipelines.config import ConfigError, HttpSettings
 from tests.conftest import COLOR_ONLY, PHOTOS, make_config, photo, read_table, run
+from transforms.config import ConfigError, HttpSettings
 from transforms.http_fetch import fetch
 
 GOOD = ["img", "img", "img", "img", "flaky", "busy", "moved"]     # a kind of path per stored item

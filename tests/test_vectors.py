@@ -13,10 +13,10 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 from torchvision import transforms as T
 
-from pipelines.config import EncoderConfig
 from tests.conftest import DEMO_PHOTOS, PHOTOS, open_photo, photo, read_table
-from transforms.cnn_models import load_efficientnet_lite0
+from transforms.config import EncoderConfig
 from transforms.encoders import build_encoder
+from transforms.encoders.cnn_models import load_efficientnet_lite0
 from transforms.images import decode_image
 from transforms.inference import AUTO_BATCH_SIZES, LazyModels
 from transforms.lance_sink import METADATA_KEY
@@ -97,8 +97,8 @@ def test_table_has_documented_columns_and_metadata(demo_run):
 
 
 def test_color_vectors_rank_similar_colours_together(tmp_path):
-    from pipelines.config import EncoderConfig
-    from transforms.encoders import ColorEncoder
+    from transforms.config import EncoderConfig
+    from transforms.encoders.color import ColorEncoder
 
     encoder = ColorEncoder(EncoderConfig(name="color", kind="color"))
     red, dark_red, blue = (Image.new("RGB", (32, 32), c) for c in ((220, 20, 20), (180, 10, 10), (20, 20, 220)))
@@ -108,8 +108,10 @@ def test_color_vectors_rank_similar_colours_together(tmp_path):
 
 
 def test_conse_shares_the_text_and_image_models_of_the_other_encoders():
-    from pipelines.config import EncoderConfig
-    from transforms.encoders import CnnEncoder, ConseEncoder, SentenceTransformerEncoder
+    from transforms.config import EncoderConfig
+    from transforms.encoders.cnn import CnnEncoder
+    from transforms.encoders.conse import ConseEncoder
+    from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 
     encoder = ConseEncoder(EncoderConfig(name="conse", kind="conse", device="cpu"))
     conse = encoder.load()
@@ -147,11 +149,12 @@ def test_bf16_vectors_agree_with_fp32_references(tmp_path, effnet):
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_runs_it(monkeypatch):
-    from pipelines.config import EncoderConfig
     from transforms import encoders
+    from transforms.config import EncoderConfig
+    from transforms.encoders import base
 
     def precision(kind: str, native: bool) -> str:
-        monkeypatch.setattr(encoders, "cpu_runs_bf16", lambda: native)
+        monkeypatch.setattr(base, "cpu_runs_bf16", lambda: native)
         return encoders.build_encoder(EncoderConfig(name="x", kind=kind, device="cpu")).precision
 
     assert precision("sentence-transformers", True) == precision("cnn", True) == "bf16"

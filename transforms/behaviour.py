@@ -27,8 +27,9 @@ import apache_beam as beam
 import lance
 import pyarrow as pa
 
-from pipelines.config import INTERACTION_COLUMNS
-from transforms.encoders import Encoder, Item2VecEncoder
+from transforms.config import INTERACTION_COLUMNS
+from transforms.encoders.base import Encoder
+from transforms.encoders.item2vec import Item2VecEncoder
 from transforms.inference import needs
 from transforms.items import ITEMS, REJECTS, make_reject
 from transforms.lance_sink import rows_by_id, vector_matrix

@@ -25,7 +25,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.encoders import Encoder
+from transforms.encoders.base import Encoder
 from transforms.fingerprint import has_input
 from transforms.inference import ENCODE_ORDER, needs
 from transforms.items import ITEMS
@@ -187,7 +187,7 @@ def backfill_progress(with_input: dict[str, int], waiting: dict[str, int], encod
         runs = _runs(sum(waiting.values()), limits[ALL])
     else:
         runs_each = [_runs(waiting.get(name, 0), limits[name]) for name in names]
-        runs = None if None in runs_each else max(runs_each)
+        runs = None if None in runs_each else max(r for r in runs_each if r is not None)
     return {"encoders": {name: {"done": with_input[name] - waiting.get(name, 0), "of": with_input[name]}
                          for name in names}, "runs_left": runs}
 

@@ -10,7 +10,7 @@ part of its combined vector is zeros and the rest is scaled by 1/sqrt(W), W the 
 the encoders it has, so that it stays unit length. Against an item that has them all, it then scores
 sum_{i present} w_i cos_i / sqrt(W) in the combined column, so a search ranks candidates by it and then
 scores them exactly (`weighted_cosines`): the weighted mean of the cosines over the encoders that both the
-query and the item have (README, "The weighting math").
+query and the item have (docs/table.md, "The weighting math").
 """
 
 from __future__ import annotations

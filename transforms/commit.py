@@ -17,10 +17,10 @@ from datetime import datetime
 import apache_beam as beam
 import lance
 
-from pipelines.config import OutputConfig
-from pipelines.drift import column_scores
 from transforms.behaviour import STAGE as LOG_STAGE
 from transforms.budget import backfill_progress
+from transforms.column_drift import column_scores
+from transforms.config import OutputConfig
 from transforms.lance_sink import ConcurrentRunError, commit_run
 from transforms.maintain import maintain
 from transforms.run_log import commit_rejects, record_run, utc_now
@@ -100,7 +100,7 @@ class CommitRun(beam.DoFn):
             run["status"] = "unchanged"
 
     def _drift(self, version: int) -> dict[str, float]:
-        """Per vector column, how far the new version moved from the one the run started from (pipelines/drift)."""
+        """Per vector column, how far the new version moved from the one the run started from (column_drift.py)."""
         ctx = self._context
         if ctx.read_version is None:
             return {}
@@ -135,7 +135,9 @@ class CommitRun(beam.DoFn):
         ctx = self._context
         resumed_rows = sum(batch["rows"] for batch in resumed)
         written_rows = sum(batch["rows"] for batch in written) + resumed_rows
-        encoded, seconds, by_reason = Counter(), Counter(), Counter()
+        encoded: Counter[str] = Counter()
+        seconds: Counter[str] = Counter()
+        by_reason: Counter[str] = Counter()
         for batch in written:
             encoded.update(batch["encoded"])
             seconds.update(batch["encode_seconds"])

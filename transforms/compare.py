@@ -60,7 +60,7 @@ class ReadTableSummaries(beam.PTransform):
         wanted = ["id", "label", "image_uri", "image_stat", "image_digest", *self._fields,
                   *[f"{e}_fp" for e in self._encoders]]
         columns = list(dict.fromkeys(c for c in wanted if c in present))
-        for batch in dataset.get_fragment(fragment_id).to_batches(columns=columns):
+        for batch in fragment(dataset, fragment_id).to_batches(columns=columns):
             for row in batch.to_pylist():
                 yield row["id"], pack({
                     "fragment": fragment_id,
@@ -147,3 +147,11 @@ def compare_with_table(items, table_summaries, staged_rows, delete_missing: bool
         | "Join with table" >> beam.CoGroupByKey()
         | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash)).with_outputs(DELETES, REJECTS, main=ITEMS)
     )
+
+
+def fragment(dataset: lance.LanceDataset, fragment_id: int) -> lance.LanceFragment:
+    """A fragment of the version a stage read; its ids come from that version, so a missing one is a bug."""
+    found = dataset.get_fragment(fragment_id)
+    if found is None:
+        raise RuntimeError(f"fragment {fragment_id} is not in version {dataset.version} of {dataset.uri}")
+    return found

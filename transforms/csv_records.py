@@ -21,7 +21,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import CsvFormat
+from transforms.config import CsvFormat
 from transforms.items import ITEMS, REJECTS, make_reject
 
 CHUNK_BYTES = 64 << 20      # a range per worker task: large enough that its counts cost nothing to group

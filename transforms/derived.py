@@ -68,7 +68,10 @@ def cached_array(kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.n
 
 def cached_value(kind: str, key: str, compute: Callable[[], Any]) -> Any:
     """A small JSON value (a dimension, a setting)."""
-    folder = cached_files(kind, key, lambda into: (into / "value.json").write_text(json.dumps(compute())))
+    def write(into: Path) -> None:
+        (into / "value.json").write_text(json.dumps(compute()))
+
+    folder = cached_files(kind, key, write)
     return json.loads((folder / "value.json").read_text())
 
 

@@ -1,4 +1,4 @@
-"""Images named by http(s) URL, fetched as a polite crawler fetches them (README, "Images by URL").
+"""Images named by http(s) URL, fetched as a polite crawler fetches them (docs/catalogs.md, "Images by URL").
 
 Each worker process holds one connection pool and its limits: at most `max_per_host` requests in flight
 to one host and `max_per_worker` in all. A request that meets a 429, a 5xx, a timeout or a refused
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, TimeoutError
 
-from pipelines.config import HttpSettings
+from transforms.config import HttpSettings
 from transforms.items import InputError
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})

@@ -45,7 +45,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.derived import cached_value
-from transforms.encoders import Encoder
+from transforms.encoders.base import Encoder
 from transforms.fingerprint import has_input
 from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
 from transforms.storage import ImageReader
@@ -57,7 +57,7 @@ GROUPED_MODALITIES = frozenset({"image"})
 RECENT_TEXTS = 50_000                    # per worker: about 75 MB of MiniLM vectors
 RUN_INFERENCE_BATCH = 512                # items per RunInference call; the network runs sub-batches of it
 # What `batch_size: auto` tries, by modality and device. Each try holds that batch's activations: on a CPU,
-# CNN batches over 16 were never the fastest (README, "Benchmark") and trying 32 costs 200 MB more.
+# CNN batches over 16 were never the fastest (docs/benchmarks.md) and trying 32 costs 200 MB more.
 AUTO_BATCH_SIZES = {"image": {"cpu": (4, 8, 16), "cuda": (32, 64, 128, 256, 512)},
                     "text": {"cpu": (16, 32, 64, 128), "cuda": (64, 128, 256, 512, 1024)}}
 UNTIMED_BATCH_SIZE = 32                  # the sub-batch of encoders with no network to time (color)
@@ -137,7 +137,7 @@ def fastest_batch_size(encoder: Encoder, model: Any) -> int | None:
             encoder.embed(model, prepared)
             seconds.append(time.perf_counter() - started)
         rates[size] = size / min(seconds)
-    best = max(rates, key=rates.get)
+    best = max(rates, key=lambda size: rates[size])
     log.info("encoder %s: batch_size auto -> %d on %s (inputs/s by batch size: %s)", encoder.name, best,
              encoder.device, ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items()))
     return best
@@ -217,8 +217,10 @@ class LazyModels:
             with self._lock:
                 if encoder.forward_key not in self._batch_sizes:
                     self._batch_sizes[encoder.forward_key] = remembered_batch_size(encoder, model)
-                sizes.append(self._batch_sizes[encoder.forward_key])
-        return min((size for size in sizes if size), default=UNTIMED_BATCH_SIZE)
+                size = self._batch_sizes[encoder.forward_key]
+                if size:
+                    sizes.append(size)
+        return min(sizes, default=UNTIMED_BATCH_SIZE)
 
 
 class StageThreads:
@@ -319,7 +321,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         for done, jobs, failed in prepared_ahead(
                 stage.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, stage.threads + 1):
             errors.update(failed)
-            found = {key: {} for key in done}
+            found: dict[str, dict] = {key: {} for key in done}
             for (name, chosen, _), embedded in zip(jobs, model.embed(jobs), strict=True):
                 for k, vector in zip(chosen, embedded, strict=True):
                     found[done[k]][name] = vector

@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import INTERACTION_COLUMNS, ConfigError
+from transforms.config import INTERACTION_COLUMNS, ConfigError
 from transforms.csv_records import csv_header
 from transforms.readers import JSON_LINES
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from apache_beam.coders import FastPrimitivesCoder
 
-from pipelines.config import CatalogConfig, column_name
+from transforms.config import CatalogConfig, column_name
 
 REJECTS = "rejects"
 ITEMS = "items"

@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
+from transforms.compare import fragment
 from transforms.fingerprint import has_input, written_fingerprints
 from transforms.staging import stage_batch
 
@@ -168,7 +169,7 @@ class DeleteRows(beam.DoFn):
 
     def process(self, fragment_ids: tuple[int, Iterable[str]]):
         fragment_id, ids = fragment_ids
-        result = self._dataset.get_fragment(fragment_id).delete(id_in(sorted(ids)))
+        result = fragment(self._dataset, fragment_id).delete(id_in(sorted(ids)))
         yield fragment_id, None if result is None else json.dumps(result.to_json())
 
 
@@ -212,9 +213,10 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
     if current != read_version:
         raise _moved(uri, read_version, current)
     if dataset is not None and not overwrite and not fragments and not deletions:
-        dataset.tags.create(run_tag(run_id), current)
-        return current
+        dataset.tags.create(run_tag(run_id), dataset.version)
+        return dataset.version
     new_fragments = [FragmentMetadata.from_json(raw) for raw in fragments]
+    operation: lance.LanceOperation.BaseOperation
     if dataset is None or overwrite:
         operation = lance.LanceOperation.Overwrite(schema, new_fragments)
     else:
@@ -231,7 +233,8 @@ def commit_run(uri: str, schema: pa.Schema, fragments: Sequence[str], deletions:
         # Lance's own conflict check (a version landed since ours, touching our fragments) comes before our
         # lock is asked, and our lock's refusal comes back from Lance as an OSError: both mean the table moved.
         if isinstance(err, CommitConflictError) or "table moved" in str(err):
-            raise _moved(uri, read_version, open_dataset(uri, storage_options).version) from err
+            now = open_dataset(uri, storage_options)
+            raise _moved(uri, read_version, None if now is None else now.version) from err
         raise
     committed.tags.create(run_tag(run_id), committed.version)
     log.info("committed %s as version %d", uri, committed.version)
@@ -293,7 +296,7 @@ class _LastCommitted:
 def _table_lock(uri: str):
     """An exclusive lock on a local table's folder, released when the process ends however it ends. An
     object store has no such lock: there the scheduler must not start a table's runs side by side
-    (README, "Run it every night"), and Lance's own atomic commit keeps versions from being overwritten."""
+    (docs/operations.md, "Run it every night"), and Lance's own atomic commit keeps versions from being overwritten."""
     if "://" in uri:
         yield _NothingKept()
         return

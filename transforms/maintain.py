@@ -7,7 +7,7 @@ its version queryable until the tag is deleted).
 Indexes, each made once and then refreshed (`optimize_indices` folds the new rows in):
 - a scalar index on `id` (rows found by id) and on `label` and every pass-through field, BITMAP for a
   field of at most BITMAP_MAX_VALUES distinct values and BTREE above, so that filtered searches count and
-  find their rows through it (pipelines/query.py plans each search by that count);
+  find their rows through it (pipelines/search/query.py plans each search by that count);
 - a full-text index on `embedded_text`, for `query --hybrid` and LanceDB's own full-text search;
 - once the table has `output.index_min_rows` rows, a cosine IVF_HNSW_SQ index on `vector`. Folding new rows
   in adds a delta segment each night, which every search also reads; past MAX_DELTA_SEGMENTS the index is
@@ -21,6 +21,7 @@ import ctypes
 import logging
 import math
 from datetime import timedelta
+from typing import Any, Literal
 
 import lance
 import pyarrow as pa
@@ -34,9 +35,10 @@ VECTOR_INDEX = "vector_idx"
 TEXT_INDEX = f"{TEXT_COLUMN}_idx"
 TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's size
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
+ScalarIndex = Literal["BTREE", "BITMAP"]
 BITMAP_MAX_VALUES = 1_000   # Lance's bitmap index is for low-cardinality columns; a BTREE above
 # At 100k rows each delta segment added about 1.3 ms to a search (p50 41 -> 80 ms after 30 nights of 1% churn,
-# recall unchanged); a rebuild costs what the first build did (README "Queries"): about once a week.
+# recall unchanged); a rebuild costs what the first build did (docs/search.md): about once a week.
 MAX_DELTA_SEGMENTS = 7
 NOT_FILTERED = frozenset({"id", "image_uri", "image_stat", "image_digest", TEXT_COLUMN, "run_id"})
 
@@ -71,7 +73,7 @@ def index_state(dataset: lance.LanceDataset, rebuilt: bool = False) -> dict:
     """Each index's rows indexed and segments, the rows the vector index does not cover yet, and whether this
     upkeep rebuilt it."""
     indices = {index.name: index for index in dataset.describe_indices()}
-    state = {name: {"type": index.index_type, "rows_indexed": index.num_rows_indexed,
+    state: dict[str, dict[str, Any]] = {name: {"type": index.index_type, "rows_indexed": index.num_rows_indexed,
                     "segments": len(index.segments)} for name, index in indices.items()}
     if VECTOR_INDEX in state:
         state[VECTOR_INDEX]["rows_unindexed"] = max(0, dataset.count_rows() - state[VECTOR_INDEX]["rows_indexed"])
@@ -82,7 +84,7 @@ def index_state(dataset: lance.LanceDataset, rebuilt: bool = False) -> dict:
 def _return_freed_heap() -> None:
     """Give the memory that the pipeline's stages freed back to the system before the index build
     loads the vector column (about 8 KiB a row): glibc would keep it for reuse, and the two would add
-    up to the run's peak (2.86 -> 2.54 GiB at 100k items, README "Benchmark"). Elsewhere than glibc, nothing."""
+    up to the run's peak (2.86 -> 2.54 GiB at 100k items). Elsewhere than glibc, nothing."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -111,7 +113,8 @@ def _index(dataset: lance.LanceDataset, index_min_rows: int) -> bool:
         # New rows in a delta segment of their own: merging them into the last segment rebuilds it (412 s at
         # 1M rows for 10k new ones, against 2.6 s); MAX_DELTA_SEGMENTS bounds the segments.
         dataset.optimize.optimize_indices(index_names=[VECTOR_INDEX], num_indices_to_merge=0)
-    for column, kind in [("id", "BTREE"), *_filter_columns(dataset)]:
+    scalar: list[tuple[str, ScalarIndex]] = [("id", "BTREE"), *_filter_columns(dataset)]
+    for column, kind in scalar:
         if f"{column}_idx" not in names:
             dataset.create_scalar_index(column, kind, name=f"{column}_idx")
     if TEXT_COLUMN in dataset.schema.names and TEXT_INDEX not in names:
@@ -134,11 +137,11 @@ def _vector_segments(dataset: lance.LanceDataset) -> int:
     return next(len(index.segments) for index in dataset.describe_indices() if index.name == VECTOR_INDEX)
 
 
-def _filter_columns(dataset: lance.LanceDataset) -> list[tuple[str, str]]:
+def _filter_columns(dataset: lance.LanceDataset) -> list[tuple[str, ScalarIndex]]:
     """(column, index kind) of the columns a search may filter on: `label` and the pass-through fields."""
     columns = [field.name for field in dataset.schema if pa.types.is_string(field.type)
                and field.name not in NOT_FILTERED and not field.name.endswith("_fp")]
-    found = []
+    found: list[tuple[str, ScalarIndex]] = []
     for column in columns:
         values = pc.count_distinct(dataset.to_table(columns=[column])[column]).as_py()
         found.append((column, "BITMAP" if values <= BITMAP_MAX_VALUES else "BTREE"))

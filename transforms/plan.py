@@ -38,7 +38,8 @@ class WritePlan(beam.DoFn):
         self._path = path
         self._budget = budget
 
-    def process(self, _trigger, waiting: dict[str, int], with_input: dict[str, int], **plan):
+    def process(self, element, waiting: dict[str, int], with_input: dict[str, int], **plan):
+        """`element` only triggers the write; `plan` (the counts), `waiting` and `with_input` are side inputs."""
         plan["backfill"] = backfill_progress(with_input, waiting, plan["encode"], self._budget)
         with FileSystems.create(self._path) as handle:
             handle.write(json.dumps(plan, sort_keys=True).encode())

@@ -34,7 +34,7 @@ class LogProgress(beam.DoFn):
         if now - self._last >= self._every:
             self._last = now
             rate = self._count / max(now - self._started, 1e-9)
-            total = (work or {}).get(self._work_key)
+            total = (work or {}).get(self._work_key) if self._work_key else None
             if total:
                 log.info("%s: %d of %d items on this worker, %.1f items/s, about %.0f s left at this rate",
                          self._stage, self._count, total, rate, max(total - self._count, 0) / rate)

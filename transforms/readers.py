@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+from typing import Any
 
 import apache_beam as beam
 from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.config import CatalogConfig, CsvFormat
+from transforms.config import CatalogConfig, CsvFormat
 from transforms.csv_records import ReadCsv, csv_header
 from transforms.items import ITEMS, REJECTS, field_value, first_value, make_item, make_reject
 
@@ -152,7 +153,7 @@ class ReadCatalog(beam.PTransform):
 def read_lines(pbegin, path: str, parse: beam.DoFn, label: str, skip_header: bool, only_if=None):
     """(rows, rejects) of a line-based file (JSONL, Food-101's lists), split across workers. With `only_if`
     (a PCollection of one value), the file is read only when that value is truthy; otherwise nothing is read."""
-    options = {"skip_header_lines": 1 if skip_header else 0, "coder": coders.BytesCoder()}
+    options: dict[str, Any] = {"skip_header_lines": 1 if skip_header else 0, "coder": coders.BytesCoder()}
     if only_if is None:
         lines = pbegin | f"Read {label}" >> beam.io.ReadFromText(path, **options)
     else:

@@ -34,6 +34,7 @@ class FetchKeptVectors(beam.DoFn):
         yield items
 
     def _fill(self, items: list[dict]) -> None:
+        assert self._dataset is not None, "only items of a stored table have vectors to keep"
         names = sorted({name for item in items for name in item["keep"]})
         found = rows_by_id(self._dataset, [item["id"] for item in items], ["id", *[f"{n}_vec" for n in names]])
         position = {item_id: i for i, item_id in enumerate(found["id"].to_pylist())}

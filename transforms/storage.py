@@ -18,7 +18,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.config import HttpSettings, RunConfig
+from transforms.config import HttpSettings, RunConfig
 from transforms.http_fetch import Fetched, fetch, is_url
 from transforms.items import InputError
 
@@ -62,7 +62,11 @@ class ImageReader:
     max_bytes: int = RunConfig.max_image_bytes
 
     def read(self, uri: str) -> bytes:
-        return self.fetch(uri).body if is_url(uri) else read_bytes(uri, self.max_bytes)
+        if not is_url(uri):
+            return read_bytes(uri, self.max_bytes)
+        body = self.fetch(uri).body
+        assert body is not None, "asked without validators, a server cannot answer 'not modified'"
+        return body
 
     def fetch(self, url: str, validators: str | None = None) -> Fetched:
         """A URL's image, or no body when it has not changed since `validators` (http_fetch.fetch)."""

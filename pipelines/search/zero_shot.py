@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.errors import QueryError
-from pipelines.query import Table, load_query_image
-from transforms.encoders import Encoder, l2_normalise
+from pipelines.search.query import Table, load_query_image
+from transforms.encoders.base import Encoder, l2_normalise
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.", "an image of {}.")
 

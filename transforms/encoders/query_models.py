@@ -17,15 +17,36 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from transforms.derived import cached_files
+
 log = logging.getLogger(__name__)
 OPSET = 17
 _SESSIONS: dict[Path, Any] = {}
 _SESSIONS_LOCK = threading.Lock()
+_EXPORTS: dict[str, Path | None] = {}          # model key -> its export's folder, or None (exported_folder)
+_EXPORTS_LOCK = threading.Lock()
+# Texts an export for queries is checked on: spaces around, capitals, accents, and one past any model's length.
+EXPORT_CHECK_TEXTS = ["a cup of coffee", "  Slim fit ORGANIC cotton crew neck T-shirt, navy  ",
+                      "Café crème au lait – 12 × 200 ml", " ".join(["a long product description"] * 200)]
+EXPORT_TOLERANCE = 1e-4     # the largest difference to the torch model's vectors an export may have
+
+
+def exported_folder(name: str, model_key: str, export: Callable[[Path], None]) -> Path | None:
+    """The folder of a network exported for queries, made by `export(folder)` the first time on this machine;
+    None where it could not be, and queries run the torch model instead. Looked up (and its files checked)
+    once per process: a service answers many queries."""
+    with _EXPORTS_LOCK:
+        if model_key not in _EXPORTS:
+            folder = cached_files("query-onnx", model_key, lambda into: _export_or_note(name, export, into))
+            _EXPORTS[model_key] = folder if (folder / "model.onnx").exists() else None
+        return _EXPORTS[model_key]
 
 
 def session(folder: Path) -> Any:
@@ -77,7 +98,7 @@ def export_cnn(model: Any, mean: tuple, std: tuple, folder: Path) -> None:
     """The network from uint8 pixels (N, 3, 224, 224) to its pooled features and logits."""
     import torch
 
-    from transforms.cnn_models import normalise_pixels
+    from transforms.encoders.cnn_models import normalise_pixels
 
     class FromPixels(torch.nn.Module):
         def __init__(self):
@@ -101,11 +122,15 @@ def _export(module: Any, sample: tuple, inputs: list[str], outputs: list[str], f
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-class Loaded:
+class Loaded(ABC):
     """One instance per exported model and process (`of`): loading a tokenizer costs more than a query."""
 
     _loaded: dict = {}
     _lock = threading.Lock()
+
+    @abstractmethod
+    def __init__(self, folder: Path):
+        """Load the export in `folder`."""
 
     @classmethod
     def of(cls, folder: Path):
@@ -145,3 +170,21 @@ class ImageQueries(Loaded):
     def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         features, logits = self._session.run(["features", "logits"], {"pixels": pixels})
         return features, logits
+
+
+def _export_or_note(name: str, export: Callable[[Any], None], folder: Any) -> None:
+    """Export, checked against the torch model; what cannot be exported is noted, and queries use torch."""
+    log.info("encoder %s: exporting its network for queries (once per model, in the cache)", name)
+    try:
+        export(folder)
+    except Exception as err:  # noqa: BLE001 - any failure to export only means that queries run the torch model
+        for path in folder.iterdir():
+            path.unlink()
+        (folder / "unusable.txt").write_text(f"{type(err).__name__}: {err}")
+        log.warning("encoder %s: queries will run the torch model, the export failed: %s", name, err)
+
+
+def check_export(name: str, exported: np.ndarray, reference: np.ndarray) -> None:
+    difference = float(np.abs(exported - reference).max())
+    if difference > EXPORT_TOLERANCE:
+        raise ValueError(f"the export of {name} differs from the torch model by {difference:.2e}")

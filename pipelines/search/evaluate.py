@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.errors import QueryError
-from pipelines.query import Table
-from pipelines.zero_shot import DEFAULT_TEMPLATES, label_vectors
+from pipelines.search.query import Table
+from pipelines.search.zero_shot import DEFAULT_TEMPLATES, label_vectors
 from transforms.lance_sink import vector_matrix
 
 RECALL_AT = (1, 5, 10)

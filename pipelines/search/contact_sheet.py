@@ -12,7 +12,7 @@ import html
 import io
 from collections.abc import Sequence
 
-from pipelines.query import load_query_image
+from pipelines.search.query import load_query_image
 
 THUMBNAIL_PIXELS = 256
 HIDDEN_FIELDS = ("id", "score", "image_uri")

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.errors import QueryError
-from pipelines.neighbours import neighbour_blocks
-from pipelines.query import Table
-from pipelines.vectors import COMBINED, vector_column
+from pipelines.search.neighbours import neighbour_blocks
+from pipelines.search.query import Table
 from transforms.lance_sink import vector_matrix
+from transforms.vector_columns import COMBINED
 
 REFERENCE_ITEMS = 2048
 DEFAULT_NEIGHBOURS = 5      # also the best matches a caption and a picture are held against
@@ -54,7 +54,7 @@ def caption_pair(table: Table, between: str | None = None) -> tuple[str, str]:
 def caption_outliers(table: Table, between: str | None = None) -> dict:
     """{"between": [text, image], "scores": per position, "positions": highest first}."""
     names = caption_pair(table, between)
-    texts, images = (vector_column(table, name) for name in names)
+    texts, images = (table.vector_column(name) for name in names)
     reference = texts.sample_positions(REFERENCE_ITEMS, seed=1)
     reference_texts, reference_images = texts.take(reference), images.take(reference)
     scores = np.empty(texts.rows, np.float32)
@@ -73,7 +73,7 @@ def _best_mean(similarity: np.ndarray, count: int = DEFAULT_NEIGHBOURS) -> np.nd
 
 def isolated_items(table: Table, column: str = COMBINED, neighbours: int = DEFAULT_NEIGHBOURS) -> dict:
     """{"column", "scores": 1 - mean cosine to the `neighbours` nearest, per position, "positions": highest first}."""
-    vectors = vector_column(table, column)
+    vectors = table.vector_column(column)
     if vectors.rows <= neighbours:
         raise QueryError(f"the table has {vectors.rows} items: too few to have {neighbours} neighbours each")
     nearest = np.full((vectors.rows, neighbours), -np.inf, np.float32)

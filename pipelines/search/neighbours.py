@@ -5,7 +5,7 @@ partitioned as an IVF index partitions a column: spherical k-means on a sample g
 centroids; each item is stored in its nearest partition and looks for neighbours in its `probes`
 nearest, so a pair straddling a border is still compared. Each partition is then searched exactly,
 with matrix products. The table's own ANN index answers one query at a time (about 2 ms each on 2
-cores: over half an hour for a million items, README "Catalog health"); this costs a few passes over
+cores: over half an hour for a million items, docs/health.md); this costs a few passes over
 the column instead.
 
 Consumers see `Block`s: some items (queries), the items they are compared with (candidates) and the
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.vectors import VectorColumn
+from transforms.vector_columns import VectorColumn
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ QUERY_BLOCK = 2048             # query rows per matrix product
 GROUP_BYTES = 256 * 2**20      # vectors held at once: a group's members and the items that probe them
 TRAINING_PER_PARTITION = 40    # k-means sample per centroid (as the table's index trains)
 KMEANS_ITERATIONS = 10
-DEFAULT_PROBES = 3             # partitions an item looks in: README "Catalog health" measures the recall
+DEFAULT_PROBES = 3             # partitions an item looks in: docs/health.md measures the recall
 
 
 @dataclass

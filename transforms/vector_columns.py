@@ -13,8 +13,6 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from pipelines.errors import QueryError
-from pipelines.query import Table
 from transforms.lance_sink import vector_matrix
 
 COMBINED = "vector"
@@ -64,16 +62,7 @@ class VectorColumn:
         return np.sort(np.random.default_rng(seed).choice(rows, size=count, replace=False))
 
 
-
 def ids_at(dataset: lance.LanceDataset, positions: np.ndarray) -> list[str]:
     if len(positions) == 0:
         return []
     return dataset.take(np.asarray(positions, np.int64), columns=["id"])["id"].to_pylist()
-
-
-def vector_column(table: Table, name: str) -> VectorColumn:
-    """An encoder's column by the encoder's name, or the combined `vector`; a clear error for others."""
-    names = list(table.stored_weights)
-    if name != COMBINED and name not in names:
-        raise QueryError(f"the table has no encoder '{name}'; its columns are {', '.join(names)} and {COMBINED}")
-    return VectorColumn(table.handle.to_lance(), COMBINED if name == COMBINED else f"{name}_vec")

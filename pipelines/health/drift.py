@@ -1,11 +1,7 @@
 """How a table moved between two versions: per vector column, and per item.
 
-Per column, on a random sample of each version (all rows of a small table):
-- `score`: the energy distance 2E|a-b| - E|a-a'| - E|b-b'| between the two versions' vectors (V-statistics,
-  so two equal sets score exactly 0). It is 0 when the distributions agree and grows as they part; for
-  unit vectors it is at most 2. Two captions edited in a catalog of thousands score near 0, half the
-  catalog replaced by another kind of item scores far higher (README "Catalog health" has numbers).
-- `centroid_shift`: how far the mean vector moved (Euclidean).
+Per column, the `score` and `centroid_shift` of transforms/column_drift.py: two captions edited in a catalog
+of thousands score near 0, half the catalog replaced by another kind of item far higher (docs/health.md).
 Per table: rows before and after, the ids added and removed; per column, how many items kept in both
 versions changed their vector and the ones that moved most (1 - cosine between their old and new vector).
 
@@ -16,7 +12,8 @@ version, a batch at a time.
 from __future__ import annotations
 
 import heapq
-from datetime import timezone
+from datetime import datetime, timezone
+from typing import Any
 
 import lance
 import numpy as np
@@ -24,34 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.errors import QueryError
-from pipelines.vectors import COMBINED, VectorColumn
+from transforms.column_drift import SAMPLE_ROWS, column_scores, shared_columns
 from transforms.lance_sink import vector_matrix
 
-SAMPLE_ROWS = 2000
 MOST_MOVED = 10
 UNMOVED_COSINE = 0.999999      # float32 noise: a vector written again unchanged
-
-
-def column_scores(before: lance.LanceDataset, after: lance.LanceDataset, sample_rows: int = SAMPLE_ROWS) -> dict:
-    """{column name: {"score", "centroid_shift"}} for the vector columns both versions have alike."""
-    scores = {}
-    for name, column in _shared_columns(before, after).items():
-        old = VectorColumn(before, column).sample_positions(sample_rows, seed=1)
-        new = VectorColumn(after, column).sample_positions(sample_rows, seed=2)
-        a, b = VectorColumn(before, column).take(old), VectorColumn(after, column).take(new)
-        scores[name] = {"score": round(energy_distance(a, b), 6),
-                        "centroid_shift": round(float(np.linalg.norm(a.mean(axis=0) - b.mean(axis=0))), 6)}
-    return scores
-
-
-def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """2 mean|a_i - b_j| - mean|a_i - a_j| - mean|b_i - b_j|, over unit vectors."""
-    def mean_distance(x: np.ndarray, y: np.ndarray) -> float:
-        return float(np.sqrt(np.maximum(2.0 - 2.0 * (x @ y.T), 0.0)).mean())
-
-    if len(a) == 0 or len(b) == 0:
-        return 0.0
-    return max(0.0, 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b))
 
 
 def drift(before: lance.LanceDataset, after: lance.LanceDataset, sample_rows: int = SAMPLE_ROWS) -> dict:
@@ -90,22 +64,12 @@ def previous_run_version(db_uri: str, table: str, version: int) -> int:
     return earlier[-2]
 
 
-def _shared_columns(before: lance.LanceDataset, after: lance.LanceDataset) -> dict[str, str]:
-    """Report name -> column, for the vector columns of the same name and size in both versions."""
-    shared = {}
-    for field in after.schema:
-        if pa.types.is_fixed_size_list(field.type) and field.name in before.schema.names \
-                and before.schema.field(field.name).type == field.type:
-            shared[COMBINED if field.name == COMBINED else field.name[: -len("_vec")]] = field.name
-    return shared
-
-
 def _moved(before: lance.LanceDataset, after: lance.LanceDataset, old_ids: pa.Array) -> dict[str, dict]:
     """Per column, among the items in both versions and written since `before`: how many changed their
     vector and the MOST_MOVED that moved most. Rows not written since keep their vectors by construction."""
-    columns = _shared_columns(before, after)
+    columns = shared_columns(before, after)
     since = _version_time(before)
-    moved = {name: {"moved": 0, "most_moved": []} for name in columns}
+    moved: dict[str, dict[str, Any]] = {name: {"moved": 0, "most_moved": []} for name in columns}
     heaps: dict[str, list] = {name: [] for name in columns}
     written_since = f"embedded_at > timestamp '{since}'"
     # One lookup of every candidate id in the older version (a hash of its ids), not one per batch.
@@ -139,4 +103,5 @@ def _moved(before: lance.LanceDataset, after: lance.LanceDataset, old_ids: pa.Ar
 def _version_time(dataset: lance.LanceDataset) -> str:
     """When the version was committed, in UTC (Lance gives it in local time, without a zone)."""
     stamp = next(v["timestamp"] for v in dataset.versions() if v["version"] == dataset.version)
+    assert isinstance(stamp, datetime), "Lance gives a version's time as a datetime"
     return stamp.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

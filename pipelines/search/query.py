@@ -9,7 +9,7 @@ and a filter keeps only its rows there, so a selective filter's best rows, which
 missed (recall@10 0.1 at 0.1% of 1M rows). A filter is counted first, through the fields' scalar
 indexes: few enough rows are searched exactly; more, through the index with as many partitions probed as
 it takes for them to hold FILTERED_CANDIDATES of the filter's rows. The numbers are measured at 1M rows
-(benchmarks/query.py, README "Queries").
+(benchmarks/query.py, docs/search.md).
 """
 
 from __future__ import annotations
@@ -22,24 +22,27 @@ from functools import cached_property
 import lancedb
 import numpy as np
 import pyarrow as pa
+from lancedb.query import LanceVectorQueryBuilder
 from PIL import Image
 
-from pipelines.config import EncoderConfig, RunConfig
 from pipelines.errors import QueryError
 from transforms.combine import normalise_weights, reweighted_query, weighted_cosines
-from transforms.encoders import Encoder, build_encoder, l2_normalise
+from transforms.config import EncoderConfig, RunConfig
+from transforms.encoders import build_encoder
+from transforms.encoders.base import Encoder, l2_normalise
 from transforms.images import check_image, decode_image
 from transforms.interaction_log import items_of_user
 from transforms.lance_sink import TEXT_COLUMN, id_in, rows_by_id, table_metadata, vector_matrix
 from transforms.storage import ImageReader
+from transforms.vector_columns import COMBINED, VectorColumn
 
 # The combined column ranks items missing a modality a little off their exact score (transforms/combine.py):
 # this many candidates per result are scored exactly and the best kept.
 RESCORED_CANDIDATES = 4
-# At 1M rows (README "Queries"): 50 partitions of 1,000 and a refine over 5x the candidates hold recall@10 at
+# At 1M rows (docs/search.md): 50 partitions of 1,000 and a refine over 5x the candidates hold recall@10 at
 # 0.98 unfiltered (Lance's default 20: 0.80); an exact search costs about 20 us a filtered row; the index holds
 # recall@10 at 1.0 where the probed partitions hold 4,000 of the filter's rows (a 1% filter: 400 partitions),
-# also after 30 nights with 7 delta segments, where 2,500 gave 0.85, 3,000 0.97 and 3,500 0.996 (README "Queries").
+# also after 30 nights with 7 delta segments, where 2,500 gave 0.85, 3,000 0.97 and 3,500 0.996 (docs/search.md).
 ANN_NPROBES = 50
 REFINE_FACTOR = 5
 EXACT_MAX_ROWS = 2_000
@@ -81,6 +84,13 @@ class Table:
 
     def encoders(self) -> list[Encoder]:
         return [_rebuild(described) for described in self.meta["encoders"]]
+
+    def vector_column(self, name: str) -> VectorColumn:
+        """An encoder's column by the encoder's name, or the combined `vector`; a clear error for others."""
+        names = list(self.stored_weights)
+        if name != COMBINED and name not in names:
+            raise QueryError(f"the table has no encoder '{name}'; its columns are {', '.join(names)} and {COMBINED}")
+        return VectorColumn(self.handle.to_lance(), COMBINED if name == COMBINED else f"{name}_vec")
 
 
 def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
@@ -237,13 +247,15 @@ def _scored(table: Table, vector: np.ndarray, queries: dict[str, np.ndarray], wa
     """The candidates of one search through the combined column, and their exact weighted scores (NaN: none)."""
     try:
         plan = plan_search(table, filters or None)
-        request = table.handle.search(vector, vector_column_name="vector").distance_type("cosine")
+        request = table.handle.search(vector, vector_column_name="vector")
+        assert isinstance(request, LanceVectorQueryBuilder), "a vector searched for is a vector search"
+        request = request.distance_type("cosine")
         request = request.limit(k * RESCORED_CANDIDATES)
         if filters:
             request = request.where(filters, prefilter=True)
         if plan.method == "exact":
             request = request.bypass_vector_index()
-        elif plan.method == "ann":
+        elif plan.method == "ann" and plan.nprobes:
             request = request.nprobes(plan.nprobes).refine_factor(REFINE_FACTOR)
         found = request.to_arrow()
     except ValueError as err:         # LanceDB checks a filter only when it runs
@@ -280,7 +292,7 @@ def hybrid_search(table: Table, text: str, queries: dict[str, np.ndarray], k: in
 def _fused(*rankings: dict[str, float]) -> dict[str, float]:
     """Distribution-based score fusion: each list's scores mapped so that its mean +- 3 sd spans 0..1, then
     summed (0 from a list an item is not in). Cosines and BM25 get one scale, and a term match far above the
-    other matches keeps its lead, which reciprocal rank fusion flattens (README "Queries" measures both)."""
+    other matches keeps its lead, which reciprocal rank fusion flattens (docs/search.md measures both)."""
     fused: dict[str, float] = {}
     for scores in rankings:
         values = np.fromiter(scores.values(), float, len(scores))

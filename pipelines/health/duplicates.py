@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.errors import QueryError
-from pipelines.neighbours import neighbour_blocks
-from pipelines.query import Table
-from pipelines.vectors import COMBINED, VectorColumn, ids_at, vector_column
+from pipelines.search.neighbours import neighbour_blocks
+from pipelines.search.query import Table
+from transforms.vector_columns import COMBINED, VectorColumn, ids_at
 
 # Measured on real photos against their re-uploads (resized, recompressed, cropped, all three) and
-# against different photos (`python -m benchmarks.health`, README "Catalog health"): EfficientNet-Lite0
+# against different photos (`python -m benchmarks.health`, docs/health.md): EfficientNet-Lite0
 # re-uploads keep 0.80 or more, different photos of other subjects stay under 0.49. The other kinds'
-# defaults are where their vectors of one photo's copies agree; README gives what separates and what not.
+# defaults are where their vectors of one photo's copies agree; docs/health.md gives what separates and what not.
 DEFAULT_THRESHOLDS = {"cnn": 0.75, "open-clip": 0.90, "color": 0.99, "conse": 0.95, "sentence-transformers": 0.95,
                       COMBINED: 0.85}
 MAX_PAIRS = 5_000_000   # past this many linked pairs the threshold is too low to mean "duplicate"
@@ -36,7 +36,7 @@ def default_threshold(table: Table, column: str) -> float:
 def find_duplicates(table: Table, column: str | None = None, threshold: float | None = None) -> dict:
     """{"column", "threshold", "groups": [{"ids", "score", "positions"}]}, groups best first."""
     name = column or default_column(table)
-    vectors = vector_column(table, name)
+    vectors = table.vector_column(name)
     limit = threshold if threshold is not None else default_threshold(table, name)
     if not -1.0 <= limit <= 1.0:
         raise QueryError(f"--threshold is a cosine, between -1 and 1; got {limit}")

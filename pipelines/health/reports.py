@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import drift, duplicates, outliers
-from pipelines.query import Table, items_by_id
-from pipelines.vectors import COMBINED, ids_at
+from pipelines.health import drift, duplicates, outliers
+from pipelines.search.query import Table, items_by_id
+from transforms.vector_columns import COMBINED, ids_at
 
 
 @dataclass
@@ -49,7 +49,8 @@ def outliers_report(table: Table, between: str | None, k: int, isolated: bool, c
                 "(score: their best matches among other items' cosine - their own cosine)")
     top = found["positions"][:k]
     ids = ids_at(table.handle.to_lance(), top)
-    scored = [(item, round(float(found["scores"][p]), 6)) for item, p in zip(ids, top, strict=True)]
+    scored: list[tuple[str, float | None]] = [(item, round(float(found["scores"][p]), 6))
+                                              for item, p in zip(ids, top, strict=True)]
     fields = items_by_id(table, ids)
     return Report(
         title=f"the {len(scored)} items {what}",
