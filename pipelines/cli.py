@@ -18,6 +18,7 @@ import logging
 import secrets
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from pipelines.errors import QueryError
 from pipelines.logs import configure_logging
@@ -456,6 +457,7 @@ def _evaluate(args: argparse.Namespace, _extra: list[str]) -> int:
     report = evaluate(open_table(config.output.uri, config.output.table), args.template or DEFAULT_TEMPLATES, queries,
                       args.where)
     out = args.out or f"{config.output.table}-evaluation.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     print_evaluation(report)

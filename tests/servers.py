@@ -28,10 +28,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(command: list[str], port: int, log: Path, seconds: float = 30.0) -> Iterator[str]:
-    """Run a server on 127.0.0.1:`port`, its output in `log`, until the block ends; yields its URL."""
+def local_server(command: list[str], port: int, log: Path, seconds: float = 30.0,
+                 cwd: Path | None = None) -> Iterator[str]:
+    """Run a server on 127.0.0.1:`port` (from `cwd`), its output in `log`, until the block ends; yields its URL."""
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         deadline = time.monotonic() + seconds
         while True:

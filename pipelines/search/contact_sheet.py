@@ -11,6 +11,7 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipelines.search.query import load_query_image
 
@@ -55,6 +56,7 @@ def render(sections: Sequence[tuple[str, Sequence[dict]]], title: str, query: st
 
 def write(path: str, sections: Sequence[tuple[str, Sequence[dict]]], title: str, query: str,
           numbers: Sequence[dict] = ()) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(render(sections, title, query, numbers))
 
