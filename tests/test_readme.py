@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from pipelines.cli import build_parser, unknown_beam_options
+from pipelines.cli import EXAMPLES, build_parser, unknown_beam_options
 from tests.servers import free_port, local_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +47,11 @@ def catalog_embed_args(words: list[str]) -> list[str] | None:
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    found = []
-    for page in PAGES:
-        for words in sh_commands(page.read_text(encoding="utf-8")):
-            args = catalog_embed_args(words)
-            if args is not None:
-                found.append((page.name, args))
-    return found
+    """(where, arguments) of every catalog-embed command in the pages and in `catalog-embed --help`'s examples."""
+    sources = {page.name: page.read_text(encoding="utf-8") for page in PAGES}
+    sources["--help"] = f"```sh\n{EXAMPLES.split('exit codes:')[0]}```"
+    return [(name, args) for name, text in sources.items() for words in sh_commands(text)
+            if (args := catalog_embed_args(words)) is not None]
 
 
 def test_every_documented_command_is_one_the_cli_takes():
