@@ -15,6 +15,7 @@ RULES = {
     "transforms/config.py": ("transforms", "pipelines"),
     "pipelines/search": (*JOB, "pipelines.health"),
     "pipelines/health": JOB,
+    "demo": ("pipelines", "benchmarks", "tests"),
 }
 
 
