@@ -2,6 +2,9 @@
 
 Every problem in a config is a `ConfigError` raised before any work starts; the command line turns
 it into one line on stderr and exit code 2.
+
+This module sits below all others and imports none of ours (tests/test_layers.py). What an encoder kind
+takes beyond the common settings is checked by its class when the encoders are built (transforms/encoders).
 """
 
 from __future__ import annotations
