@@ -1,5 +1,5 @@
-"""Reading a CSV catalog: the job's RFC 4180 reader (transforms/csv_records.py, records found by quote parity
-in byte ranges) against the line reader a user would write and the job used before (Beam's ReadFromText, then
+"""Reading a CSV catalog: the job's reader (transforms/csv_records.py, records found in byte ranges by
+csv.reader's quote rules) against the line reader a user would write and the job used before (Beam's ReadFromText, then
 `csv.reader` per line, which cuts quoted line breaks). Beam's own ReadFromCsv is not a side: it imports
 Beam's DataFrame API, which fails with the pandas Beam 2.77 installs ("type object 'DataFrame' has no
 attribute 'first'").

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 
 import lancedb
 import pytest
+from apache_beam.pvalue import TaggedOutput
 
 import transforms.csv_records as csv_records
 from tests.conftest import COLOR_ONLY, PHOTOS, copy_photo, make_config, read_table, run
-from transforms.config import parse_config
+from transforms.config import CsvFormat, parse_config
 
 FILLER = [{"id": f"f{i}", "title": f"Plain product {i}"} for i in range(40)]   # keeps rejects under 5%
 
@@ -64,6 +66,67 @@ def test_an_export_split_into_many_ranges_keeps_every_row_intact(tmp_path, monke
     summary, stored, rejects = _run(tmp_path, _catalog(tmp_path, rows, terminator=terminator, prefix=prefix))
     assert stored == {row["id"]: row["title"] for row in rows}
     assert summary["read"] == len(rows) and rejects == []
+
+
+def test_an_unquoted_inch_mark_is_part_of_its_field_not_the_start_of_a_quote(tmp_path):
+    """As shops export titles: an inch mark in an unquoted field. Python's csv module, pandas and Excel read
+    every row; so must the job, or every row after it would vanish into one "quoted" field."""
+    rows = [{"id": f"tv{i}", "title": f"Plain product {i}"} for i in range(28)]
+    rows[2]["title"] = 'TV 55" 4K UHD'
+    path = tmp_path / "catalog.csv"
+    path.write_text("id,title,image\n" + "".join(f"{r['id']},{r['title']},photo.jpg\n" for r in rows))
+    copy_photo(PHOTOS[0], tmp_path / "photo.jpg")
+    summary, stored, rejects = _run(tmp_path, str(path))
+    assert summary["read"] == summary["written"] == 28 and rejects == []
+    assert stored == {row["id"]: row["title"] for row in rows}
+
+
+PIECES = ("plain", 'TV 55" 4K', '"quoted"', '""', '"dou""bled"', '"a,b"', '"line\nbreak"', ' "spaced', 'x"y"z',
+          '"', ",", "é", '"cr\r\nlf"', 'end"', '"closed"then')
+
+
+def _split_as_the_job_does(path: str, fmt) -> tuple[list[str], list[dict], int]:
+    """The header, rows and reject count of the job's two passes over the file's ranges (transforms/csv_records)."""
+    counted = [found for part in csv_records.ranges(path, os.path.getsize(path))
+               for _, found in csv_records.CountRange(fmt).process(part)]
+    header, rows, rejects = csv_records.csv_header(path, fmt), [], 0
+    for part in csv_records.placed_ranges((path, counted)):
+        for out in csv_records.ParseRange(header, fmt).process(part):
+            if isinstance(out, TaggedOutput):
+                rejects += 1
+            else:
+                rows.append({k: v for k, v in out.items() if k != "_source"})
+    return header, rows, rejects
+
+
+def _as_csv_reader_reads(path: str) -> tuple[list[str], list[dict], int]:
+    """The same file read by Python's csv module, a blank line being no row."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        records = [r for r in csv.reader(handle) if len(r) > 1 or any(cell.strip() for cell in r)]
+    header, body = records[0], records[1:]
+    good = [dict(zip(header, r, strict=True)) for r in body if len(r) == len(header)]
+    return header, good, len(body) - len(good)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_split_agrees_with_pythons_csv_reader_at_any_range_size(tmp_path, monkeypatch, seed):
+    """Random exports of quoted and unquoted quotes, delimiters, CR/LF and line breaks in quotes, split into
+    ranges from 1 byte to 1 MiB (and tails that must grow): the job reads the rows `csv.reader` reads."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(csv_records, "TAIL_BYTES", 3)
+    for trial in range(60):
+        columns = rng.randint(1, 4)
+        lines = [",".join(f"c{i}" for i in range(columns))]
+        lines += [",".join("".join(rng.choice(PIECES) for _ in range(rng.randint(0, 3))) for _ in range(columns))
+                  for _ in range(rng.randint(0, 10))]
+        terminator = rng.choice(["\n", "\r\n"])
+        path = tmp_path / f"export-{trial}.csv"
+        path.write_bytes((csv_records.BOM if trial % 5 == 0 else b"")
+                         + (terminator.join(lines) + rng.choice(["", terminator])).encode())
+        expected = _as_csv_reader_reads(str(path))
+        for chunk in (1, 2, 3, 5, 13, 64, 1 << 20):
+            monkeypatch.setattr(csv_records, "CHUNK_BYTES", chunk)
+            assert _split_as_the_job_does(str(path), CsvFormat()) == expected, (chunk, path.read_bytes())
 
 
 def test_a_cp1252_export_with_semicolons_is_read_as_what_it_is(tmp_path):

@@ -1,13 +1,23 @@
-"""CSV as RFC 4180 defines it, read in parallel.
+"""CSV as Python's `csv.reader` reads it (RFC 4180 and the exports shops really write), read in parallel.
 
 A quoted field may hold delimiters, doubled quotes and line breaks, so a file is split at record
-boundaries, never at line breaks. A record ends at a line break outside quotes, and whether a byte is
-inside quotes is the parity of the quote characters before it in the file (a doubled quote inside a
-quoted field adds two). So the file is read as byte ranges of CHUNK_BYTES, twice: the first pass counts
-each range's quote characters and line breaks (a byte scan), and the second parses the records that start
-in each range, knowing from the counts of the ranges before it whether it starts inside quotes and at
-which line. Only (path, offset, count) tuples cross the groupings. The encodings are those that keep the
-quote, the delimiter and the line break as their ASCII bytes: UTF-8, cp1252, latin-1 (not UTF-16).
+boundaries, never at line breaks. A record ends at a line break (`\\n` or `\\r`) outside quotes. Whether a
+byte is inside quotes follows `csv.reader`'s rules, not the parity of the quotes before it: a quote opens
+a quoted field only at a field's start (after a delimiter or a line break, or at the file's start); inside
+one, a doubled quote is a quote and a single one closes it; anywhere else a quote is a plain character
+(`TV 55" 4K` is one unquoted field). So the quote state changes only at runs of consecutive quotes, and
+each run does one of three things to it, which a byte scan finds for all runs at once:
+- a run of odd length at a field's start flips the state (it opens a field, or closes one whose last
+  character was the delimiter or line break before it);
+- a run of odd length elsewhere leaves the state outside quotes (it closes a field, or is plain text);
+- a run of even length changes nothing (doubled quotes, an empty quoted field, or plain text).
+
+The file is read as byte ranges of CHUNK_BYTES, twice. A range owns the quote runs that start in it.
+The first pass sums up what each range's runs do to the state (whether one resets it, and how many flips
+follow) and counts its line breaks; the second parses the records that start in each range, knowing from
+the sums of the ranges before it whether it starts inside quotes and at which line. Only (path, offset,
+count) tuples cross the groupings. The encodings are those that keep the quote, the delimiter and the line
+break as their ASCII bytes: UTF-8, cp1252, latin-1 (not UTF-16).
 """
 
 from __future__ import annotations
@@ -25,8 +35,8 @@ from transforms.config import CsvFormat
 from transforms.items import ITEMS, REJECTS, make_reject
 
 CHUNK_BYTES = 64 << 20      # a range per worker task: large enough that its counts cost nothing to group
-TAIL_BYTES = 1 << 20        # read past a range's end, doubling, until its last record ends
-NEWLINE = 0x0A
+TAIL_BYTES = 1 << 20        # read past a range's end, doubling, until its last record (or quote run) ends
+NEWLINE, RETURN = 0x0A, 0x0D
 BOM = codecs.BOM_UTF8
 
 
@@ -42,6 +52,76 @@ class Range:
     line: int = 1              # the line number at `start`
 
 
+@dataclass(frozen=True)
+class QuoteEffect:
+    """What a range's quote runs do to the quote state: reset it to outside (or not), then flip it `flips`
+    times (mod 2). Two effects compose, so ranges can be summed up apart and placed in order."""
+
+    resets: bool = False
+    flips: int = 0
+
+    def after(self, in_quotes: bool) -> bool:
+        return bool((0 if self.resets else int(in_quotes)) ^ self.flips)
+
+    def then(self, later: QuoteEffect) -> QuoteEffect:
+        return later if later.resets else QuoteEffect(self.resets, self.flips ^ later.flips)
+
+
+@dataclass(frozen=True)
+class QuoteRuns:
+    """The quote runs of a stretch of bytes that it owns: where each starts and the state after it."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    resets: np.ndarray
+    flips: np.ndarray
+
+    def effect(self) -> QuoteEffect:
+        if not len(self.starts):
+            return QuoteEffect()
+        reset_at = np.flatnonzero(self.resets)
+        after = reset_at[-1] + 1 if len(reset_at) else 0
+        return QuoteEffect(bool(len(reset_at)), int(self.flips[after:].sum() % 2))
+
+    def states_after(self, in_quotes: bool) -> np.ndarray:
+        """The quote state after each run, from `in_quotes` before the first."""
+        flips = np.cumsum(self.flips)
+        last_reset = np.maximum.accumulate(np.where(self.resets, np.arange(len(self.starts)), -1))
+        since_reset = flips - np.where(last_reset >= 0, flips[np.maximum(last_reset, 0)], 0)
+        return (np.where(last_reset >= 0, 0, int(in_quotes)) + since_reset) % 2 == 1
+
+
+def quote_runs(data: bytes, fmt: CsvFormat, owned_from: int, at_file_start: bool) -> QuoteRuns:
+    """The runs of quotes in `data` that start at or after `owned_from`. At the file's start (`at_file_start`,
+    after a byte-order mark) a run starts a field; elsewhere the byte before it says."""
+    buffer = np.frombuffer(data, np.uint8)
+    head = len(BOM) if at_file_start and data.startswith(BOM) else 0
+    edges = np.diff(np.concatenate(([0], (buffer == quote_byte(fmt)).view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    owned = starts >= owned_from
+    starts, ends = starts[owned], ends[owned]
+    before = buffer[np.maximum(starts - 1, 0)]
+    field_start = ((before == fmt.delimiter.encode(fmt.encoding)[0]) | (before == NEWLINE) | (before == RETURN)
+                   | ((starts == head) & at_file_start))
+    odd = (ends - starts) % 2 == 1
+    return QuoteRuns(starts, ends, odd & ~field_start, odd & field_start)
+
+
+def record_ends(data: bytes, fmt: CsvFormat, in_quotes: bool, owned_from: int = 0,
+                at_file_start: bool = True) -> np.ndarray:
+    """The offsets in `data` of the line breaks that end records, given the quote state before the first quote
+    run it owns (`quote_runs`)."""
+    buffer = np.frombuffer(data, np.uint8)
+    breaks = np.flatnonzero((buffer == NEWLINE) | (buffer == RETURN))
+    runs = quote_runs(data, fmt, owned_from, at_file_start)
+    if not len(runs.starts):
+        return breaks[:0] if in_quotes else breaks
+    before = np.searchsorted(runs.starts, breaks) - 1         # the last run before each line break
+    states = runs.states_after(in_quotes)
+    inside = np.where(before >= 0, states[np.maximum(before, 0)], in_quotes)
+    return breaks[~inside]
+
+
 def quote_byte(fmt: CsvFormat) -> int:
     return fmt.quotechar.encode(fmt.encoding)[0]
 
@@ -55,15 +135,6 @@ def read_bytes(path: str, start: int, length: int) -> bytes:
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         handle.seek(start)
         return handle.read(length)
-
-
-def record_ends(data: bytes, quote: int, in_quotes: bool) -> np.ndarray:
-    """The offsets in `data` of the line breaks that end records, given the quote state at its first byte."""
-    buffer = np.frombuffer(data, np.uint8)
-    quotes = np.flatnonzero(buffer == quote)
-    newlines = np.flatnonzero(buffer == NEWLINE)
-    quotes_before = np.searchsorted(quotes, newlines) + int(in_quotes)
-    return newlines[quotes_before % 2 == 0]
 
 
 class EncodingMismatch(ValueError):
@@ -89,31 +160,47 @@ def csv_header(path: str, fmt: CsvFormat | None = None) -> list[str]:
     length = TAIL_BYTES
     while True:
         data = read_bytes(path, 0, length)
-        ends = record_ends(data, quote_byte(fmt), False)
+        ends = record_ends(data, fmt, False)
         if len(ends) or len(data) < length:
-            first = data[: ends[0] if len(ends) else len(data)].removeprefix(BOM).removesuffix(b"\r")
+            first = data[: ends[0] if len(ends) else len(data)].removeprefix(BOM)
             return next(csv.reader([decoded(first, fmt.encoding)], delimiter=fmt.delimiter, quotechar=fmt.quotechar))
         length *= 2
 
 
+def _owned_bytes(part: Range, fmt: CsvFormat) -> tuple[bytes, int]:
+    """The range's bytes from the one before it (which says whether its first quote run starts a field) to
+    past the end of the last quote run that starts in it; and the offset of the range's start in them."""
+    first = max(part.start - 1, 0)
+    length = part.end - first + 4096
+    while True:
+        data = read_bytes(part.path, first, length)
+        unfinished = len(data) == length and data[-1:] == bytes([quote_byte(fmt)])
+        if not unfinished:
+            return data, part.start - first
+        length *= 2
+
+
 class CountRange(beam.DoFn):
-    """First pass: a range's quote characters and line breaks, keyed by its file."""
+    """First pass: what a range's quote runs do to the quote state, and its line breaks, keyed by its file."""
 
     def __init__(self, fmt: CsvFormat):
-        self._quote = bytes([quote_byte(fmt)])
+        self._fmt = fmt
 
-    def process(self, part: Range) -> Iterator[tuple[str, tuple[Range, int, int]]]:
-        data = read_bytes(part.path, part.start, part.end - part.start)
-        yield part.path, (part, data.count(self._quote), data.count(b"\n"))
+    def process(self, part: Range) -> Iterator[tuple[str, tuple[Range, QuoteEffect, int]]]:
+        data, start = _owned_bytes(part, self._fmt)
+        runs = quote_runs(data, self._fmt, start, part.start == 0)
+        owned = runs.starts < start + part.end - part.start
+        effect = QuoteRuns(runs.starts[owned], runs.ends[owned], runs.resets[owned], runs.flips[owned]).effect()
+        yield part.path, (part, effect, data.count(b"\n", start, start + part.end - part.start))
 
 
-def placed_ranges(counted: tuple[str, list[tuple[Range, int, int]]]) -> Iterator[Range]:
-    """Each range of a file with its quote state and line number at its start, from the counts before it."""
+def placed_ranges(counted: tuple[str, list[tuple[Range, QuoteEffect, int]]]) -> Iterator[Range]:
+    """Each range of a file with its quote state and line number at its start, from the sums before it."""
     _, parts = counted
-    quotes, lines = 0, 1
-    for part, part_quotes, part_lines in sorted(parts, key=lambda found: found[0].index):
-        yield Range(part.path, part.index, part.start, part.end, quotes % 2 == 1, lines)
-        quotes, lines = quotes + part_quotes, lines + part_lines
+    in_quotes, lines = False, 1
+    for part, effect, part_lines in sorted(parts, key=lambda found: found[0].index):
+        yield Range(part.path, part.index, part.start, part.end, in_quotes, lines)
+        in_quotes, lines = effect.after(in_quotes), lines + part_lines
 
 
 class ParseRange(beam.DoFn):
@@ -139,16 +226,14 @@ class ParseRange(beam.DoFn):
             after = int(np.searchsorted(ends, begin))
             stop = int(ends[after]) if after < len(ends) else len(data)
             line = line_at_first + int(np.searchsorted(newlines, begin))
-            yield from self._row(data[begin:stop].removesuffix(b"\r"), f"{part.path}:{line}")
+            yield from self._row(data[begin:stop], f"{part.path}:{line}")
 
     def _data(self, part: Range, first: int) -> tuple[bytes, np.ndarray]:
         """The bytes from `first` to the end of the range's last record, and the offsets of the record ends."""
-        quote = quote_byte(self._fmt)
         length = part.end - first + TAIL_BYTES
         while True:
             data = read_bytes(part.path, first, length)
-            in_quotes = part.in_quotes ^ (first < part.start and data[:1] == bytes([quote]))
-            ends = record_ends(data, quote, in_quotes)
+            ends = record_ends(data, self._fmt, part.in_quotes, part.start - first, part.start == 0)
             if len(data) < length or (len(ends) and ends[-1] >= part.end - first - 1):
                 return data, ends
             length *= 2
@@ -163,12 +248,12 @@ class ParseRange(beam.DoFn):
         except EncodingMismatch as err:
             yield _reject("EncodingMismatch", str(err), source, record.decode("utf-8"))
             return
-        if not text.strip():
-            return
         try:
-            cells = next(csv.reader([text], delimiter=self._fmt.delimiter, quotechar=self._fmt.quotechar))
+            cells = next(csv.reader([text], delimiter=self._fmt.delimiter, quotechar=self._fmt.quotechar), [])
         except csv.Error as err:
             yield _reject("MalformedRow", f"unreadable CSV: {err}", source, text)
+            return
+        if not any(cell.strip() for cell in cells) and len(cells) <= 1:     # a blank line is no row
             return
         width = len(self._columns)
         if len(cells) > width and self._overflow:
