@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install browser demo test bench lint clean
+.PHONY: install browser demo test soak bench lint clean
 
 install: $(INSTALLED)
 
@@ -61,6 +61,11 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# 30 nights of random catalog changes on a local disk and on moto's S3 behind a fault-injecting proxy, with
+# kills and racing runs, each checked against docs/safety.md (tests/soak.py; make test runs a short version).
+soak: install
+	$(BIN)/python -m tests.soak --nights 30 --stores local,s3
 
 # Texts against plain loops, Beam MLTransform and the LanceDB embedding registry (benchmarks/throughput.py),
 # photos against plain loops and the network's compute limit (benchmarks/photos.py), then the nightly cost

@@ -51,8 +51,8 @@ examples:
   catalog-embed rollback --uri ./lancedb --table demo --to run-20261124T020000Z-3f9a1c
 
 exit codes: 0 done; 1 the run failed or was refused (nothing committed); 2 bad usage, config or input
-(nothing done); 3 the run committed, but more rows were rejected than run.warn_reject_ratio, or the table
-drifted more than run.warn_drift from its previous version
+(nothing done); 3 the run committed, but more rows were rejected than run.warn_reject_ratio, the table
+drifted more than run.warn_drift from its previous version, or the upkeep after the commit failed
 """
 
 
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-encode", type=_count, metavar="N",
                      help="a budget: at most N forward passes in all, the rest left for later runs in "
                           "run.backfill_order (overrides run.max_encode; the summary says how many runs are left)")
+    run.add_argument("--max-delete-ratio", type=_ratio, metavar="R",
+                     help="allow this run to delete up to this share of the table's rows (0 to 1; overrides "
+                          "output.max_delete_ratio, 0.1 by default): for a catalog that really lost that many items")
     run.add_argument("--rehash", action="store_true",
                      help="read and hash every image instead of trusting an unchanged size and modification time "
                           "(catches files rewritten in place with the same stat; costs a read of every image)")
@@ -296,6 +299,17 @@ def entry_point() -> None:
     sys.exit(code)
 
 
+def _ratio(text: str) -> float:
+    """A share from 0 to 1 (argparse's type for ratios)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     """A whole number, 0 or more (argparse's type for counts)."""
     if not text.isdigit():
@@ -316,6 +330,9 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     config = load_config(args.config)
     if args.max_encode is not None:
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, max_encode=args.max_encode))
+    if args.max_delete_ratio is not None:
+        config = dataclasses.replace(config, output=dataclasses.replace(config.output,
+                                                                         max_delete_ratio=args.max_delete_ratio))
     run_id = args.run_id or new_run_id()
     # With --json, stdout is the one JSON line (a file of runs is JSON lines); the summary is logged.
     summary_to = _logged_lines() if args.json else contextlib.nullcontext()
@@ -343,7 +360,8 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(run_json(run))
     if run["status"] == "failed":
         return 1
-    warnings = [_warn_rejects(run, config.run.warn_reject_ratio), _warn_drift(run, config.run.warn_drift)]
+    warnings = [_warn_rejects(run, config.run.warn_reject_ratio), _warn_drift(run, config.run.warn_drift),
+                _warn_upkeep(run)]
     return 3 if any(warnings) else 0
 
 
@@ -358,11 +376,21 @@ def _logged_lines():
 
 
 def _warn_rejects(run: dict, warn_ratio: float) -> bool:
-    ratio = run["rejected"] / run["read"] if run["read"] else 0.0
+    failed = run["rejected"] + (run.get("kept") or 0)
+    ratio = failed / run["read"] if run["read"] else 0.0
     if ratio <= warn_ratio:
         return False
-    print(f"catalog-embed: run {run['run_id']} committed with {run['rejected']} of {run['read']} rows rejected "
-          f"({ratio:.1%}), over run.warn_reject_ratio {warn_ratio:.1%}; see the rejects table", file=sys.stderr)
+    print(f"catalog-embed: run {run['run_id']} committed with {failed} of {run['read']} rows rejected "
+          f"({ratio:.1%}; the table kept its rows for {run.get('kept') or 0} of them), over run.warn_reject_ratio "
+          f"{warn_ratio:.1%}; see the rejects table", file=sys.stderr)
+    return True
+
+
+def _warn_upkeep(run: dict) -> bool:
+    if run.get("upkeep") in (None, "done"):
+        return False
+    print(f"catalog-embed: run {run['run_id']} committed version {run['table_version']}, but its upkeep is not done "
+          f"({run['upkeep']}); the next run does it", file=sys.stderr)
     return True
 
 

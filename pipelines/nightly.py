@@ -1,10 +1,14 @@
 """The nightly job: read -> inspect -> compare -> hash what changed -> budget -> encode per modality -> keep ->
-behaviour -> combine -> write -> delete replaced rows -> commit.
+behaviour -> combine -> write -> remove replaced and deleted rows -> commit -> upkeep.
 
 Beside it, when an encoder is item2vec: read the interaction log -> sessions -> train once (behaviour.py).
 
 Elements carry references (paths, digests, ids), never image bytes or stored vectors: bytes are read
 where they are hashed or decoded, stored vectors only for the items written again that keep them.
+
+What the run does to each row, and so what the table keeps when an input fails, is transforms/lifecycle.py:
+a row that fails before the compare is `held` by its id, one that fails after it knows its stored row, and
+only replaced and deleted rows leave the table.
 
 A dry run takes the same path up to the decisions, then counts them instead (transforms/plan.py).
 
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import apache_beam as beam
+import lance
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
@@ -30,8 +36,8 @@ from pipelines.scratch import open_scratch, remove_scratch, remove_stale_scratch
 from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
 from transforms.budget import DEFERRED, apply_budget, budget_scopes
 from transforms.combine import combine
-from transforms.commit import CommitRun, RunContext
-from transforms.compare import DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
+from transforms.commit import COMMITTING, CommitRun, RunContext, Upkeep, settle, upkeep_owed
+from transforms.compare import ABSENT, DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.config import Config
 from transforms.encoders import build_encoders
 from transforms.encoders.base import Encoder, without_data
@@ -39,23 +45,27 @@ from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
 from transforms.interaction_log import check_interactions
-from transforms.items import ITEMS, REJECTS, reject_from_exception
-from transforms.lance_sink import (
-    REPLACED,
-    DeleteRows,
-    WriteFragments,
-    dataset_uri,
-    open_dataset,
-    table_metadata,
-    table_schema,
-)
+from transforms.items import HELD, ITEMS, REJECTS, failed
+from transforms.lance_sink import REPLACED, WriteFragments, dataset_uri, open_dataset, table_metadata, table_schema
+from transforms.lifecycle import RemoveRows, SortReadRejects
 from transforms.plan import count, count_plan
 from transforms.progress import LogProgress, LogWork
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
-from transforms.run_log import WriteRejects, read_runs, utc_now
-from transforms.staging import STAGED, ReadStagedRows, open_staging, resume, staging_folder
+from transforms.run_log import WriteRejects, read_runs, record_run, upgrade_side_tables, utc_now
+from transforms.staging import (
+    STAGED,
+    BatchRows,
+    Lease,
+    ReadStagedRows,
+    adopt_staging,
+    owner_is_gone,
+    resume,
+    staged_fragments,
+    staging_folder,
+)
 from transforms.storage import ImageReader
+from transforms.table_commit import RunIdentity
 
 log = logging.getLogger(__name__)
 REJECT_BATCH = 10_000  # rejects per fragment of the rejects table
@@ -77,9 +87,10 @@ class JobPlan:
 
 
 def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, rehash: bool = False,
-             worker_device_type: str | None = None) -> JobPlan:
+             worker_device_type: str | None = None, upkeep_is_owed: bool = False) -> JobPlan:
     """`root`: where runs keep their scratch and staging (pipelines/scratch.py). `worker_device_type`: the
-    device of a remote runner's workers, for `precision: auto` (runners.py)."""
+    device of a remote runner's workers, for `precision: auto` (runners.py). `upkeep_is_owed`: the last run
+    left its upkeep undone (commit.py)."""
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
     encoders = build_encoders(config.encoders, worker_device_type)
@@ -92,15 +103,17 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     if current is not None:
         _log_encoder_changes(table_metadata(current.schema), described)
     context = RunContext(
-        output=config.output, max_reject_ratio=config.run.max_reject_ratio, dataset_uri=uri, run_id=run_id,
-        config_hash=config.config_hash(),
+        output=config.output, max_reject_ratio=config.run.max_reject_ratio,
+        max_delete_ratio=config.output.max_delete_ratio, dataset_uri=uri,
+        run=RunIdentity(run_id, uuid.uuid4().hex), config_hash=config.config_hash(),
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
+        rows_before=current.count_rows() if current is not None else 0, upkeep_owed=upkeep_is_owed,
         # Another encoder set or weighting changes the schema: every row is rewritten, from the stored vectors
         # of the encoders that did not change.
         overwrite=current is not None and (reembed or not current.schema.equals(schema, check_metadata=True)),
         started_at=utc_now(),
-        staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version),
+        staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version, run_id),
         budget=budget_scopes(config.run.max_encode),
     )
     return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
@@ -119,16 +132,21 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
     reader = ImageReader(config.catalog.http, config.run.max_image_bytes)
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_fields())
+    # A read reject with an id holds that id's stored row; one without an id could have held any: no deletions.
+    read_rejects = read[REJECTS] | "Sort read rejects" >> beam.ParDo(SortReadRejects()).with_outputs(
+        HELD, main=REJECTS)
     inspected = (
         read[ITEMS]
         | "Log read" >> beam.ParDo(LogProgress("read"))
         | "Inspect inputs" >> beam.ParDo(InspectInputs(frozenset(m for _, m in inputs.values()),
                                                        config.catalog.immutable_urls))
-        .with_outputs(REJECTS, main=ITEMS)
+        .with_outputs(HELD, main=ITEMS)
     )
     staged_rows = pipeline | "Staged rows" >> ReadStagedRows(plan.staged_batches)
-    compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan), staged_rows,
-                                  ctx.output.on_missing == "delete", plan.rehash)
+    held = (read_rejects[HELD], inspected[HELD]) | "Held rejects" >> beam.Flatten()
+    compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan), staged_rows, held,
+                                  count(read_rejects[REJECTS], "unclean reads"), ctx.output.on_missing == "delete",
+                                  plan.rehash)
     copies = FileSystems.join(plan.scratch, "images")
     hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(
         HashImages(reader, config.run.max_pixels, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
@@ -138,7 +156,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     items = budgeted[ITEMS]
     backfill = {"deferred": count(budgeted[DEFERRED], "deferred"), "waiting": budgeted["waiting"],
                 "with_input": _inputs_per_encoder(pipeline, hashed[ITEMS], plan)}
-    rejects = [read[REJECTS], inspected[REJECTS], compared[REJECTS], hashed[REJECTS]]
+    rejects = [read_rejects[REJECTS], compared[REJECTS], hashed[REJECTS]]
     behaviour = {}
     if config.catalog.interactions and not plan.plan_path:
         trained, log_rejects, log_rows = behaviour_vectors(pipeline, config.catalog.interactions, plan.encoders,
@@ -167,9 +185,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         rejects.append(encoded[REJECTS])
     batches = (
         items
-        # Fixed-size batches: each is one Lance fragment, and small fragments make slow tables.
-        | "Batch rows" >> beam.BatchElements(min_batch_size=config.output.write_batch_rows,
-                                             max_batch_size=config.output.write_batch_rows)
+        # Each batch is one Lance fragment, and small fragments make slow tables; each is also staged, so that a
+        # kill loses at most stage_seconds of work.
+        | "Batch rows" >> beam.ParDo(BatchRows(config.output.write_batch_rows, config.output.stage_seconds))
         | "Kept vectors" >> beam.ParDo(FetchKeptVectors(ctx.dataset_uri, ctx.read_version, storage))
     )
     if behaviour:
@@ -182,7 +200,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     writer = WriteFragments(ctx.dataset_uri, plan.schema, ctx.run_id, ctx.overwrite, inputs, ctx.staging, storage)
     written = combined[ITEMS] | "Write fragments" >> beam.ParDo(writer).with_outputs(REPLACED, main=ITEMS)
     replaced_by_staged = resumed[STAGED] | "Staged replacing" >> beam.Filter(lambda pair: pair[0] is not None)
-    deletions = _deletions(pipeline, ctx, (written[REPLACED], replaced_by_staged, compared[DELETES]))
+    removals = _removals(pipeline, plan, (written[REPLACED], replaced_by_staged, compared[DELETES]))
     reject_batches = (
         rejects
         | "All rejects" >> beam.Flatten()
@@ -195,10 +213,13 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         | "Once" >> beam.Create([None])
         | "Commit" >> beam.ParDo(
             CommitRun(ctx, plan.schema), written=beam.pvalue.AsList(written[ITEMS]),
-            rejects=beam.pvalue.AsList(reject_batches), deletions=beam.pvalue.AsList(deletions),
-            deleted=count(compared[DELETES], "deleted"), unchanged=count(decided[UNCHANGED], "unchanged"),
-            read=beam.pvalue.AsSingleton(rows_read), matched=resumed["matched"], sizes=resumed["sizes"], **backfill,
-            **behaviour)
+            rejects=beam.pvalue.AsList(reject_batches), removals=beam.pvalue.AsList(removals),
+            deleted=count(compared[DELETES], "deleted"), absent=count(compared[ABSENT], "absent"),
+            unchanged=count(decided[UNCHANGED], "unchanged"), read=beam.pvalue.AsSingleton(rows_read),
+            matched=resumed["matched"], sizes=resumed["sizes"],
+            staged=staged_fragments(pipeline, plan.staged_batches), **backfill, **behaviour)
+        | "Its own step" >> beam.Reshuffle()        # a retried upkeep does not run the commit again
+        | "Upkeep" >> beam.ParDo(Upkeep(ctx))
     )
 
 
@@ -231,16 +252,21 @@ def _encode_work(pipeline: beam.Pipeline, items, encoders: Sequence[Encoder]):
     return work
 
 
-def _deletions(pipeline: beam.Pipeline, ctx: RunContext, rows) -> beam.PCollection:
-    """Deletion files for the stored rows that are replaced or gone, one per stored fragment."""
-    if ctx.read_version is None or ctx.overwrite:      # nothing stored, or every row rewritten
-        return pipeline | "No deletions" >> beam.Create([])
-    return (
-        rows
-        | "Rows to delete" >> beam.Flatten()
-        | "Group by fragment" >> beam.GroupByKey()
-        | "Delete rows" >> beam.ParDo(DeleteRows(ctx.dataset_uri, ctx.read_version, ctx.output.storage_options))
-    )
+def _removals(pipeline: beam.Pipeline, plan: JobPlan, leaving) -> beam.PCollection:
+    """Per stored fragment, what the removal stage did with the rows that leave it (replaced or deleted): a
+    deletion file, or on a new schema's night the fragment's other rows carried over (lifecycle.py)."""
+    ctx = plan.context
+    if ctx.read_version is None:
+        return pipeline | "Nothing stored" >> beam.Create([])
+    pairs = leaving | "Rows leaving" >> beam.Flatten()
+    if ctx.overwrite:       # every stored fragment is visited: its rows that stay are carried over
+        stored = lance.dataset(ctx.dataset_uri, version=ctx.read_version, storage_options=ctx.output.storage_options)
+        every = pipeline | "Stored fragments" >> beam.Create([(f.fragment_id, None) for f in stored.get_fragments()])
+        pairs = (pairs, every) | "And every fragment" >> beam.Flatten()
+    remove = RemoveRows(ctx.dataset_uri, ctx.read_version, plan.schema if ctx.overwrite else None, ctx.encoder_ids,
+                        plan.config.normalised_weights(), {e.name: e.dim for e in plan.encoders},
+                        ctx.output.storage_options)
+    return pairs | "Group by fragment" >> beam.GroupByKey() | "Remove rows" >> beam.ParDo(remove)
 
 
 def _stored_summaries(pipeline: beam.Pipeline, plan: JobPlan):
@@ -260,29 +286,71 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     check_paths_reach_workers(config, options)
     FileSystems.set_options(options)    # the launcher reads and writes object stores as the workers will
     root = scratch_root(options.view_as(GoogleCloudOptions).temp_location, config.output.uri)
-    plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options))
+    storage = config.output.storage_options
+    runs = _settled(config, root, read_runs(config.output.uri, config.output.table, storage))
+    plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options), upkeep_owed(runs))
     scratch = plan.scratch
     if dry_run:
         plan = replace(plan, plan_path=FileSystems.join(scratch, "plan.json"))
     log.info("run %s%s: %s -> %s (from version %s, on %s)", run_id, " (dry run)" if dry_run else "",
              config.catalog.path, plan.context.dataset_uri, plan.context.read_version, runner_name(options))
-    storage = config.output.storage_options
-    ended = {run["run_id"] for run in read_runs(config.output.uri, config.output.table, storage)}
-    remove_stale_scratch(root, config.output.table, ended, config.output.retain_days)
+    remove_stale_scratch(root, config.output.table, {run["run_id"] for run in runs}, config.output.retain_days)
     open_scratch(scratch, config.output.table, run_id)
+    lease = Lease(plan.context.staging, config.output.table, run_id)
     if not dry_run:
-        plan = replace(plan, staged_batches=tuple(open_staging(
-            root, config.output.table, plan.context.config_hash, plan.context.read_version,
-            config.output.retain_days)))
+        upgrade_side_tables(config.output.uri, config.output.table, storage)
+        adopted = adopt_staging(root, config.output.table, plan.context.config_hash, plan.context.read_version,
+                                run_id, config.output.retain_days)
+        plan = replace(plan, staged_batches=adopted.batches, context=replace(plan.context, adopted=adopted.folders))
+        lease.start()
     try:
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             build_pipeline(pipeline, plan)
         if dry_run:
             return _read_plan(plan)
+    except Exception as err:  # noqa: BLE001 - re-raised unless the run's version was committed before it
+        lease.release()
+        recorded = None if dry_run else _record(config, run_id)
+        if recorded is None or recorded["status"] == "failed":
+            raise
+        settled = settle(recorded, plan.context.dataset_uri, f"{type(err).__name__}: {err}", storage)
+        if settled != recorded:
+            record_run(config.output.uri, config.output.table, settled, storage)
+        if settled["status"] == "failed":
+            raise
+        log.error("run %s committed version %s, but failed after: %s", run_id, settled["table_version"], err)
+        return settled
     finally:
+        lease.stop()
         remove_scratch(scratch)
-    runs = read_runs(config.output.uri, config.output.table, storage)
-    return next(r for r in reversed(runs) if r["run_id"] == run_id)
+    record = _record(config, run_id)
+    assert record is not None, "the commit stage records every run it reaches"
+    return record
+
+
+def _settled(config: Config, root: str, runs: list[dict]) -> list[dict]:
+    """The runs, with those that were killed while they committed settled from the table: a record still
+    `committing` whose run is provably gone (its staging's owner, staging.py)."""
+    uri, table = dataset_uri(config.output.uri, config.output.table), config.output.table
+
+    def gone(run: dict) -> bool:
+        return run["status"] == COMMITTING and owner_is_gone(
+            staging_folder(root, table, run["config_hash"], run["read_version"], run["run_id"]))
+
+    settled = [settle(run, uri, "the run ended while it committed", config.output.storage_options)
+               if gone(run) else run for run in runs]
+    for before, after in zip(runs, settled, strict=True):
+        if after is not before:
+            log.info("run %s ended while it committed: it %s", after["run_id"], "committed version "
+                     f"{after['table_version']}" if after["status"] == "committed" else "committed nothing")
+            record_run(config.output.uri, config.output.table, after, config.output.storage_options)
+    return settled
+
+
+def _record(config: Config, run_id: str) -> dict | None:
+    """The run's row of `<table>_runs`, if the commit stage wrote one."""
+    runs = read_runs(config.output.uri, config.output.table, config.output.storage_options)
+    return next((r for r in reversed(runs) if r["run_id"] == run_id), None)
 
 
 def _read_plan(plan: JobPlan) -> dict:
@@ -316,11 +384,11 @@ class CombineVectors(beam.DoFn):
         combined = []
         for item in items:
             try:
-                item["vectors"]["vector"] = combine(item["vectors"], self._weights, self._order, self._dims)
+                vector = combine(item["vectors"], self._weights, self._order, self._dims)
             except ValueError as err:
-                yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "combine", err))
+                yield beam.pvalue.TaggedOutput(REJECTS, failed(item, "combine", err))
                 continue
-            combined.append(item)
+            combined.append(dict(item, vectors={**item["vectors"], "vector": vector}))
         if combined:
             yield combined
 

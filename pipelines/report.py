@@ -11,9 +11,14 @@ def print_run_summary(run: dict) -> None:
     rate = run["read"] / seconds if seconds > 0 else 0.0
     print(f"run {run['run_id']}: {run['status']}, table version {run['table_version']}, "
           f"{seconds:.1f}s ({rate:.1f} items/s)")
+    kept = f" + kept {run['kept']}" if run.get("kept") else ""
     deferred = f" + deferred {run['deferred']}" if run.get("deferred") else ""
-    print(f"  read {run['read']} = written {run['written']} + unchanged {run['unchanged']} "
+    print(f"  read {run['read']} = written {run['written']} + unchanged {run['unchanged']}{kept} "
           f"+ rejected {run['rejected']}{deferred};  deleted {run['deleted']}")
+    if run.get("rows_after") is not None and run.get("status") != "failed":
+        absent = f" ({run['absent']} ids the catalog no longer lists are kept)" if run.get("absent") else ""
+        print(f"  table rows: {run['rows_before']} - deleted {run['deleted']} + added {run.get('added') or 0} "
+              f"= {run['rows_after']}{absent}")
     if run["encoded"]:
         rates = run.get("encode_rate") or {}
         print("  encoded (forward passes): " + ", ".join(
@@ -81,7 +86,7 @@ def _cell(value, truncate: bool = True) -> str:
 def print_history(found: dict) -> None:
     print(f"latest version: {found['latest']}")
     print_results([{"version": v["version"], "timestamp": str(v["timestamp"])[:19], "rows": v["rows"],
-                    "tags": ", ".join(v["tags"])} for v in found["versions"]])
+                    "tags": ", ".join(v["tags"]), "kept": v["kept"]} for v in found["versions"]], truncate=False)
     if found["runs"]:
         print()
         print_results([{"run_id": r["run_id"], "status": r["status"], "version": r["table_version"],

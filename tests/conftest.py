@@ -129,9 +129,9 @@ def with_reuploads(manifest: Path) -> list[dict]:
 
 
 def make_config(tmp_path: Path, catalog: dict, encoders: dict | None = None, table: str = "items",
-                run: dict | None = None) -> Config:
+                run: dict | None = None, output: dict | None = None) -> Config:
     raw = {"catalog": catalog, "encoders": encoders or COLOR_ONLY,
-           "output": {"uri": str(tmp_path / "db"), "table": table}, "run": run or {}}
+           "output": {"uri": str(tmp_path / "db"), "table": table, **(output or {})}, "run": run or {}}
     return parse_config(raw)
 
 

@@ -19,9 +19,10 @@ from pipelines.cli import main
 from pipelines.nightly import build_pipeline, plan_job
 from pipelines.search.query import item_queries, open_table, search
 from tests.conftest import PHOTOS, captioned_catalog, copy_photo, make_config, read_table, run, write_catalog
-from transforms import commit, lance_sink
-from transforms.lance_sink import ConcurrentRunError, commit_run, dataset_uri
+from transforms import commit, table_commit
+from transforms.lance_sink import dataset_uri
 from transforms.run_log import read_runs
+from transforms.table_commit import ConcurrentRunError, RunIdentity, TableChange, commit_change
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {"kind": "color", "weight": 0.4}}
 
@@ -29,8 +30,9 @@ ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.6}, "color": {
 @pytest.fixture
 def catalog(tmp_path):
     folder, rows = captioned_catalog(tmp_path)
+    # Six items: one deleted is a sixth of the table, over the default output.max_delete_ratio.
     config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
-                                    "text_fields": ["caption"]}, ENCODERS)
+                                    "text_fields": ["caption"]}, ENCODERS, output={"max_delete_ratio": 0.5})
     return config, folder, rows
 
 
@@ -134,9 +136,9 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog, monkeypatch, moved):
     run(config, "fast")
     if moved != "before its check":     # Lance, not our check, finds the newer version: its conflict error
         uri, read_version = slow.context.dataset_uri, slow.context.read_version
-        opened_by_check = lance_sink.open_dataset
-        monkeypatch.setattr(lance_sink, "open_dataset", lambda at, storage=None: lance.dataset(at, version=read_version)
-                            if at == uri else opened_by_check(at, storage))
+        opened_by_check = table_commit.open_dataset
+        monkeypatch.setattr(table_commit, "open_dataset", lambda at, storage=None: lance.dataset(
+            at, version=read_version) if at == uri else opened_by_check(at, storage))
     with beam.Pipeline() as pipeline:
         build_pipeline(pipeline, slow)
     [record] = [r for r in read_runs(config.output.uri, config.output.table) if r["run_id"] == "slow"]
@@ -207,9 +209,7 @@ def test_rollback_restores_earlier_content_as_a_new_version(catalog, capsys):
 def test_maintenance_indexes_a_large_enough_table(catalog, tmp_path):
     config, folder, rows = catalog
     indexed = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path, "text_fields": ["caption"]},
-                          ENCODERS)
-    indexed = type(indexed)(indexed.catalog, indexed.encoders,
-                            type(indexed.output)(**{**indexed.output.__dict__, "index_min_rows": 4}))
+                          ENCODERS, output={"index_min_rows": 4, "max_delete_ratio": 0.5})
     run(indexed, "r1")
     edited = [dict(rows[1], caption="an edited caption"), *rows[2:]]
     write_catalog(folder, edited)
@@ -262,13 +262,13 @@ def test_two_runs_started_at_once_commit_once_and_the_other_exits_1(tmp_path, mo
     uri = dataset_uri(str(tmp_path / "db"), "items")
     before = lance.dataset(uri)
     both_planned = threading.Barrier(2, timeout=120)                 # both read the table before either commits
-    real_commit = commit.commit_run
+    real_commit = commit.commit_change
 
     def commit_when_both_are_there(*args):
         both_planned.wait()
         return real_commit(*args)
 
-    monkeypatch.setattr(commit, "commit_run", commit_when_both_are_there)
+    monkeypatch.setattr(commit, "commit_change", commit_when_both_are_there)
     codes: list[int] = []
     runs = [threading.Thread(target=lambda: codes.append(main(["run", "--config", str(config_file)])))
             for _ in range(2)]
@@ -289,18 +289,21 @@ def test_two_runs_started_at_once_commit_once_and_the_other_exits_1(tmp_path, mo
     assert after.version == before.version + 1 and after.count_rows() == before.count_rows()
 
 
-def test_a_retried_commit_is_known_by_its_fragments_and_a_reused_run_id_is_refused(tmp_path):
+def test_a_retried_commit_is_known_by_its_run_and_a_reused_run_id_is_refused(tmp_path):
     uri, schema = str(tmp_path / "t.lance"), pa.schema([pa.field("id", pa.string())])
 
-    def fragments(ids: list[str]) -> list[str]:
+    def change(ids: list[str]) -> TableChange:
         written = write_fragments(pa.table({"id": ids}, schema=schema), uri, schema=schema, mode="append")
-        return [json.dumps(fragment.to_json()) for fragment in written]
+        return TableChange(schema, [json.dumps(fragment.to_json()) for fragment in written])
 
-    ours = fragments(["a"])
-    version = commit_run(uri, schema, ours, [], "r1", None, False)
-    assert commit_run(uri, schema, ours, [], "r1", None, False) == version      # Beam retried the commit
+    ours, run = change(["a"]), RunIdentity("r1", "first")
+    version = commit_change(uri, ours, run, None)
+    assert commit_change(uri, ours, run, None) == version                        # Beam retried the commit
+    lance.dataset(uri).tags.delete("run-r1")                                     # ... after it, before its tag
+    assert commit_change(uri, ours, run, None) == version
+    assert lance.dataset(uri).tags.list()["run-r1"]["version"] == version
     with pytest.raises(ConcurrentRunError, match="run id r1 already tags version 1"):
-        commit_run(uri, schema, fragments(["b"]), [], "r1", version, False)      # another run, same id
+        commit_change(uri, change(["b"]), RunIdentity("r1", "second"), version)  # another run, same id
     assert lance.dataset(uri).to_table()["id"].to_pylist() == ["a"]
 
 

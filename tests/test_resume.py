@@ -49,7 +49,7 @@ def _staged_batches(scratch: Path | str) -> list[str]:
         bucket, _, prefix = scratch.removeprefix("s3://").partition("/")
         listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
         return [found["Key"] for found in listed if found["Key"].endswith(".fragments.json")]
-    return [str(path) for path in scratch.glob("catalog-embed-*-staging-*/*.fragments.json")]
+    return [str(path) for path in scratch.glob("catalog-embed-*-staging-*/*/*.fragments.json")]
 
 
 def _local_scratch(folder: Path) -> Path:
@@ -119,12 +119,12 @@ def test_staged_work_of_another_config_is_removed_and_never_committed(tmp_path, 
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
-@pytest.mark.parametrize("dies_in", ["commit_run", "maintain"])
+@pytest.mark.parametrize("dies_in", ["commit_change", "maintain"])
 def test_a_run_that_dies_in_its_commit_or_upkeep_costs_no_forward_pass_again(tmp_path, uninterrupted, monkeypatch,
                                                                               dies_in, storage, request):
     """Dying in the commit leaves every batch staged for the next run; dying in the upkeep, after the commit,
-    leaves staging of a version the table has left, which the next run removes. In this process, where the
-    commit stage can be made to die."""
+    is a committed run whose upkeep the next run does. In this process, where the commit stage can be made
+    to die."""
     if storage == "s3":
         s3 = request.getfixturevalue("s3")
         scratch = f"s3://{BUCKET}/dies-in-{dies_in}/tmp"
@@ -137,12 +137,44 @@ def test_a_run_that_dies_in_its_commit_or_upkeep_costs_no_forward_pass_again(tmp
         raise RuntimeError(f"killed in {dies_in}")
 
     monkeypatch.setattr(commit, dies_in, dies)
-    with pytest.raises(Exception, match=f"killed in {dies_in}"):
-        run(config, "dead", beam_args)
+    if dies_in == "commit_change":
+        with pytest.raises(Exception, match=f"killed in {dies_in}"):
+            run(config, "dead", beam_args)
+    else:
+        dead = run(config, "dead", beam_args)
+        assert dead["status"] == "committed" and dead["upkeep"].startswith(f"failed: RuntimeError: killed in {dies_in}")
     monkeypatch.undo()
     summary = run(config, "again", beam_args)
-    assert summary["encoded"]["text"] == 0
-    assert summary["resumed"] == (ITEMS if dies_in == "commit_run" else 0)
+    assert summary["encoded"]["text"] == 0 and summary["upkeep"] == "done"
+    assert summary["resumed"] == (ITEMS if dies_in == "commit_change" else 0)
     assert summary["written"] + summary["unchanged"] == ITEMS and _staged_batches(scratch) == []
     table = read_table(config)
     assert table["text_fp"].to_pylist() == uninterrupted["text_fp"].to_pylist()
+
+
+def test_a_kill_at_default_settings_loses_at_most_the_work_since_the_last_staged_batch(tmp_path):
+    """6,000 unique titles, the text encoder and every setting at its default (batches of 4,096 rows, cut every
+    output.stage_seconds): killed at 65% of an uninterrupted run's time, the next run encodes at most 60%."""
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    lines = ["id,title"] + [f"d{i:05d},{COLORS[i % 8]} {THINGS[i // 8 % 10]} model {i} in size {i % 7}"
+                            for i in range(6000)]
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    config = {"catalog": {"format": "manifest", "path": str(folder / "catalog.csv"), "text_fields": ["title"]},
+              "encoders": {"text": {"kind": "sentence-transformers"}}}
+    whole, cut = (dict(config, output={"uri": str(tmp_path / name), "table": "shop"}) for name in ("whole", "cut"))
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(whole))
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(cut))
+    command = [str(Path(sys.executable).parent / "catalog-embed"), "run", "--config"]
+    started = time.monotonic()
+    subprocess.run([*command, str(tmp_path / "whole.yaml")], check=True, capture_output=True)
+    uninterrupted = time.monotonic() - started
+
+    process = subprocess.Popen([*command, str(tmp_path / "cut.yaml")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.65 * uninterrupted)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    summary = run(load_config(str(tmp_path / "cut.yaml")), "after-the-kill")
+    assert summary["read"] == summary["written"] == 6000
+    assert summary["encoded"]["text"] <= 0.6 * 6000, summary

@@ -193,7 +193,10 @@ class AttachBehaviourVectors(beam.DoFn):
             encoder = next(e for e in self._encoders if e.name == record["encoder"])
             wanting = [item for item in items if needs(item, encoder)]
             if wanting and record["uri"]:
-                self._attach(encoder.name, self._dataset(record["uri"]), wanting)
+                found = self._found(encoder.name, self._dataset(record["uri"]), wanting)
+                items = [dict(item, vectors={**item["vectors"], encoder.name: found[item["id"]]},
+                              encoded=[*item["encoded"], encoder.name]) if item["id"] in found else item
+                         for item in items]
         yield items
 
     def _dataset(self, uri: str) -> lance.LanceDataset:
@@ -202,14 +205,11 @@ class AttachBehaviourVectors(beam.DoFn):
         return self._datasets[uri]
 
     @staticmethod
-    def _attach(name: str, dataset: lance.LanceDataset, items: list[dict]) -> None:
+    def _found(name: str, dataset: lance.LanceDataset, items: list[dict]) -> dict:
+        """The trained vectors of these items, by id (an item no session paired has none)."""
         found = rows_by_id(dataset, [item["id"] for item in items], ["id", "vector"])
         vectors = vector_matrix(found["vector"])
-        position = {item_id: row for row, item_id in enumerate(found["id"].to_pylist())}
-        for item in items:
-            if item["id"] in position:
-                item["vectors"][name] = vectors[position[item["id"]]].copy()
-                item["encoded"].append(name)
+        return {item_id: vectors[row].copy() for row, item_id in enumerate(found["id"].to_pylist())}
 
 
 def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Encoder], items, scratch: str,

@@ -140,7 +140,7 @@ class ApplyBudget(beam.DoFn):
     def process(self, item: dict, boundaries: dict[str, Any]):
         waiting = self._budget.waiting(item, boundaries) if boundaries else []
         if waiting:
-            item["deferred"] = waiting
+            item = dict(item, deferred=waiting)
             worth_writing = item["rewrite"] or any(needs(item, e) for e in self._encoders)
             if not worth_writing or not self._has_vector(item):
                 yield beam.pvalue.TaggedOutput(DEFERRED, waiting)

@@ -17,10 +17,11 @@ import apache_beam as beam
 import lance
 
 from transforms.fingerprint import fingerprints
-from transforms.items import ITEMS, REJECTS, make_reject, pack, unpack
+from transforms.items import HELD, ITEMS, REJECTS, make_reject, pack, unpack
 
 UNCHANGED = "unchanged"
 DELETES = "deletes"
+ABSENT = "absent"       # (fragment, id) of stored rows the catalog no longer lists that stay (lifecycle.py)
 STAGED_ROWS = "staged_rows"
 
 
@@ -74,23 +75,29 @@ class ReadTableSummaries(beam.PTransform):
 
 
 class CompareWithTable(beam.DoFn):
-    """Per id: the catalog's items, the table's summary and a staged row. Outputs the item (main) with `stored`
-    and `staged` set, `deletes` as (fragment, id) and `rejects` (duplicate ids in the catalog).
+    """Per id: the catalog's items, the table's summary, a staged row, and the rejects of rows that failed before
+    the compare (`held`). Outputs the item (main) with `stored`, `replaces` and `staged` set; `deletes` as
+    (fragment, id), or `absent` ids where the run must not delete (transforms/lifecycle.py); and `rejects`:
+    duplicate ids in the catalog, and the held rejects, `kept` where the table holds the id's row.
 
     The stored (or else staged) image digest is reused when the image's path and stat are unchanged, unless
-    `rehash`.
+    `rehash`. `unclean_reads`: the read's rejects without an id, any of which could have held a stored id.
     """
 
     def __init__(self, delete_missing: bool, rehash: bool):
         self._delete_missing = delete_missing
         self._rehash = rehash
 
-    def process(self, joined):
+    def process(self, joined, unclean_reads: int = 0):
         item_id, sides = joined
         items, stored = [unpack(i) for i in sides[ITEMS]], [unpack(s) for s in sides["table"]]
+        held = [unpack(r) for r in sides.get(HELD) or ()]
+        for reject in held:
+            yield beam.pvalue.TaggedOutput(REJECTS, dict(reject, kept=bool(stored) and not items))
         if not items:
-            if stored and self._delete_missing:
-                yield beam.pvalue.TaggedOutput(DELETES, (stored[0]["fragment"], item_id))
+            if stored and not held:
+                deletable = self._delete_missing and not unclean_reads
+                yield beam.pvalue.TaggedOutput(DELETES if deletable else ABSENT, (stored[0]["fragment"], item_id))
             return
         # Which duplicate survives must not depend on worker order: keep the smallest input.
         items.sort(key=lambda it: (it.get("source") or "", it["image_uri"] or "", it["text"] or ""))
@@ -101,6 +108,7 @@ class CompareWithTable(beam.DoFn):
         staged = sides.get(STAGED_ROWS) or ()
         item["staged"] = unpack(staged[0]) if staged else None      # a row a run that died wrote (staging.py)
         item["stored"] = stored[0] if stored else None
+        item["replaces"] = stored[0]["fragment"] if stored else None
         known = item["stored"] or item["staged"]
         if known and not self._rehash and _same_file(item, known):
             item["digests"]["image"] = known["image_digest"]
@@ -126,26 +134,27 @@ class DecideWork(beam.DoFn):
         self._keep_stored = keep_stored
 
     def process(self, item: dict):
-        stored = item.pop("stored") or {"fingerprints": {}}
-        item["replaces"] = stored.get("fragment")
-        item["keep"] = sorted(name for name, fp in fingerprints(item, self._encoders).items()
-                              if self._keep_stored and stored["fingerprints"].get(name) == fp)
+        stored = item["stored"] or {"fingerprints": {}}
+        keep = sorted(name for name, fp in fingerprints(item, self._encoders).items()
+                      if self._keep_stored and stored["fingerprints"].get(name) == fp)
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
                     and stored.get("image_stat") == item["image_stat"])
-        if not self._rewrite_all and same_row and len(item["keep"]) == len(self._encoders):
+        if not self._rewrite_all and same_row and len(keep) == len(self._encoders):
             yield beam.pvalue.TaggedOutput(UNCHANGED, item["id"])
             return
-        item["rewrite"] = self._rewrite_all or not same_row
-        yield item
+        yield dict(item, stored=None, keep=keep, rewrite=self._rewrite_all or not same_row)
 
 
-def compare_with_table(items, table_summaries, staged_rows, delete_missing: bool, rehash: bool):
-    """Join items with stored summaries and staged rows by id; returns the tagged outputs of CompareWithTable."""
+def compare_with_table(items, table_summaries, staged_rows, held, unclean_reads, delete_missing: bool,
+                       rehash: bool):
+    """Join items with stored summaries, staged rows and held rejects by id; returns the tagged outputs of
+    CompareWithTable. `unclean_reads`: a side input, the count of read rejects without an id."""
     return (
         {ITEMS: items | "Key items by id" >> beam.Map(lambda item: (item["id"], pack(item))), "table": table_summaries,
-         STAGED_ROWS: staged_rows}
+         STAGED_ROWS: staged_rows, HELD: held}
         | "Join with table" >> beam.CoGroupByKey()
-        | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash)).with_outputs(DELETES, REJECTS, main=ITEMS)
+        | "Compare" >> beam.ParDo(CompareWithTable(delete_missing, rehash), unclean_reads).with_outputs(
+            DELETES, ABSENT, REJECTS, main=ITEMS)
     )
 
 

@@ -106,8 +106,14 @@ class OutputConfig:
     uri: str
     table: str
     write_batch_rows: int = 4096
+    # A write batch is also cut after this many seconds, and staged: what a kill can lose per worker.
+    stage_seconds: float = 20.0
     on_missing: str = "delete"
+    # Over this share of the table's rows deleted in one night, the run commits nothing (as rsync's --max-delete):
+    # an export that lost rows must not take them out of the table. docs/safety.md.
+    max_delete_ratio: float = 0.1
     retain_days: float = 30.0
+    keep_runs: int = 2                  # the last runs' versions kept whatever retain_days says (maintain.py)
     index_min_rows: int = 10_000
     compact: bool = True
     # Lance-only object store settings (Lance's storage_options). Credentials and endpoints come from the
@@ -364,9 +370,15 @@ def _parse_output(raw: dict[str, Any]) -> OutputConfig:
     unknown = set(raw) - {f.name for f in fields(OutputConfig)}
     if unknown:
         raise ConfigError(f"unknown output keys: {', '.join(sorted(unknown))}")
-    for key in ("write_batch_rows", "index_min_rows"):
-        if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
+    for key in ("write_batch_rows", "index_min_rows", "keep_runs"):
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1):
             raise ConfigError(f"output.{key} must be a positive integer, got {raw[key]!r}")
+    seconds = raw.get("stage_seconds", OutputConfig.stage_seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ConfigError(f"output.stage_seconds must be a number of seconds > 0, got {seconds!r}")
+    ratio = raw.get("max_delete_ratio", OutputConfig.max_delete_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f"output.max_delete_ratio must be a share of the table's rows from 0 to 1, got {ratio!r}")
     if raw.get("on_missing", "delete") not in ("delete", "keep"):
         raise ConfigError(f"output.on_missing must be 'delete' or 'keep', got {raw['on_missing']!r}")
     if not isinstance(raw.get("retain_days", 30.0), (int, float)) or raw.get("retain_days", 30.0) < 0:

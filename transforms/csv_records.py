@@ -258,15 +258,14 @@ class ParseRange(beam.DoFn):
         width = len(self._columns)
         if len(cells) > width and self._overflow:
             cells = cells[: width - 1] + [self._fmt.delimiter.join(cells[width - 1 :])]
-        if len(cells) != width:
-            yield _reject("MalformedRow", f"expected {width} cells, found {len(cells)}", source, text,
-                          cells[0] if cells else None)
+        if len(cells) != width:     # no id: a row of another width cannot say which of its cells is the id
+            yield _reject("MalformedRow", f"expected {width} cells, found {len(cells)}", source, text)
             return
         yield dict(zip(self._columns, cells, strict=True), _source=source)
 
 
-def _reject(error: str, message: str, source: str, text: str, item_id: str | None = None):
-    return beam.pvalue.TaggedOutput(REJECTS, make_reject(item_id, "read", error, message, f"{source}: {text[:200]}"))
+def _reject(error: str, message: str, source: str, text: str):
+    return beam.pvalue.TaggedOutput(REJECTS, make_reject(None, "read", error, message, f"{source}: {text[:200]}"))
 
 
 class ReadCsv(beam.PTransform):

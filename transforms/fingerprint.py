@@ -33,7 +33,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from transforms.http_fetch import is_url
 from transforms.images import check_image
-from transforms.items import REJECTS, reject_from_exception
+from transforms.items import HELD, REJECTS, failed, pack, reject_from_exception
 from transforms.storage import ImageReader, file_stat
 
 ABSENT = "absent"   # the digest of an input the item does not have: no text, no image reference
@@ -71,6 +71,7 @@ class InspectInputs(beam.DoFn):
     `modalities` are those the config's encoders take ("text", "image", "behaviour"). An item without a
     text or an image reference is missing that modality (its digest is `ABSENT`, and it gets no vector
     from those encoders); an item with none of the inputs is a reject. A broken image reference is one too.
+    Rejects here are `held`, (id, packed reject): the compare keeps the table's row for the id.
     """
 
     def __init__(self, modalities: frozenset[str], immutable_urls: bool = False):
@@ -78,6 +79,7 @@ class InspectInputs(beam.DoFn):
         self._url_stat = IMMUTABLE_URL if immutable_urls else ASK_SERVER
 
     def process(self, item: dict):
+        item = dict(item, digests=dict(item["digests"]))
         digests = item["digests"]
         try:
             if "text" in self._modalities:
@@ -94,7 +96,7 @@ class InspectInputs(beam.DoFn):
                 raise ValueError("the item has none of the inputs its encoders take: "
                                  + ", ".join(sorted(self._modalities)))
         except (OSError, ValueError) as err:
-            yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
+            yield beam.pvalue.TaggedOutput(HELD, (item["id"], pack(reject_from_exception(item, "load", err))))
             return
         yield item
 
@@ -118,7 +120,7 @@ class HashImages(beam.DoFn):
         if item["image_stat"] is None or "image" in item["digests"]:
             yield item
             return
-        self._waiting.append(item)
+        self._waiting.append(dict(item, digests=dict(item["digests"])))     # filled in by the reading threads
         if len(self._waiting) >= HASH_BATCH:
             yield from self._hash_waiting()
 
@@ -135,7 +137,7 @@ class HashImages(beam.DoFn):
         errors = _pool(self._reader.http.max_per_worker).map(self._hash, waiting)
         for item, err in zip(waiting, errors, strict=True):
             if err is not None:
-                yield beam.pvalue.TaggedOutput(REJECTS, reject_from_exception(item, "load", err))
+                yield beam.pvalue.TaggedOutput(REJECTS, failed(item, "load", err))
             else:
                 yield item
 

@@ -47,7 +47,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from transforms.derived import cached_value
 from transforms.encoders.base import Encoder
 from transforms.fingerprint import has_input
-from transforms.items import ITEMS, REJECTS, make_reject, pack, reject_from_exception, unpack
+from transforms.items import ITEMS, REJECTS, failed, failed_like, pack, unpack
 from transforms.storage import ImageReader
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ RUN_INFERENCE_BATCH = 512                # items per RunInference call; the netw
 AUTO_BATCH_SIZES = {"image": {"cpu": (4, 8, 16), "cuda": (32, 64, 128, 256, 512)},
                     "text": {"cpu": (16, 32, 64, 128), "cuda": (64, 128, 256, 512, 1024)}}
 UNTIMED_BATCH_SIZE = 32                  # the sub-batch of encoders with no network to time (color)
+
+
+class NonFiniteVector(ValueError):
+    """An encoder returned NaN or infinite values for an input."""
 
 
 def needs(item: dict, encoder: Encoder) -> bool:
@@ -297,7 +301,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         paid: set[str] = set()
         for key, items in groups:
             if key in errors:
-                yield items, {}, [], reject_from_exception(items[0], "decode", errors[key]), 0.0
+                yield items, {}, [], failed(items[0], "decode", errors[key]), 0.0
             elif key in vectors:
                 yield items, vectors[key], [] if key in paid else list(vectors[key]), None, share
                 paid.add(key)
@@ -318,9 +322,9 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         chunks = [keys[start:start + size] for start in range(0, len(keys), size)]
         vectors: dict[str, dict] = {}
         errors: dict[str, Exception] = {}
-        for done, jobs, failed in prepared_ahead(
+        for done, jobs, unreadable in prepared_ahead(
                 stage.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, stage.threads + 1):
-            errors.update(failed)
+            errors.update(unreadable)
             found: dict[str, dict] = {key: {} for key in done}
             for (name, chosen, _), embedded in zip(jobs, model.embed(jobs), strict=True):
                 for k, vector in zip(chosen, embedded, strict=True):
@@ -378,22 +382,20 @@ class ShareVectors(beam.DoFn):
         items, vectors, ran, reject, seconds = result
         for position, item in enumerate(items):
             if reject is not None:
-                yield beam.pvalue.TaggedOutput(REJECTS, dict(reject, id=item["id"], input_ref=item.get("source")))
+                yield beam.pvalue.TaggedOutput(REJECTS, failed_like(item, reject))
                 continue
             wanted = [e.name for e in self._encoders if needs(item, e)]
             broken = [name for name in wanted if not np.all(np.isfinite(vectors[name]))]
             if broken:
-                yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
-                    item["id"], f"encode:{broken[0]}", "NonFiniteVector",
-                    "the encoder returned NaN or infinite values", item.get("source")))
+                yield beam.pvalue.TaggedOutput(REJECTS, failed(item, f"encode:{broken[0]}", NonFiniteVector(
+                    "the encoder returned NaN or infinite values")))
                 continue
-            item["vectors"].update((name, vectors[name]) for name in wanted)
-            if position == 0:
-                item["encoded"].extend(ran)
-                item["encode_seconds"].update((name, seconds) for name in ran)
-                for name in ran:
-                    self._counters[name].inc()
-            yield item
+            paid = ran if position == 0 else []
+            for name in paid:
+                self._counters[name].inc()
+            yield dict(item, vectors={**item["vectors"], **{name: vectors[name] for name in wanted}},
+                       encoded=[*item["encoded"], *paid],
+                       encode_seconds={**item["encode_seconds"], **{name: seconds for name in paid}})
 
 
 def _input_key(item: dict, modality: str, encoders: Sequence[Encoder]) -> str:

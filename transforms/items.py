@@ -9,7 +9,7 @@ runner. It never carries image bytes or stored vectors:
     digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
     stored                               the table's summary of the same id, if any (compare.py)
     staged                               the row a run that died wrote for it, if any (staging.py)
-    replaces                             the fragment of the stored row this item replaces, once decided
+    replaces                             the fragment of the table's row for the same id, if any (compare.py)
     rewrite                              whether its row is written whatever its vectors (new, changed, overwrite)
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
     deferred [encoder]                   encoders the run's budget leaves for a later run (budget.py)
@@ -37,6 +37,7 @@ from transforms.config import CatalogConfig, column_name
 
 REJECTS = "rejects"
 ITEMS = "items"
+HELD = "held"          # (id, packed reject) of a row that failed before the compare: its stored row is kept
 _CODER = FastPrimitivesCoder()
 
 
@@ -48,13 +49,16 @@ def unpack(data: bytes) -> dict:
     return _CODER.decode(data)
 
 
-def make_reject(item_id: Any, stage: str, error: str, message: str, input_ref: str | None) -> dict:
+def make_reject(item_id: Any, stage: str, error: str, message: str, input_ref: str | None,
+                kept: bool = False) -> dict:
+    """A reject; `kept`: the table keeps the row it holds for this id (transforms/lifecycle.py)."""
     return {
         "id": None if item_id is None else str(item_id),
         "stage": stage,
         "error": error,
         "message": message[:1000],
         "input_ref": input_ref,
+        "kept": kept,
     }
 
 
@@ -69,6 +73,22 @@ class InputError(OSError):
 def reject_from_exception(item: dict, stage: str, err: BaseException) -> dict:
     error = err.error if isinstance(err, InputError) else type(err).__name__
     return make_reject(item.get("id"), stage, error, str(err), item.get("source"))
+
+
+def has_stored_row(item: dict) -> bool:
+    """Whether the table holds a row for the item's id (known once the compare has joined them)."""
+    return item["replaces"] is not None
+
+
+def failed(item: dict, stage: str, err: BaseException) -> dict:
+    """The reject of an item that failed at `stage` after the compare: the table keeps its stored row, if any
+    (transforms/lifecycle.py)."""
+    return dict(reject_from_exception(item, stage, err), kept=has_stored_row(item))
+
+
+def failed_like(item: dict, reject: dict) -> dict:
+    """Another item's reject (the picture they share failed), as this item's."""
+    return dict(reject, id=item["id"], input_ref=item.get("source"), kept=has_stored_row(item))
 
 
 def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], base_dir: str) -> dict:

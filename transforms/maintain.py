@@ -1,8 +1,10 @@
-"""Table upkeep after each commit: compaction, indexes and old-version cleanup.
+"""Table upkeep after each commit: compaction, indexes, and retention of old versions.
 
 Nightly upserts leave many small fragments and deletion files behind; compaction rewrites them.
-Versions older than the retention are removed, except tagged ones (each run's `run-<id>` tag keeps
-its version queryable until the tag is deleted).
+Retention: a run's tag (`run-<id>`) keeps its version queryable while it is younger than
+`output.retain_days`, and the tags of the last `output.keep_runs` runs are kept whatever their age; older run
+tags are removed. Tags a user made are never removed. Then versions older than the retention are removed,
+except tagged ones, and with them the files no kept version uses.
 
 Indexes, each made once and then refreshed (`optimize_indices` folds the new rows in):
 - a scalar index on `id` (rows found by id) and on `label` and every pass-through field, BITMAP for a
@@ -20,14 +22,16 @@ import contextlib
 import ctypes
 import logging
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from transforms.config import OutputConfig
 from transforms.lance_sink import TEXT_COLUMN
+from transforms.table_commit import RUN_TAG_PREFIX
 
 log = logging.getLogger(__name__)
 ID_INDEX = "id_idx"         # the scalar index on `id`, which finds rows by id (lance_sink.rows_by_id)
@@ -43,21 +47,20 @@ MAX_DELTA_SEGMENTS = 7
 NOT_FILTERED = frozenset({"id", "image_uri", "image_stat", "image_digest", TEXT_COLUMN, "run_id"})
 
 
-def maintain(uri: str, retain_days: float, index_min_rows: int, compact: bool,
-             storage_options: dict[str, str] | None = None) -> tuple[list[str], dict]:
+def maintain(uri: str, output: OutputConfig) -> tuple[list[str], dict]:
     """Run the upkeep; return what could not be done, and the indexes' state for the run's record. The
     run's version is committed before this, so a failed step is a warning for the run's record, never a
     failed run: the next run tries again."""
     _return_freed_heap()
 
     def latest() -> lance.LanceDataset:
-        return lance.dataset(uri, storage_options=storage_options)
+        return lance.dataset(uri, storage_options=output.storage_options)
 
     state: dict = {}
     rebuilt: list[bool] = []
-    steps = [("compaction", lambda: _compact(latest()))] if compact else []
-    steps += [("index", lambda: rebuilt.append(_index(latest(), index_min_rows))),
-              ("cleanup", lambda: _cleanup(latest(), retain_days)),
+    steps = [("compaction", lambda: _compact(latest()))] if output.compact else []
+    steps += [("index", lambda: rebuilt.append(_index(latest(), output.index_min_rows))),
+              ("cleanup", lambda: _cleanup(latest(), output.retain_days, output.keep_runs)),
               ("index state", lambda: state.update(index_state(latest(), any(rebuilt))))]
     problems = []
     for step, action in steps:
@@ -96,11 +99,54 @@ def _compact(dataset: lance.LanceDataset) -> None:
         log.info("compaction: %d fragments removed, %d added", metrics.fragments_removed, metrics.fragments_added)
 
 
-def _cleanup(dataset: lance.LanceDataset, retain_days: float) -> None:
+def _cleanup(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) -> None:
+    for tag in expired_run_tags(dataset, retain_days, keep_runs):
+        dataset.tags.delete(tag)
     stats = dataset.cleanup_old_versions(
         older_than=timedelta(days=retain_days), error_if_tagged_old_versions=False)
     if stats.old_versions:
         log.info("cleanup: %d old versions removed", stats.old_versions)
+
+
+def expired_run_tags(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) -> list[str]:
+    """The run tags the retention lets go: older than `retain_days`, and not of the last `keep_runs` runs."""
+    timestamps = {v["version"]: v["timestamp"] for v in dataset.versions()}
+    runs = sorted(((info["version"], name) for name, info in dataset.tags.list().items() if is_run_tag(name)),
+                  reverse=True)
+    oldest = datetime.now() - timedelta(days=retain_days)
+    return [name for version, name in runs[keep_runs:]
+            if version not in timestamps or timestamps[version] < oldest]
+
+
+def is_run_tag(name: str) -> bool:
+    return name.startswith(RUN_TAG_PREFIX)
+
+
+def why_kept(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) -> dict[int, str]:
+    """Per version, why the retention keeps it, or that the next upkeep lets it go."""
+    oldest = datetime.now() - timedelta(days=retain_days)
+    tags: dict[int, list[str]] = {}
+    for name, info in dataset.tags.list().items():
+        tags.setdefault(info["version"], []).append(name)
+    expired = set(expired_run_tags(dataset, retain_days, keep_runs))
+    last_runs = sorted((v for v, names in tags.items() if any(is_run_tag(n) for n in names)), reverse=True)[:keep_runs]
+    reasons = {}
+    for found in dataset.versions():
+        version, names = found["version"], tags.get(found["version"], [])
+        users = sorted(n for n in names if not is_run_tag(n))
+        if version == dataset.version:
+            reasons[version] = "the latest"
+        elif users:
+            reasons[version] = f"tag {users[0]} (a user's tag: kept until it is removed)"
+        elif version in last_runs:
+            reasons[version] = f"one of the last {keep_runs} runs (output.keep_runs)"
+        elif found["timestamp"] >= oldest:
+            reasons[version] = f"younger than output.retain_days ({retain_days:g})"
+        else:
+            reasons[version] = "older than the retention: the next upkeep removes it"
+        if any(n in expired for n in names) and version not in last_runs:
+            reasons[version] += "; its run tag goes at the next upkeep"
+    return reasons
 
 
 def _index(dataset: lance.LanceDataset, index_min_rows: int) -> bool:

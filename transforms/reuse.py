@@ -29,20 +29,23 @@ class FetchKeptVectors(beam.DoFn):
 
     def process(self, items: list[dict]):
         keeping = [item for item in items if item["keep"]]
-        if keeping:
-            self._fill(keeping)
-        yield items
+        found = self._kept_vectors(keeping) if keeping else {}
+        yield [dict(item, vectors={**item["vectors"], **found[item["id"]]}) if item["id"] in found else item
+               for item in items]
 
-    def _fill(self, items: list[dict]) -> None:
+    def _kept_vectors(self, items: list[dict]) -> dict[str, dict]:
+        """Per item id, the stored vectors it keeps."""
         assert self._dataset is not None, "only items of a stored table have vectors to keep"
         names = sorted({name for item in items for name in item["keep"]})
         found = rows_by_id(self._dataset, [item["id"] for item in items], ["id", *[f"{n}_vec" for n in names]])
         position = {item_id: i for i, item_id in enumerate(found["id"].to_pylist())}
         vectors = {name: vector_matrix(found[f"{name}_vec"]) for name in names}
         stored = {name: found[f"{name}_vec"].is_valid().to_numpy(zero_copy_only=False) for name in names}
+        kept = {}
         for item in items:
             if item["id"] not in position:
                 raise LookupError(f"item {item['id']!r} is not in version {self._read_version} of {self._uri}")
             row = position[item["id"]]
             # A kept null stays missing: the item still has no input for that encoder.
-            item["vectors"].update((name, vectors[name][row].copy()) for name in item["keep"] if stored[name][row])
+            kept[item["id"]] = {name: vectors[name][row].copy() for name in item["keep"] if stored[name][row]}
+        return kept

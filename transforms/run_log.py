@@ -1,8 +1,10 @@
 """The job's own tables beside the data table: `<table>_runs` (one row per run) and `<table>_rejects`.
 
 Rejects can be many (a broken mount, a bad export): workers write them as fragments of the rejects
-table, and the commit step appends those fragments, so no reject passes through the single commit
-worker. The run's row is one row, written by the commit step.
+table, and the commit step appends those fragments once (a retried commit finds them there), so no
+reject passes through the single commit worker. A reject's `kept` says whether the table kept the row it
+held for that id (docs/safety.md). The run's row is one row, keyed by its run id: the commit step writes it,
+the upkeep step after it updates it, and a retry of either writes the same row again, never a second one.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import apache_beam as beam
-import lance
 import lancedb
 import pyarrow as pa
-from lance.fragment import FragmentMetadata, write_fragments
+from lance.fragment import write_fragments
 
 from transforms.lance_sink import dataset_uri, open_dataset
+from transforms.table_commit import append_once
 
 RUNS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -33,6 +35,13 @@ RUNS_SCHEMA = pa.schema([
     pa.field("rejected", pa.int64()),
     pa.field("resumed", pa.int64()),        # rows of a run that died, committed by this one (staging.py)
     pa.field("deferred", pa.int64()),       # rows a budget left for a later run, not written (budget.py)
+    pa.field("kept", pa.int64()),           # rows that failed this run but stay as the table held them
+    pa.field("added", pa.int64()),          # written rows with an id new to the table
+    pa.field("absent", pa.int64()),         # stored ids the catalog no longer lists that stay (docs/safety.md)
+    pa.field("rows_before", pa.int64()),    # the table's rows at the version the run read ...
+    pa.field("rows_after", pa.int64()),     # ... and at the version it committed: before - deleted + added
+    pa.field("upkeep", pa.string()),        # "done", or what is owed (the next run does it)
+    pa.field("retention", pa.string()),     # the run's output.retain_days and keep_runs (`versions` says why)
     pa.field("encoded", pa.string()),
     pa.field("encode_rate", pa.string()),   # forward passes per second of encode-stage time, per encoder
     pa.field("backfill", pa.string()),      # under a budget: per encoder, items done of those with its input
@@ -40,12 +49,14 @@ RUNS_SCHEMA = pa.schema([
     pa.field("drift", pa.string()),
     pa.field("interactions", pa.string()),
     pa.field("index", pa.string()),         # each index's state after the run's upkeep (maintain.index_state)
+    pa.field("read_version", pa.int64()),   # the version the run started from
     pa.field("table_version", pa.int64()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
 ])
 
-JSON_COLUMNS = ("encoded", "rejects_by", "encoder_ids", "drift", "interactions", "index", "encode_rate", "backfill")
+JSON_COLUMNS = ("encoded", "rejects_by", "encoder_ids", "drift", "interactions", "index", "encode_rate", "backfill",
+                "retention")
 
 REJECTS_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
@@ -54,6 +65,7 @@ REJECTS_SCHEMA = pa.schema([
     pa.field("message", pa.string()),
     pa.field("input_ref", pa.string()),
     pa.field("run_id", pa.string(), nullable=False),
+    pa.field("kept", pa.bool_()),           # the table kept the row it held for this id
 ])
 
 
@@ -83,47 +95,42 @@ class WriteRejects(beam.DoFn):
         fragments = write_fragments(data, self._uri, schema=REJECTS_SCHEMA, mode="append",
                                     storage_options=self._storage_options)
         yield {"fragments": [json.dumps(f.to_json()) for f in fragments], "rows": len(rejects),
-               "by": rejects_by(rejects)}
+               "by": rejects_by(rejects), "kept": sum(1 for r in rejects if r.get("kept"))}
 
 
 def commit_rejects(db_uri: str, table: str, fragments: Sequence[str],
                    storage_options: dict[str, str] | None = None) -> None:
-    """Append the rejects' fragments to `<table>_rejects` (creating it on the first rejects)."""
-    if not fragments:
-        return
-    uri = dataset_uri(db_uri, rejects_table_name(table))
-    metadata = [FragmentMetadata.from_json(raw) for raw in fragments]
-    existing = open_dataset(uri, storage_options)
-    if existing is None:
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(REJECTS_SCHEMA, metadata),
-                                  storage_options=storage_options)
-    else:
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(metadata), read_version=existing.version,
-                                  storage_options=storage_options)
+    """Append the rejects' fragments to `<table>_rejects` (creating it on the first rejects), once."""
+    if fragments:
+        append_once(dataset_uri(db_uri, rejects_table_name(table)), REJECTS_SCHEMA, fragments, storage_options)
 
 
-SQL_TYPES = {pa.string(): "STRING", pa.int64(): "BIGINT"}
+SQL_TYPES = {pa.string(): "STRING", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}
 
 
-def append_rows(db_uri: str, name: str, rows: Sequence[dict], schema: pa.Schema,
-                storage_options: dict[str, str] | None = None) -> None:
-    if not rows:
-        return
-    db = lancedb.connect(db_uri, storage_options=storage_options)
-    data = pa.Table.from_pylist(list(rows), schema=schema)
-    if name in db.table_names():
-        table = db.open_table(name)
-        missing = [f for f in schema if f.name not in table.schema.names]   # written by an older release
+def upgrade_side_tables(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> None:
+    """Give the runs and rejects tables that an older release wrote the columns this one writes (as nulls in
+    their old rows), before any worker writes a fragment of the new schema."""
+    for name, schema in ((runs_table_name(table), RUNS_SCHEMA), (rejects_table_name(table), REJECTS_SCHEMA)):
+        dataset = open_dataset(dataset_uri(db_uri, name), storage_options)
+        missing = [] if dataset is None else [f for f in schema if f.name not in dataset.schema.names]
         if missing:
-            table.add_columns({f.name: f"CAST(NULL AS {SQL_TYPES[f.type]})" for f in missing})
-        table.add(data)
-    else:
-        db.create_table(name, data, schema=schema)
+            dataset.add_columns({f.name: f"CAST(NULL AS {SQL_TYPES[f.type]})" for f in missing})
 
 
 def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None) -> None:
+    """Write the run's row, or rewrite it: one row per run id, however often this is called."""
     row = dict(run, **{key: json.dumps(run.get(key) or {}) for key in JSON_COLUMNS})
-    append_rows(db_uri, runs_table_name(table), [row], RUNS_SCHEMA, storage_options)
+    data = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
+    db = lancedb.connect(db_uri, storage_options=storage_options)
+    name = runs_table_name(table)
+    if name not in db.table_names():
+        try:
+            db.create_table(name, data, schema=RUNS_SCHEMA)
+            return
+        except (OSError, ValueError, RuntimeError):    # another run created it first: merge into theirs
+            pass
+    db.open_table(name).merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
 
 def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> list[dict]:

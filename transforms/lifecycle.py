@@ -1,0 +1,148 @@
+"""The row lifecycle: what a run does to each row, in one place (docs/safety.md has it as a table).
+
+A catalog row ends the night as exactly one of:
+    unchanged   its inputs and columns equal its stored row's: not written
+    written     new (`added`), or changed: it replaces its stored row in the same commit
+    kept        it failed at some stage (read with its id, stat, fetch, decode, encode, combine) and the table
+                holds a row for its id: that row stays as it was, and a reject says why
+    rejected    it failed and the table holds no row for its id (or the row had no id): not written; a reject
+    deferred    the budget leaves it for a later run: its stored row as it was (nulls for a new encoder)
+and a stored row whose id the catalog does not list is
+    deleted     when the catalog was read cleanly (no read reject without an id, which could have held any id)
+                and `output.on_missing` is delete
+    absent      otherwise (on_missing: keep, or a read that rejected rows it could not name): it stays
+
+So a stored row leaves the table only when a written row replaces it or it is deleted. `RemoveRows` takes
+exactly those ids, per stored fragment; on a night that rewrites the table for a new schema it carries every
+other stored row into the new version, so that such a night keeps what any other night keeps. The counts add
+up twice, and the run's record holds both sides:
+    read = written + unchanged + kept + rejected + deferred
+    rows after = rows before - deleted + added
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import apache_beam as beam
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lance.fragment import write_fragments
+
+from transforms.combine import combine
+from transforms.compare import fragment
+from transforms.items import HELD, pack
+from transforms.lance_sink import id_in, table_metadata, vector_array, vector_matrix
+
+CARRY_BATCH = 4096     # stored rows read at a time when a new-schema night carries them over
+
+
+class SortReadRejects(beam.DoFn):
+    """Read rejects that name their row's id are held for the compare (which keeps the stored row, if any);
+    the others (a malformed line, a missing id) pass on, and each makes the read unclean: it might have
+    held any id, so no id is deleted on that night."""
+
+    def process(self, reject: dict):
+        if reject["id"]:
+            yield beam.pvalue.TaggedOutput(HELD, (reject["id"], pack(reject)))
+        else:
+            yield dict(reject, kept=False)
+
+
+class RemoveRows(beam.DoFn):
+    """Per stored fragment, the rows this run removes: those a written row replaces and those deleted.
+
+    On a night that appends (the schema unchanged) it writes a deletion file; on a night that rewrites for a
+    new schema it writes the fragment's other rows in the new schema instead (`carried`): each encoder whose
+    id is unchanged keeps its vector and fingerprint, a new or changed one has nulls (the next run encodes
+    it), and the combined vector is made again with the new weights. Emits {fragment, removed, kept (the
+    fragment's metadata with its deletion file, or None when no row of it stays)} or {fragment, removed,
+    carried (fragments' metadata), rows}.
+    """
+
+    def __init__(self, uri: str, read_version: int, new_schema: pa.Schema | None,
+                 encoder_ids: Mapping[str, str], weights: Mapping[str, float], dims: Mapping[str, int],
+                 storage_options: dict[str, str] | None = None):
+        self._uri = uri
+        self._read_version = read_version
+        self._new_schema = new_schema           # None: deletion files (no new schema)
+        self._encoder_ids = dict(encoder_ids)
+        self._weights = dict(weights)
+        self._dims = dict(dims)
+        self._storage_options = storage_options
+
+    def setup(self):
+        self._dataset = lance.dataset(self._uri, version=self._read_version, storage_options=self._storage_options)
+
+    def process(self, fragment_ids: tuple[int, Iterable[str | None]]):
+        fragment_id, leaving = fragment_ids
+        ids = sorted({item_id for item_id in leaving if item_id is not None})
+        stored = fragment(self._dataset, fragment_id)
+        before = stored.count_rows()
+        if self._new_schema is None:
+            kept = stored.delete(id_in(ids))
+            after = 0 if kept is None else _live_rows(kept)
+            yield {"fragment": fragment_id, "removed": before - after,
+                   "kept": None if kept is None else json.dumps(kept.to_json())}
+            return
+        carried, rows = self._carry(stored, ids)
+        yield {"fragment": fragment_id, "removed": before - rows, "carried": carried, "rows": rows}
+
+    def _carry(self, stored: lance.LanceFragment, leaving: Sequence[str]) -> tuple[list[str], int]:
+        kept_encoders = self._unchanged_encoders()
+        batches = list(self._carried_batches(stored, leaving, kept_encoders))
+        rows = sum(batch.num_rows for batch in batches)
+        if not rows:
+            return [], 0
+        reader = pa.RecordBatchReader.from_batches(self._new_schema, batches)
+        written = write_fragments(reader, self._uri, schema=self._new_schema, mode="overwrite",
+                                  storage_options=self._storage_options)
+        return [json.dumps(f.to_json()) for f in written], rows
+
+    def _carried_batches(self, stored: lance.LanceFragment, leaving: Sequence[str],
+                         kept_encoders: set[str]) -> Iterator[pa.RecordBatch]:
+        leaving_ids = pa.array(leaving, pa.string())
+        for batch in stored.to_batches(batch_size=CARRY_BATCH):
+            staying = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=leaving_ids)))
+            if staying.num_rows:
+                yield in_new_schema(staying, self._new_schema, kept_encoders, self._weights, self._dims)
+
+    def _unchanged_encoders(self) -> set[str]:
+        stored = {e["name"]: e["id"] for e in table_metadata(self._dataset.schema).get("encoders", [])}
+        return {name for name, encoder_id in self._encoder_ids.items() if stored.get(name) == encoder_id}
+
+
+def _live_rows(metadata) -> int:
+    deleted = metadata.deletion_file.num_deleted_rows if metadata.deletion_file else 0
+    return metadata.physical_rows - deleted
+
+
+def in_new_schema(batch: pa.RecordBatch, schema: pa.Schema, kept_encoders: set[str],
+                  weights: Mapping[str, float], dims: Mapping[str, int]) -> pa.RecordBatch:
+    """Stored rows as the new schema holds them: the columns it shares with theirs, the vectors and
+    fingerprints of unchanged encoders, nulls for the rest, and the combined vector made again."""
+    encoder_columns = {f"{name}_{part}": name for name in dims for part in ("vec", "fp")}
+    vectors = {name: (vector_matrix(batch[f"{name}_vec"]), batch[f"{name}_vec"].is_valid().to_numpy(
+        zero_copy_only=False)) for name in kept_encoders}
+    combined = [_combined({name: matrix[row] for name, (matrix, valid) in vectors.items() if valid[row]},
+                          weights, dims) for row in range(batch.num_rows)]
+    columns = []
+    for field in schema:
+        dropped = encoder_columns.get(field.name) not in (None, *kept_encoders)
+        if field.name == "vector":
+            columns.append(vector_array(combined, field.type.list_size))
+        elif dropped or field.name not in batch.schema.names:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+        else:
+            columns.append(batch[field.name].cast(field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _combined(vectors: dict[str, np.ndarray], weights: Mapping[str, float], dims: Mapping[str, int]):
+    try:
+        return combine(vectors, weights, list(dims), dims)
+    except ValueError:      # no vector from any weighted encoder left: the row stays, found by id and filters
+        return None
