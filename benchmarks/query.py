@@ -35,11 +35,13 @@ import pyarrow as pa
 
 from benchmarks import hybrid
 from benchmarks.results import save_section
+from transforms.config import OutputConfig
 from transforms.lance_sink import dataset_uri, table_schema
 
 REPO = Path(__file__).resolve().parent.parent
 DIMS = {"text": 384, "image": 512}
 WEIGHTS = {"text": 0.5, "image": 0.5}
+UPKEEP = OutputConfig(uri="", table="synthetic")     # the job's upkeep as it runs by default
 KINDS, NEW_KINDS, SPREAD, WRITE_ROWS, QUERIES = 1000, 100, 0.8, 50_000, 50
 GROUPS = {"group10": 10, "group100": 100, "group1000": 1000}
 CASES = {   # name -> (weights, filter)
@@ -108,7 +110,7 @@ def synthetic_table(db: Path, rows: int, catalog: Catalog, name: str = "syntheti
                for start in range(0, rows, WRITE_ROWS))
     lance.write_dataset(pa.RecordBatchReader.from_batches(catalog.schema, batches), uri, schema=catalog.schema,
                         max_rows_per_file=1_000_000)
-    problems, _ = maintain(uri, 30, 10_000, True)
+    problems, _ = maintain(uri, UPKEEP)
     if problems:
         raise RuntimeError(f"upkeep failed: {problems}")
     return uri
@@ -178,7 +180,7 @@ def simulate_nights(uri: str, catalog: Catalog, nights: int, share: float) -> li
         dataset.insert(catalog.rows([f"new-{night}-{k}" for k in range(len(changed) - half)],
                                     catalog.rng.integers(KINDS, KINDS + NEW_KINDS, len(changed) - half)))
         written = time.perf_counter()
-        problems, state = maintain(uri, 30, 10_000, True)
+        problems, state = maintain(uri, UPKEEP)
         states.append({"night": night, "write_s": round(written - started, 1),
                        "upkeep_s": round(time.perf_counter() - written, 1), "problems": problems,
                        "vector_index": state.get("vector_idx")})

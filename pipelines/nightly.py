@@ -49,7 +49,7 @@ from transforms.items import HELD, ITEMS, REJECTS, failed
 from transforms.lance_sink import REPLACED, WriteFragments, dataset_uri, open_dataset, table_metadata, table_schema
 from transforms.lifecycle import RemoveRows, SortReadRejects
 from transforms.plan import count, count_plan
-from transforms.progress import LogProgress, LogWork
+from transforms.progress import KnowWork, LogProgress, LogWork
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
 from transforms.run_log import WriteRejects, read_runs, record_run, upgrade_side_tables, utc_now
@@ -177,11 +177,11 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
         return
     resumed = resume(items, staged_rows, inputs)
     items = resumed[ITEMS]
-    work = _encode_work(pipeline, items, plan.encoders)
+    items = items | "Know the work" >> beam.ParDo(KnowWork(), _encode_work(pipeline, items, plan.encoders))
     for modality in [m for m in ENCODE_ORDER if any(e.modality == m for e in plan.encoders)]:
         encoded = items | f"Encode {modality}" >> EncodeModality(modality, plan.encoders, reader)
         items = encoded[ITEMS] | f"Count {modality}" >> beam.ParDo(
-            LogProgress(f"encoded_{modality}", work_key=("modality", modality)), work)
+            LogProgress(f"encoded_{modality}", work_key=("modality", modality)))
         rejects.append(encoded[REJECTS])
     batches = (
         items
@@ -300,7 +300,7 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     if not dry_run:
         upgrade_side_tables(config.output.uri, config.output.table, storage)
         adopted = adopt_staging(root, config.output.table, plan.context.config_hash, plan.context.read_version,
-                                run_id, config.output.retain_days)
+                                run_id)
         plan = replace(plan, staged_batches=adopted.batches, context=replace(plan.context, adopted=adopted.folders))
         lease.start()
     try:

@@ -36,8 +36,10 @@ from PIL import Image
 from tests.conftest import photo
 from tests.fault_proxy import FaultProxy
 from tests.servers import environment, s3_server
+from transforms.commit import COMMITTING
 from transforms.lance_sink import dataset_uri, vector_matrix
 from transforms.run_log import read_runs
+from transforms.table_commit import committed_version
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
           "motorcycle_left.png", "retina.jpg")
@@ -314,7 +316,7 @@ def _check(report: Report, n: int, table: str, uri: str, held: list[str], listed
     ids = dataset.to_table(columns=["id"])["id"].to_pylist()
     if len(ids) != len(set(ids)):
         problem(f"ids appear twice: {sorted(i for i, c in Counter(ids).items() if c > 1)}")
-    runs = read_runs(uri, "shop")
+    runs = [_settled(dataset, r) for r in read_runs(uri, "shop")]
     committed = [r for r in runs if r["status"] in ("committed", "unchanged") and r["table_version"] is not None]
     last = max(committed, key=lambda r: r["table_version"])
     at_commit = lance.dataset(table, version=last["table_version"]).to_table(columns=["id"])["id"].to_pylist()
@@ -334,6 +336,14 @@ def _check(report: Report, n: int, table: str, uri: str, held: list[str], listed
             problem(f"run {record['run_id']}'s counts of the catalog's rows do not add up: {record}")
 
 
+def _settled(dataset: lance.LanceDataset, run: dict) -> dict:
+    """A record a killed run left `committing`, as the next run will settle it: committed if the table has it."""
+    if run["status"] != COMMITTING:
+        return run
+    version = committed_version(dataset, run["run_id"], run["read_version"])
+    return dict(run, status="failed") if version is None else dict(run, status="committed", table_version=version)
+
+
 def _equals_a_fresh_run(report: Report, folder: Path, shop: Shop, uri: str, fresh_uri: str, env: dict,
                         beam_args: list[str]) -> None:
     config = yaml.safe_load((folder / "job.yaml").read_text())
@@ -343,7 +353,10 @@ def _equals_a_fresh_run(report: Report, folder: Path, shop: Shop, uri: str, fres
     fresh.wait(fresh.start("fresh", 1))
     ours, theirs = (lance.dataset(dataset_uri(at, "shop")).to_table().sort_by("id") for at in (uri, fresh_uri))
     if ours["id"].to_pylist() != theirs["id"].to_pylist():
-        report.problems.append("after the clean night, the table's ids differ from a fresh run's")
+        extra, missing = (sorted(set(a["id"].to_pylist()) - set(b["id"].to_pylist())) for a, b in
+                          ((ours, theirs), (theirs, ours)))
+        report.problems.append(f"after the clean night, the table's ids differ from a fresh run's: only in the "
+                               f"table {extra}, only in the fresh run {missing}")
         return
     for name in ours.schema.names:
         if name.endswith("_vec") or name == "vector":

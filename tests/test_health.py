@@ -61,7 +61,9 @@ def nights(tmp_path_factory) -> tuple[Config, list[dict]]:
     captions swapped; (3) half the items replaced by face photos. The config and the three runs."""
     root = tmp_path_factory.mktemp("health")
     manifest = build_demo_catalog(root / "catalog")
-    config = make_config(root, dict(DEMO_CATALOG, path=str(manifest)), MULTIMODAL_ENCODERS, table="demo")
+    # Night 3 deletes half the catalog: more than the default output.max_delete_ratio allows.
+    config = make_config(root, dict(DEMO_CATALOG, path=str(manifest)), MULTIMODAL_ENCODERS, table="demo",
+                         output={"max_delete_ratio": 1.0})
     rows = with_reuploads(manifest)
     write_demo_rows(manifest, rows)
     runs = [run(config, "night-1")]
@@ -134,7 +136,7 @@ def test_a_run_that_drifts_over_the_warning_level_commits_and_exits_3(nights, tm
     write_demo_rows(manifest, demo_rows(Path(config.catalog.path)))
     job = tmp_path / "job.yaml"
     job.write_text(f"catalog: {{format: manifest, path: {manifest}}}\nencoders: {{color: {{kind: color}}}}\n"
-                   f"output: {{uri: {tmp_path / 'db'}, table: t}}\n")
+                   f"output: {{uri: {tmp_path / 'db'}, table: t, max_delete_ratio: 1}}\n")
     assert main(["run", "--config", str(job)]) == 0
     faces = [row for row in demo_rows(manifest) if row["id"].startswith("face-")]
     write_demo_rows(manifest, faces)      # only the faces are left

@@ -79,7 +79,8 @@ def test_items_images_versions_and_reports_answer_as_the_commands_do(served, cap
 
 def test_a_version_a_run_commits_is_seen_by_the_next_request(tmp_path, capsys):
     folder, rows = captioned_catalog(tmp_path)
-    config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv")}, COLOR_ONLY)
+    config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv")}, COLOR_ONLY,
+                         output={"max_delete_ratio": 0.5})      # one item of six goes
     run(config, "r1")
     with TestClient(create_app(config.output.uri, "items")) as client:
         before = client.get("/healthz").json()["version"]

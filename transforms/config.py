@@ -106,8 +106,9 @@ class OutputConfig:
     uri: str
     table: str
     write_batch_rows: int = 4096
-    # A write batch is also cut after this many seconds, and staged: what a kill can lose per worker.
-    stage_seconds: float = 20.0
+    # A write batch is also cut after this many seconds (once it holds 256 rows), and staged: what a kill can lose
+    # per worker. Measured in docs/safety.md, "What a kill costs".
+    stage_seconds: float = 2.0
     on_missing: str = "delete"
     # Over this share of the table's rows deleted in one night, the run commits nothing (as rsync's --max-delete):
     # an export that lost rows must not take them out of the table. docs/safety.md.

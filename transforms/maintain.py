@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from transforms.config import OutputConfig
 from transforms.lance_sink import TEXT_COLUMN
-from transforms.table_commit import RUN_TAG_PREFIX
+from transforms.table_commit import RUN_TAG_PREFIX, committed_by_a_run
 
 log = logging.getLogger(__name__)
 ID_INDEX = "id_idx"         # the scalar index on `id`, which finds rows by id (lance_sink.rows_by_id)
@@ -109,17 +109,35 @@ def _cleanup(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) ->
 
 
 def expired_run_tags(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) -> list[str]:
-    """The run tags the retention lets go: older than `retain_days`, and not of the last `keep_runs` runs."""
-    timestamps = {v["version"]: v["timestamp"] for v in dataset.versions()}
-    runs = sorted(((info["version"], name) for name, info in dataset.tags.list().items() if is_run_tag(name)),
-                  reverse=True)
+    """The run tags the retention lets go: older than `retain_days`, and not among the kept runs' tags."""
+    timestamps = _version_times(dataset)
+    runs = {name: info["version"] for name, info in dataset.tags.list().items() if is_run_tag(name)}
+    kept = _kept_run_versions(dataset, set(runs.values()), keep_runs)
     oldest = datetime.now() - timedelta(days=retain_days)
-    return [name for version, name in runs[keep_runs:]
-            if version not in timestamps or timestamps[version] < oldest]
+    return sorted(name for name, version in runs.items()
+                  if version not in kept and (version not in timestamps or timestamps[version] < oldest))
+
+
+def _kept_run_versions(dataset: lance.LanceDataset, tagged: set[int], keep_runs: int) -> set[int]:
+    """The versions of the last `keep_runs` runs that committed a change, and those tagged since by runs that
+    changed nothing (they tag the version they read: the same content)."""
+    commits = [version for version in sorted(tagged, reverse=True) if committed_by_a_run(dataset, version)]
+    kept = commits[:keep_runs]
+    return set(kept) | {version for version in tagged if kept and version > kept[0]}
 
 
 def is_run_tag(name: str) -> bool:
     return name.startswith(RUN_TAG_PREFIX)
+
+
+def _version_times(dataset: lance.LanceDataset) -> dict[int, datetime]:
+    """When each version was made (Lance's local time, as datetime.now() reads it)."""
+    times = {}
+    for found in dataset.versions():
+        version, made = found["version"], found["timestamp"]
+        assert isinstance(version, int) and isinstance(made, datetime)
+        times[version] = made
+    return times
 
 
 def why_kept(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) -> dict[int, str]:
@@ -129,10 +147,11 @@ def why_kept(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) ->
     for name, info in dataset.tags.list().items():
         tags.setdefault(info["version"], []).append(name)
     expired = set(expired_run_tags(dataset, retain_days, keep_runs))
-    last_runs = sorted((v for v, names in tags.items() if any(is_run_tag(n) for n in names)), reverse=True)[:keep_runs]
+    last_runs = _kept_run_versions(dataset, {v for v, names in tags.items() if any(is_run_tag(n) for n in names)},
+                                   keep_runs)
     reasons = {}
-    for found in dataset.versions():
-        version, names = found["version"], tags.get(found["version"], [])
+    for version, made in _version_times(dataset).items():
+        names = tags.get(version, [])
         users = sorted(n for n in names if not is_run_tag(n))
         if version == dataset.version:
             reasons[version] = "the latest"
@@ -140,7 +159,7 @@ def why_kept(dataset: lance.LanceDataset, retain_days: float, keep_runs: int) ->
             reasons[version] = f"tag {users[0]} (a user's tag: kept until it is removed)"
         elif version in last_runs:
             reasons[version] = f"one of the last {keep_runs} runs (output.keep_runs)"
-        elif found["timestamp"] >= oldest:
+        elif made >= oldest:
             reasons[version] = f"younger than output.retain_days ({retain_days:g})"
         else:
             reasons[version] = "older than the retention: the next upkeep removes it"

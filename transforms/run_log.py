@@ -114,7 +114,7 @@ def upgrade_side_tables(db_uri: str, table: str, storage_options: dict[str, str]
     for name, schema in ((runs_table_name(table), RUNS_SCHEMA), (rejects_table_name(table), REJECTS_SCHEMA)):
         dataset = open_dataset(dataset_uri(db_uri, name), storage_options)
         missing = [] if dataset is None else [f for f in schema if f.name not in dataset.schema.names]
-        if missing:
+        if dataset is not None and missing:
             dataset.add_columns({f.name: f"CAST(NULL AS {SQL_TYPES[f.type]})" for f in missing})
 
 

@@ -19,7 +19,8 @@ A batch with a row that no longer matches is dropped, its items encoded as usual
 
 A run removes its own folder once it has committed or failed for good, and the folders it adopted once it
 has committed them. Folders of another config or version can never be committed: the next run removes
-them once their owner is dead, and any folder older than `output.retain_days`, with a log line.
+them once their owner is dead, and removes rather than adopts one older than ADOPT_DAYS, with a log line.
+The folder of a run that still runs is never touched, whatever its age.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ FRAGMENTS, ROWS = ".fragments.json", ".rows.json"
 STAGED = "staged"      # the tag of items whose staged row is committed instead of being written again
 LEASE_SECONDS = 600    # a lease not renewed for this long belongs to a run that is gone
 RENEW_SECONDS = 60
+# Lance's cleanup removes data files no version references once they are 7 days old (its "unverified" files):
+# staged fragments older than that may be gone, so such staging is removed instead of adopted.
+ADOPT_DAYS = 6
+STAGE_MIN_ROWS = 256   # the smallest write batch cut by time: at 5 items/s a worker still stages every 51 s
 
 
 def staging_folder(root: str, table: str, config_hash: str, read_version: int | None, run_id: str) -> str:
@@ -157,12 +162,11 @@ class Adopted:
     batches: tuple[str, ...] = ()
 
 
-def adopt_staging(root: str, table: str, config_hash: str, read_version: int | None, run_id: str,
-                  retain_days: float) -> Adopted:
-    """The staging this run may commit: that of dead runs of the same config from the same version. Staging that
-    no run can commit any more (another config or version, its owner dead; or past retention) is removed."""
+def adopt_staging(root: str, table: str, config_hash: str, read_version: int | None, run_id: str) -> Adopted:
+    """The staging this run may commit: that of dead runs of the same config from the same version. The staging
+    of dead runs that no run can commit any more (another config or version, or too old) is removed."""
     mine = _parent(root, table, config_hash, read_version).rstrip("/")
-    oldest = datetime.now(timezone.utc) - timedelta(days=retain_days)
+    oldest = datetime.now(timezone.utc) - timedelta(days=ADOPT_DAYS)
     folders, batches = [], []
     pattern = FileSystems.join(root, f"catalog-embed-{table}-staging-*", "*", OWNER)
     for found in FileSystems.match([pattern])[0].metadata_list:
@@ -170,15 +174,16 @@ def adopt_staging(root: str, table: str, config_hash: str, read_version: int | N
         owner = _read_json(found.path)
         if owner is None or owner.get("table") != table or owner.get("run_id") == run_id:
             continue
-        dead = _is_dead(folder, owner)
+        if not _is_dead(folder, owner):         # a run that still runs: its staging is its own
+            continue
         same = folder.rsplit("/", 1)[0].rstrip("/") == mine
         expired = datetime.fromisoformat(owner["created_at"]) < oldest
-        if expired or (dead and not same):
-            log.info("removing staged work that cannot be committed (run %s, %s): %s", owner["run_id"],
-                     "older than output.retain_days" if expired else
-                     "staged for another config or table version by a run that is gone", folder)
+        if expired or not same:
+            log.info("removing staged work that cannot be committed (run %s, which is gone, %s): %s",
+                     owner["run_id"], f"older than {ADOPT_DAYS} days" if expired else
+                     "staged for another config or table version", folder)
             remove_staging(folder)
-        elif dead and same:
+        else:
             staged = sorted(m.path[: -len(FRAGMENTS)] for m in
                             FileSystems.match([FileSystems.join(folder, "*" + FRAGMENTS)])[0].metadata_list)
             log.info("resuming: %d write batches staged by run %s, which did not finish, in %s", len(staged),
@@ -306,8 +311,9 @@ def resume(items, staged_rows, inputs: dict[str, tuple[str, str]]) -> dict:
 
 
 class BatchRows(beam.DoFn):
-    """Items into write batches of `rows`, or of what came within `seconds` of a batch's first item, whichever
-    is first: a batch is written and staged as soon as it is cut, so a kill loses at most that much work."""
+    """Items into write batches of `rows`, or of what came within `seconds` of a batch's first item (at least
+    STAGE_MIN_ROWS of them), whichever is first: a batch is written and staged as soon as it is cut, so a kill
+    loses at most that much work, and a slow encoder still writes fragments worth a file."""
 
     def __init__(self, rows: int, seconds: float):
         self._rows = rows
@@ -321,7 +327,8 @@ class BatchRows(beam.DoFn):
         if not self._batch:
             self._since = time.monotonic()
         self._batch.append(item)
-        if len(self._batch) >= self._rows or time.monotonic() - self._since >= self._seconds:
+        waited = time.monotonic() - self._since >= self._seconds and len(self._batch) >= STAGE_MIN_ROWS
+        if len(self._batch) >= self._rows or waited:
             yield self._cut()
 
     def finish_bundle(self):

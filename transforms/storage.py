@@ -83,7 +83,10 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 
 def file_stat(uri: str) -> str:
-    """Size and modification time as the filesystem reports them, without opening the file."""
+    """Size and modification time as the filesystem reports them, without opening the file. Beam's S3 and GCS
+    clients retry 5xx answers and timeouts with backoff first; what still fails is the item's reject (and its
+    stored row is kept): FileNotFoundError where the store says there is no such object, InputError
+    `StoreError` (access denied, expired credentials, a store that kept failing) otherwise."""
     store = _store(uri)
     try:
         if store is None:
@@ -93,5 +96,12 @@ def file_stat(uri: str) -> str:
     except BeamIOError as err:
         raise FileNotFoundError(f"no image at {uri}") from err
     except Exception as err:  # noqa: BLE001 - as Beam's metadata(): any failure to stat is the item's reject
-        raise FileNotFoundError(f"no image at {uri}: {err}") from err
+        if _not_found(err):
+            raise FileNotFoundError(f"no image at {uri}") from err
+        raise InputError("StoreError", f"could not stat {uri}: {type(err).__name__}: {err}") from err
     return f"{status['size']}:{float(status[MODIFIED[uri.partition('://')[0]]])!r}"
+
+
+def _not_found(err: BaseException) -> bool:
+    """An object store's "no such object" (S3's 404, GCS's NotFound), as opposed to its other failures."""
+    return getattr(err, "code", None) in (404, "404") or type(err).__name__ in ("NotFound", "NoSuchKey")

@@ -98,7 +98,7 @@ def commit_change(uri: str, change: TableChange, run: RunIdentity, read_version:
     except COMMIT_FAILURES as err:
         now = open_dataset(uri, storage_options)
         own = None if now is None else own_version(now, run, read_version)
-        if own is not None:
+        if now is not None and own is not None:
             log.info("the commit of %s landed though its answer did not (%s)", uri, err)
             return _tagged(now, run, own)
         if now is not None and now.version != read_version or isinstance(err, CommitConflictError):
@@ -147,10 +147,16 @@ def committed_version(dataset: lance.LanceDataset, run_id: str, read_version: in
     return None
 
 
+def committed_by_a_run(dataset: lance.LanceDataset, version: int) -> bool:
+    return _committed_by(dataset, version) is not None
+
+
 def _committed_by(dataset: lance.LanceDataset, version: int) -> str | None:
     try:
         transaction = dataset.read_transaction(version)
     except TypeError:    # pylance 14 cannot bring some upkeep transactions (compaction's) into Python: never a run's
+        return None
+    except (OSError, ValueError):   # a version the retention removed since (an upkeep's, never a run's newest)
         return None
     return None if transaction is None else (transaction.transaction_properties or {}).get(RUN_PROPERTY)
 
