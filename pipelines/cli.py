@@ -361,7 +361,7 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if run["status"] == "failed":
         return 1
     warnings = [_warn_rejects(run, config.run.warn_reject_ratio), _warn_drift(run, config.run.warn_drift),
-                _warn_upkeep(run)]
+                _warn_upkeep(run), _warn_counts(run)]
     return 3 if any(warnings) else 0
 
 
@@ -376,6 +376,8 @@ def _logged_lines():
 
 
 def _warn_rejects(run: dict, warn_ratio: float) -> bool:
+    if run.get("read") is None:           # a run settled from the table after it failed: its counts were lost
+        return False
     failed = run["rejected"] + (run.get("kept") or 0)
     ratio = failed / run["read"] if run["read"] else 0.0
     if ratio <= warn_ratio:
@@ -383,6 +385,15 @@ def _warn_rejects(run: dict, warn_ratio: float) -> bool:
     print(f"catalog-embed: run {run['run_id']} committed with {failed} of {run['read']} rows rejected "
           f"({ratio:.1%}; the table kept its rows for {run.get('kept') or 0} of them), over run.warn_reject_ratio "
           f"{warn_ratio:.1%}; see the rejects table", file=sys.stderr)
+    return True
+
+
+def _warn_counts(run: dict) -> bool:
+    """A committed run whose counts do not add up (docs/safety.md): for whoever watches the scheduler to look at."""
+    if "the counts do not add up" not in (run.get("message") or ""):
+        return False
+    print(f"catalog-embed: run {run['run_id']} committed version {run['table_version']}, but {run['message']}",
+          file=sys.stderr)
     return True
 
 

@@ -38,7 +38,7 @@ from transforms.budget import DEFERRED, apply_budget, budget_scopes
 from transforms.combine import combine
 from transforms.commit import COMMITTING, CommitRun, RunContext, Upkeep, settle, upkeep_owed
 from transforms.compare import ABSENT, DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
-from transforms.config import Config
+from transforms.config import Config, ConfigError
 from transforms.encoders import build_encoders
 from transforms.encoders.base import Encoder, without_data
 from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
@@ -52,20 +52,19 @@ from transforms.plan import count, count_plan
 from transforms.progress import KnowWork, LogProgress, LogWork
 from transforms.readers import ReadCatalog
 from transforms.reuse import FetchKeptVectors
+from transforms.run_lease import Lease, is_gone
 from transforms.run_log import WriteRejects, read_runs, record_run, upgrade_side_tables, utc_now
 from transforms.staging import (
     STAGED,
+    STAGED_FRAGMENTS,
     BatchRows,
-    Lease,
     ReadStagedRows,
     adopt_staging,
-    owner_is_gone,
     resume,
-    staged_fragments,
     staging_folder,
 )
 from transforms.storage import ImageReader
-from transforms.table_commit import RunIdentity
+from transforms.table_commit import RunIdentity, committed_version
 
 log = logging.getLogger(__name__)
 REJECT_BATCH = 10_000  # rejects per fragment of the rejects table
@@ -113,7 +112,8 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         # of the encoders that did not change.
         overwrite=current is not None and (reembed or not current.schema.equals(schema, check_metadata=True)),
         started_at=utc_now(),
-        staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version, run_id),
+        staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version, run_id,
+                               reembed),
         budget=budget_scopes(config.run.max_encode),
     )
     return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
@@ -142,7 +142,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                                                        config.catalog.immutable_urls))
         .with_outputs(HELD, main=ITEMS)
     )
-    staged_rows = pipeline | "Staged rows" >> ReadStagedRows(plan.staged_batches)
+    staged = pipeline | "Staged rows" >> ReadStagedRows(plan.staged_batches, ctx.dataset_uri)
+    staged_rows = staged[ITEMS]
     held = (read_rejects[HELD], inspected[HELD]) | "Held rejects" >> beam.Flatten()
     compared = compare_with_table(inspected[ITEMS], _stored_summaries(pipeline, plan), staged_rows, held,
                                   count(read_rejects[REJECTS], "unclean reads"), ctx.output.on_missing == "delete",
@@ -217,7 +218,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
             deleted=count(compared[DELETES], "deleted"), absent=count(compared[ABSENT], "absent"),
             unchanged=count(decided[UNCHANGED], "unchanged"), read=beam.pvalue.AsSingleton(rows_read),
             matched=resumed["matched"], sizes=resumed["sizes"],
-            staged=staged_fragments(pipeline, plan.staged_batches), **backfill, **behaviour)
+            staged=beam.pvalue.AsDict(staged[STAGED_FRAGMENTS]), **backfill, **behaviour)
         | "Its own step" >> beam.Reshuffle()        # a retried upkeep does not run the commit again
         | "Upkeep" >> beam.ParDo(Upkeep(ctx))
     )
@@ -287,7 +288,8 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     FileSystems.set_options(options)    # the launcher reads and writes object stores as the workers will
     root = scratch_root(options.view_as(GoogleCloudOptions).temp_location, config.output.uri)
     storage = config.output.storage_options
-    runs = _settled(config, root, read_runs(config.output.uri, config.output.table, storage))
+    runs = _settled(config, read_runs(config.output.uri, config.output.table, storage))
+    _check_run_id_is_new(runs, run_id)
     plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options), upkeep_owed(runs))
     scratch = plan.scratch
     if dry_run:
@@ -300,7 +302,7 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     if not dry_run:
         upgrade_side_tables(config.output.uri, config.output.table, storage)
         adopted = adopt_staging(root, config.output.table, plan.context.config_hash, plan.context.read_version,
-                                run_id)
+                                run_id, reembed)
         plan = replace(plan, staged_batches=adopted.batches, context=replace(plan.context, adopted=adopted.folders))
         lease.start()
     try:
@@ -310,13 +312,8 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
             return _read_plan(plan)
     except Exception as err:  # noqa: BLE001 - re-raised unless the run's version was committed before it
         lease.release()
-        recorded = None if dry_run else _record(config, run_id)
-        if recorded is None or recorded["status"] == "failed":
-            raise
-        settled = settle(recorded, plan.context.dataset_uri, f"{type(err).__name__}: {err}", storage)
-        if settled != recorded:
-            record_run(config.output.uri, config.output.table, settled, storage)
-        if settled["status"] == "failed":
+        settled = None if dry_run else _settled_after(config, plan, f"{type(err).__name__}: {err}")
+        if settled is None or settled["status"] == "failed":
             raise
         log.error("run %s committed version %s, but failed after: %s", run_id, settled["table_version"], err)
         return settled
@@ -325,25 +322,59 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
         remove_scratch(scratch)
     record = _record(config, run_id)
     assert record is not None, "the commit stage records every run it reaches"
+    if record["status"] == "failed":
+        lease.release()             # refused or moved: what it staged is the next run's
     return record
 
 
-def _settled(config: Config, root: str, runs: list[dict]) -> list[dict]:
+def _check_run_id_is_new(runs: list[dict], run_id: str) -> None:
+    """A run id names one run: it tags a version and keys the run's record and folders."""
+    for run in runs:
+        if run["run_id"] == run_id and run["status"] != "failed":
+            raise ConfigError(f"run id {run_id} was already used (a run {run['status']} with it, at version "
+                              f"{run['table_version']}); give each run its own --run-id")
+
+
+def _settled_after(config: Config, plan: JobPlan, why: str) -> dict | None:
+    """The record of this run, whose pipeline failed (`why`), settled from the table: committed if the table holds
+    its commit, though the failure came before its record could say so, or even before it wrote one."""
+    recorded = _record(config, plan.context.run_id)
+    if recorded is None:
+        dataset = open_dataset(plan.context.dataset_uri, config.output.storage_options)
+        version = None if dataset is None else committed_version(dataset, plan.context.run_id,
+                                                                 plan.context.read_version)
+        if version is None:
+            return None
+        recorded = {"run_id": plan.context.run_id, "status": COMMITTING, "message": "its counts were lost",
+                    "read_version": plan.context.read_version, "started_at": plan.context.started_at,
+                    "ended_at": utc_now()}
+    settled = settle(recorded, plan.context.dataset_uri, why, config.output.storage_options)
+    if settled != recorded:
+        record_run(config.output.uri, config.output.table, settled, config.output.storage_options,
+                   only_if_committing=recorded["status"] == COMMITTING)
+    return settled
+
+
+def _settled(config: Config, runs: list[dict]) -> list[dict]:
     """The runs, with those that were killed while they committed settled from the table: a record still
-    `committing` whose run is provably gone (its staging's owner, staging.py)."""
-    uri, table = dataset_uri(config.output.uri, config.output.table), config.output.table
+    `committing` whose run is provably gone (run_lease.py). The record is rewritten only if it still says
+    `committing`: a run that was slow, not gone, has the last word."""
+    uri = dataset_uri(config.output.uri, config.output.table)
 
     def gone(run: dict) -> bool:
-        return run["status"] == COMMITTING and owner_is_gone(
-            staging_folder(root, table, run["config_hash"], run["read_version"], run["run_id"]))
+        try:
+            return run["status"] == COMMITTING and bool(run.get("staging")) and is_gone(run["staging"])
+        except (OSError, ValueError):       # its lease cannot be read now: it may still run
+            return False
 
     settled = [settle(run, uri, "the run ended while it committed", config.output.storage_options)
                if gone(run) else run for run in runs]
     for before, after in zip(runs, settled, strict=True):
         if after is not before:
             log.info("run %s ended while it committed: it %s", after["run_id"], "committed version "
-                     f"{after['table_version']}" if after["status"] == "committed" else "committed nothing")
-            record_run(config.output.uri, config.output.table, after, config.output.storage_options)
+                     f"{after['table_version']}" if after["status"] != "failed" else "committed nothing")
+            record_run(config.output.uri, config.output.table, after, config.output.storage_options,
+                       only_if_committing=True)
     return settled
 
 

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 
 def print_run_summary(run: dict) -> None:
     seconds = (run["ended_at"] - run["started_at"]).total_seconds()
-    rate = run["read"] / seconds if seconds > 0 else 0.0
+    rate = (run.get("read") or 0) / seconds if seconds > 0 else 0.0
     print(f"run {run['run_id']}: {run['status']}, table version {run['table_version']}, "
           f"{seconds:.1f}s ({rate:.1f} items/s)")
+    if run.get("read") is None:           # settled from the table after a failure: its counts were lost
+        print(f"  {run['message']}")
+        return
     kept = f" + kept {run['kept']}" if run.get("kept") else ""
     deferred = f" + deferred {run['deferred']}" if run.get("deferred") else ""
     print(f"  read {run['read']} = written {run['written']} + unchanged {run['unchanged']}{kept} "

@@ -305,6 +305,9 @@ def test_a_retried_commit_is_known_by_its_run_and_a_reused_run_id_is_refused(tmp
     with pytest.raises(ConcurrentRunError, match="run id r1 already tags version 1"):
         commit_change(uri, change(["b"]), RunIdentity("r1", "second"), version)  # another run, same id
     assert lance.dataset(uri).to_table()["id"].to_pylist() == ["a"]
+    unchanged = RunIdentity("r2", "third")                                       # a run that changes nothing
+    assert commit_change(uri, TableChange(schema), unchanged, version) == version
+    assert commit_change(uri, TableChange(schema), unchanged, version) == version       # ... retried
 
 
 def test_how_encoders_run_does_not_rewrite_the_table(catalog):

@@ -4,6 +4,7 @@ removed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -108,6 +109,29 @@ def test_a_killed_first_run_is_resumed_not_encoded_again(tmp_path, uninterrupted
     ours, whole = (np.stack(t["text_vec"].to_numpy(zero_copy_only=False)) for t in (table, uninterrupted))
     assert np.min(np.sum(ours * whole, axis=1)) >= 0.9999
     assert run(config, "unchanged")["unchanged"] == ITEMS
+
+
+def test_a_staged_batch_that_cannot_be_read_is_encoded_again_not_committed(tmp_path, uninterrupted, monkeypatch):
+    """A kill mid-write on a disk that tears files, or staged data files gone: the batch is dropped, not the run."""
+    config = load_config(str(_catalog(tmp_path)))
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed in the commit")
+
+    monkeypatch.setattr(commit, "commit_change", dies)
+    with pytest.raises(Exception, match="killed in the commit"):
+        run(config, "dead")
+    monkeypatch.undo()
+    torn, *rest = sorted(_staged_batches(_local_scratch(tmp_path)))
+    Path(torn).write_text('{"fragments": [')
+    data = Path(config.output.uri) / "shop.lance" / "data"
+    gone = json.loads(Path(rest[0]).read_text())["fragments"]
+    for raw in gone:
+        for data_file in json.loads(raw)["files"]:
+            (data / data_file["path"]).unlink()
+    summary = run(config, "again")
+    assert summary["resumed"] == ITEMS - 2 * BATCH and summary["encoded"]["text"] == 2 * BATCH
+    assert read_table(config)["text_fp"].to_pylist() == uninterrupted["text_fp"].to_pylist()
 
 
 def test_staged_work_of_another_config_is_removed_and_never_committed(tmp_path, caplog):

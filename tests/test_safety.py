@@ -160,6 +160,16 @@ def test_a_night_that_would_delete_a_tenth_of_the_table_refuses_until_allowed(tm
     assert n3["deleted"] == 3 and n3["rows_after"] == DEMO_PHOTOS - 3
 
 
+def test_a_run_id_that_committed_before_is_refused_before_any_work(tmp_path, capsys):
+    spec, _ = _demo(tmp_path, {"color": LIGHT["color"]})
+    config_file = tmp_path / "demo.yaml"
+    config_file.write_text(json.dumps(dict(spec, output={"uri": str(tmp_path / "db"), "table": "demo"})))
+    assert main(["run", "--config", str(config_file), "--run-id", "nightly"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--config", str(config_file), "--run-id", "nightly"]) == 2
+    assert "run id nightly was already used" in capsys.readouterr().err
+
+
 def test_a_read_that_rejects_a_row_it_cannot_name_deletes_nothing(tmp_path):
     spec, manifest = _demo(tmp_path)
     config = _config(tmp_path, spec)

@@ -96,21 +96,22 @@ class CommitRun(beam.DoFn):
         run["backfill"] = backfill_progress(with_input, waiting, run["encoded"], ctx.budget)
         if trained:
             run["interactions"] = self._interactions(run, trained, interactions_read)
-        refusal = self._refusal(run)
+        refusal = self._refusal(run, removals)
         storage = ctx.output.storage_options
         if refusal:
             run.update(status="failed", message=refusal, table_version=ctx.read_version)
             log.error("run %s commits nothing: %s", ctx.run_id, refusal)
         else:
-            record_run(ctx.output.uri, ctx.output.table, dict(run, status=COMMITTING), storage)
+            record_run(ctx.output.uri, ctx.output.table, dict(run, status=COMMITTING, upkeep=UPKEEP_PENDING), storage)
             self._commit(run, [*written, *resumed], removals)
         commit_rejects(ctx.output.uri, ctx.output.table, [raw for batch in rejects for raw in batch["fragments"]],
                        storage)
         record_run(ctx.output.uri, ctx.output.table, dict(run, ended_at=utc_now()), storage)
-        # Committed, or failed for good: nothing in its own staging can be committed now. What it adopted from
-        # dead runs went into its version, or stays for the next run to adopt.
-        for folder in [ctx.staging, *(ctx.adopted if run["status"] != "failed" else ())]:
-            remove_staging(folder)
+        # Committed: nothing staged is left to commit. Moved on: its staging is of a version the table left. Refused:
+        # all it staged stays for the next run (the launcher releases it), as does what it adopted unless committed.
+        if not refusal:
+            for folder in [ctx.staging, *(ctx.adopted if run["status"] != "failed" else ())]:
+                remove_staging(folder)
         yield run
 
     def _commit(self, run: dict, written: list[dict], removals: list[dict]) -> None:
@@ -131,17 +132,24 @@ class CommitRun(beam.DoFn):
                                           storage_options=ctx.output.storage_options).count_rows()
         expected = run["rows_before"] - run["deleted"] + run["added"]
         if run["rows_after"] != expected:
-            run["message"] = (f"the counts do not add up: the table has {run['rows_after']} rows, expected "
-                              f"{run['rows_before']} - {run['deleted']} deleted + {run['added']} added = {expected}")
-            log.error("run %s: %s", ctx.run_id, run["message"])
+            mismatch = (f"the counts do not add up: the table has {run['rows_after']} rows, expected "
+                        f"{run['rows_before']} - {run['deleted']} deleted + {run['added']} added = {expected}")
+            run["message"] = "; ".join(filter(None, [run["message"], mismatch]))
+            log.error("run %s: %s", ctx.run_id, mismatch)
         if version == ctx.read_version:
             run["status"] = "unchanged"
         run["upkeep"] = UPKEEP_PENDING if version != ctx.read_version or ctx.upkeep_owed else UPKEEP_DONE
 
-    def _refusal(self, run: dict) -> str:
+    def _refusal(self, run: dict, removals: list[dict]) -> str:
         """Why the run must not commit, or "" when it may. A broken mount must not wipe the table, nor a
-        broken interaction log every behaviour vector, nor an export that lost rows a tenth of the table."""
+        broken interaction log every behaviour vector, nor an export that lost rows a tenth of the table; and the
+        rows the removal stage took out must be exactly those the run replaces and deletes (lifecycle.py)."""
         ctx = self._context
+        removed, replaced = sum(found["removed"] for found in removals), run["written"] - run["added"]
+        if ctx.read_version is not None and removed != replaced + run["deleted"]:
+            return (f"the counts do not add up: the removal stage took {removed} rows out of the table, but the run "
+                    f"replaces {replaced} and deletes {run['deleted']}; refusing to commit what could lose or "
+                    "duplicate rows (are some ids in the table twice?)")
         if run["read"] == 0 and ctx.read_version is not None:
             return "the catalog has no rows; refusing to delete every item of the table"
         log_rows = run.get("interactions") or {"read": 0, "rejected": 0}
@@ -182,11 +190,13 @@ class CommitRun(beam.DoFn):
         kept = sum(batch.get("kept", 0) for batch in rejects)
         rejected = sum(n for reason, n in by_reason.items() if not reason.startswith(f"{LOG_STAGE}/")) - kept
         written_rows = sum(batch["rows"] for batch in written)
-        if written_rows + unchanged + kept + rejected + deferred != read:
-            log.error("conservation broken: read %d rows but %d written + unchanged + kept + rejected + deferred",
-                      read, written_rows + unchanged + kept + rejected + deferred)
+        accounted = written_rows + unchanged + kept + rejected + deferred
+        message = "" if accounted == read else (f"the counts do not add up: read {read} rows, but written + "
+                                                 f"unchanged + kept + rejected + deferred = {accounted}")
+        if message:
+            log.error("run %s: %s", ctx.run_id, message)
         return {
-            "run_id": ctx.run_id, "status": "committed", "message": "", "config_hash": ctx.config_hash,
+            "run_id": ctx.run_id, "status": "committed", "message": message, "config_hash": ctx.config_hash,
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
             "deleted": deleted, "rejected": rejected, "kept": kept, "absent": absent, "deferred": deferred,
             "added": sum(batch.get("added", 0) for batch in written),
@@ -199,7 +209,8 @@ class CommitRun(beam.DoFn):
             "rejects_by": dict(sorted(by_reason.items())),
             "drift": {}, "interactions": {}, "index": {}, "upkeep": UPKEEP_DONE,
             "retention": {"retain_days": ctx.output.retain_days, "keep_runs": ctx.output.keep_runs},
-            "read_version": ctx.read_version, "table_version": None, "started_at": ctx.started_at,
+            "read_version": ctx.read_version, "staging": ctx.staging, "table_version": None,
+            "started_at": ctx.started_at,
             "ended_at": utc_now(),
         }
 
@@ -241,7 +252,8 @@ def settle(run: dict, dataset_uri: str, why: str, storage_options: dict[str, str
         version = None if dataset is None else committed_version(dataset, run["run_id"], run.get("read_version"))
         if version is None:
             return dict(run, status="failed", message=why, table_version=run["read_version"])
-        run = dict(run, status="committed", table_version=version, upkeep=UPKEEP_PENDING,
+        run = dict(run, status="unchanged" if version == run.get("read_version") else "committed",
+                   table_version=version, upkeep=UPKEEP_PENDING,
                    rows_after=lance.dataset(dataset_uri, version=version, storage_options=storage_options).count_rows())
     if run["status"] == "failed" or run.get("upkeep") in (None, UPKEEP_DONE):
         return run

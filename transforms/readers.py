@@ -212,8 +212,10 @@ class RowToItem(beam.DoFn):
         try:
             yield make_item(row, self._catalog, self._passthrough, self._base_dir)
         except ValueError as err:
+            # The id as make_item would have made it: the reject holds that id's stored row (lifecycle.py).
+            item_id = None if isinstance(row["id"], list | tuple | dict) else str(row["id"]).strip()
             yield beam.pvalue.TaggedOutput(REJECTS, make_reject(
-                row["id"], "read", type(err).__name__, str(err), row.get("_source")))
+                item_id, "read", type(err).__name__, str(err), row.get("_source")))
 
 
 def _rename_manifest_columns(row: dict, names: dict) -> dict:

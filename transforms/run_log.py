@@ -50,6 +50,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("interactions", pa.string()),
     pa.field("index", pa.string()),         # each index's state after the run's upkeep (maintain.index_state)
     pa.field("read_version", pa.int64()),   # the version the run started from
+    pa.field("staging", pa.string()),       # the run's staging folder, whose lease says whether it still runs
     pa.field("table_version", pa.int64()),
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("ended_at", pa.timestamp("us", tz="UTC")),
@@ -118,8 +119,11 @@ def upgrade_side_tables(db_uri: str, table: str, storage_options: dict[str, str]
             dataset.add_columns({f.name: f"CAST(NULL AS {SQL_TYPES[f.type]})" for f in missing})
 
 
-def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None) -> None:
-    """Write the run's row, or rewrite it: one row per run id, however often this is called."""
+def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, str] | None = None,
+               only_if_committing: bool = False) -> None:
+    """Write the run's row, or rewrite it: one row per run id, however often this is called. With
+    `only_if_committing`, an existing row is rewritten only while it still says `committing` (a settlement
+    never overwrites what the run itself recorded since)."""
     row = dict(run, **{key: json.dumps(run.get(key) or {}) for key in JSON_COLUMNS})
     data = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
     db = lancedb.connect(db_uri, storage_options=storage_options)
@@ -130,7 +134,9 @@ def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, st
             return
         except (OSError, ValueError, RuntimeError):    # another run created it first: merge into theirs
             pass
-    db.open_table(name).merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+    merge = db.open_table(name).merge_insert("run_id")
+    merge = merge.when_matched_update_all(where="target.status = 'committing'" if only_if_committing else None)
+    merge.when_not_matched_insert_all().execute(data)
 
 
 def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> list[dict]:

@@ -1,26 +1,25 @@
 """Staged work: what a run wrote before it died, found and committed by the next run instead of encoded again.
 
-Each run stages into a folder of its own, `<table>-staging-<config hash>-v<read version>/<run id>/`, under
-the scratch root (`--temp_location`, or beside the table). `owner.json` says which process runs it (host,
-boot, pid and the pid's start time) and `lease.json` is renewed while it runs (`Lease`). Each write batch
-leaves two small files there: `<batch>.fragments.json`, the Lance fragments it wrote with their counts, and
-`<batch>.rows.json`, each row's id and signature (a digest of everything the row was made from: its inputs'
-fingerprints, its other columns, its image's stat), with its image's path, stat and digest, so that a
-resumed run does not read an unchanged image again. Batches are written every `output.write_batch_rows` rows
-or `output.stage_seconds`, whichever comes first, so a kill loses at most that much encoding per worker.
+Each run stages into a folder of its own, `<table>-staging-<config hash>-v<read version>/<run id>/` (with
+`-reembed` for `run --reembed`, whose rows keep no stored vector), under the scratch root (`--temp_location`, or
+beside the table), which it owns (`run_lease.py`: an owner record and a lease). Each write batch leaves two small
+files there: `<batch>.rows.json`, each row's id and signature (a digest of everything the row was made from: its
+inputs' fingerprints, its other columns, its image's stat), with its image's path, stat and digest, so that a
+resumed run does not read an unchanged image again; then `<batch>.fragments.json`, the Lance fragments it wrote
+with their counts, which makes the batch whole. Batches are written every `output.write_batch_rows` rows or
+`output.stage_seconds`, whichever comes first, so a kill loses at most that much encoding per worker.
 
-A run of the same config from the same table version adopts the folders of runs that are provably dead: a
-run that ended without committing (its launcher released the lease); on the same machine, a process that no
-longer runs (killed); elsewhere, a lease not renewed for LEASE_SECONDS. A
-folder whose owner still runs is never touched. Adopted rows join the catalog's items by id beside the
-table's (compare.py); an item still to be written whose signature equals its staged row's is that row, and
-a batch all of whose rows are such items is committed as it was written: its items are not encoded again.
-A batch with a row that no longer matches is dropped, its items encoded as usual.
+A run of the same config from the same table version adopts the folders of runs that are provably gone (a run
+of its own id that died included), never one whose run still runs. An adopted batch whose files cannot be read,
+or whose fragments' data files are missing, is dropped. Adopted rows join the catalog's items by id beside the
+table's (compare.py); an item still to be written whose signature equals its staged row's is that row, and a
+batch all of whose rows are such items is committed as it was written: its items are not encoded again. A batch
+with a row that no longer matches is dropped, its items encoded as usual.
 
-A run removes its own folder once it has committed or failed for good, and the folders it adopted once it
-has committed them. Folders of another config or version can never be committed: the next run removes
-them once their owner is dead, and removes rather than adopts one older than ADOPT_DAYS, with a log line.
-The folder of a run that still runs is never touched, whatever its age.
+A run removes its own folder once it has committed (or its table moved on), and the folders it adopted once it
+has committed them; a run its commit step refused keeps its staging for the next run. Folders of another config
+or version can never be committed: the next run removes them once their run is gone, and removes rather than
+adopts one older than ADOPT_DAYS, with a log line.
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -40,29 +36,32 @@ from datetime import datetime, timedelta, timezone
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
+from lance.fragment import FragmentMetadata
 
 from transforms.compare import row_digest
+from transforms.config import ConfigError
 from transforms.fingerprint import has_input, written_fingerprints
 from transforms.items import ITEMS, pack, unpack
+from transforms.run_lease import OWNER, is_gone, owner, read_json, write_json
 
 log = logging.getLogger(__name__)
-OWNER, LEASE = "owner.json", "lease.json"
 FRAGMENTS, ROWS = ".fragments.json", ".rows.json"
 STAGED = "staged"      # the tag of items whose staged row is committed instead of being written again
-LEASE_SECONDS = 600    # a lease not renewed for this long belongs to a run that is gone
-RENEW_SECONDS = 60
+STAGED_FRAGMENTS = "staged_fragments"    # the tag of (batch, its fragments and counts) of readable staged batches
 # Lance's cleanup removes data files no version references once they are 7 days old (its "unverified" files):
 # staged fragments older than that may be gone, so such staging is removed instead of adopted.
 ADOPT_DAYS = 6
 STAGE_MIN_ROWS = 256   # the smallest write batch cut by time: at 5 items/s a worker still stages every 51 s
 
 
-def staging_folder(root: str, table: str, config_hash: str, read_version: int | None, run_id: str) -> str:
-    return FileSystems.join(_parent(root, table, config_hash, read_version), run_id)
+def staging_folder(root: str, table: str, config_hash: str, read_version: int | None, run_id: str,
+                   reembed: bool = False) -> str:
+    return FileSystems.join(_parent(root, table, config_hash, read_version, reembed), run_id)
 
 
-def _parent(root: str, table: str, config_hash: str, read_version: int | None) -> str:
-    return FileSystems.join(root, f"catalog-embed-{table}-staging-{config_hash}-v{read_version or 0}")
+def _parent(root: str, table: str, config_hash: str, read_version: int | None, reembed: bool) -> str:
+    return FileSystems.join(root, f"catalog-embed-{table}-staging-{config_hash}-v{read_version or 0}"
+                                  + ("-reembed" if reembed else ""))
 
 
 def row_signature(item: dict, inputs: dict[str, tuple[str, str]]) -> str:
@@ -74,142 +73,51 @@ def row_signature(item: dict, inputs: dict[str, tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(made_from, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def this_process() -> dict:
-    """What tells this process from any other, now or later: the host, its boot, the pid and the pid's start."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "start": _started(os.getpid())}
-
-
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def _started(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), or None when it does not run."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return None
-        return "running"
-
-
-class Lease:
-    """This run's claim on its staging folder: its owner record, and a lease renewed on a thread until the run
-    ends. `start()` and `release()` are the launcher's: a released folder is one whose run ended without
-    committing it (its pipeline failed), free for the next run to adopt."""
-
-    def __init__(self, folder: str, table: str, run_id: str):
-        self._folder = folder
-        self._record = {"table": table, "run_id": run_id, "process": this_process(),
-                        "created_at": datetime.now(timezone.utc).isoformat()}
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="staging-lease", daemon=True)
-
-    def start(self) -> None:
-        _write_json(FileSystems.join(self._folder, OWNER), self._record)
-        self._write_lease()
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop renewing: the run ended, and its commit step removed the folder if it could."""
-        self._stopped.set()
-
-    def release(self) -> None:
-        """The run failed before its commit step could say: what it staged is for the next run to adopt."""
-        self.stop()
-        try:
-            self._write_lease(released=True)
-        except OSError as err:          # then the lease runs out instead
-            log.warning("could not release the staging lease in %s: %s", self._folder, err)
-
-    def _renew(self) -> None:
-        while not self._stopped.wait(RENEW_SECONDS):
-            try:
-                self._write_lease()
-            except OSError as err:      # the next renewal tries again; a lease lasts LEASE_SECONDS
-                log.warning("could not renew the staging lease in %s: %s", self._folder, err)
-
-    def _write_lease(self, released: bool = False) -> None:
-        if FileSystems.exists(FileSystems.join(self._folder, OWNER)):      # not once the folder is removed
-            _write_json(FileSystems.join(self._folder, LEASE), {"renewed_at": time.time(), "released": released})
-
-
-def _write_json(path: str, value: dict) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(value).encode())
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with FileSystems.open(path) as handle:
-            return json.loads(handle.read())
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass(frozen=True)
 class Adopted:
-    """Staging of dead runs that this run commits: their folders, and their batches."""
+    """Staging of runs that are gone that this run commits: their folders, and their batches."""
 
     folders: tuple[str, ...] = ()
     batches: tuple[str, ...] = ()
 
 
-def adopt_staging(root: str, table: str, config_hash: str, read_version: int | None, run_id: str) -> Adopted:
-    """The staging this run may commit: that of dead runs of the same config from the same version. The staging
-    of dead runs that no run can commit any more (another config or version, or too old) is removed."""
-    mine = _parent(root, table, config_hash, read_version).rstrip("/")
+def adopt_staging(root: str, table: str, config_hash: str, read_version: int | None, run_id: str,
+                  reembed: bool = False) -> Adopted:
+    """The staging this run may commit: that of gone runs of the same config from the same version (its own
+    folder's, when a run of its id died). The staging of gone runs that no run can commit any more (another
+    config or version, or too old) is removed. Raises ConfigError when a run of this id still runs."""
+    mine = staging_folder(root, table, config_hash, read_version, run_id, reembed).rstrip("/")
     oldest = datetime.now(timezone.utc) - timedelta(days=ADOPT_DAYS)
     folders, batches = [], []
     pattern = FileSystems.join(root, f"catalog-embed-{table}-staging-*", "*", OWNER)
     for found in FileSystems.match([pattern])[0].metadata_list:
-        folder = found.path[: -len(OWNER) - 1]
-        owner = _read_json(found.path)
-        if owner is None or owner.get("table") != table or owner.get("run_id") == run_id:
+        folder = found.path[: -len(OWNER) - 1].rstrip("/")
+        try:
+            owned_by = owner(folder)
+            gone = owned_by is not None and owned_by.get("table") == table and is_gone(folder, owned_by)
+        except (OSError, ValueError) as err:     # its files cannot be read now: its run may still run
+            log.warning("leaving staged work whose owner cannot be read (%s): %s", err, folder)
             continue
-        if not _is_dead(folder, owner):         # a run that still runs: its staging is its own
+        if folder == mine and owned_by is not None and not gone:
+            raise ConfigError(f"a run with id {run_id} is running (its staging: {folder}); give each run its own "
+                              "--run-id")
+        if not gone or owned_by is None:
             continue
-        same = folder.rsplit("/", 1)[0].rstrip("/") == mine
-        expired = datetime.fromisoformat(owner["created_at"]) < oldest
-        if expired or not same:
+        expired = datetime.fromisoformat(owned_by["created_at"]) < oldest
+        if expired or folder.rsplit("/", 1)[0] != mine.rsplit("/", 1)[0]:
             log.info("removing staged work that cannot be committed (run %s, which is gone, %s): %s",
-                     owner["run_id"], f"older than {ADOPT_DAYS} days" if expired else
+                     owned_by["run_id"], f"older than {ADOPT_DAYS} days" if expired else
                      "staged for another config or table version", folder)
             remove_staging(folder)
-        else:
-            staged = sorted(m.path[: -len(FRAGMENTS)] for m in
-                            FileSystems.match([FileSystems.join(folder, "*" + FRAGMENTS)])[0].metadata_list)
-            log.info("resuming: %d write batches staged by run %s, which did not finish, in %s", len(staged),
-                     owner["run_id"], folder)
+            continue
+        staged = sorted(m.path[: -len(FRAGMENTS)] for m in
+                        FileSystems.match([FileSystems.join(folder, "*" + FRAGMENTS)])[0].metadata_list)
+        log.info("resuming: %d write batches staged by run %s, which did not finish, in %s", len(staged),
+                 owned_by["run_id"], folder)
+        batches += staged
+        if folder != mine:              # this run's own folder is removed as its own
             folders.append(folder)
-            batches += staged
     return Adopted(tuple(folders), tuple(batches))
-
-
-def owner_is_gone(folder: str) -> bool:
-    """Whether the run that owns a staging folder is provably gone (or nothing owns it)."""
-    owner = _read_json(FileSystems.join(folder, OWNER))
-    return owner is None or _is_dead(folder, owner)
-
-
-def _is_dead(folder: str, owner: dict) -> bool:
-    """Provably gone: a run that released its lease as it ended; a process of this machine (since its last
-    boot) that no longer runs, a pid reused since being another; or, of another machine, a lease not renewed
-    in LEASE_SECONDS."""
-    lease = _read_json(FileSystems.join(folder, LEASE)) or {}
-    if lease.get("released"):
-        return True
-    process = owner.get("process") or {}
-    if process.get("host") == socket.gethostname() and process.get("boot") == _boot_id():
-        return _started(process["pid"]) != process["start"]
-    return time.time() - float(lease.get("renewed_at", 0)) > LEASE_SECONDS
 
 
 def remove_staging(folder: str) -> None:
@@ -220,50 +128,58 @@ def remove_staging(folder: str) -> None:
 
 
 def stage_batch(folder: str, written: dict, items: Sequence[dict], inputs: dict[str, tuple[str, str]]) -> None:
-    """Record a written batch: its fragments (what the commit needs) and its rows (what a resume matches)."""
+    """Record a written batch: its rows (what a resume matches), then its fragments (what the commit needs)."""
     batch = FileSystems.join(folder, uuid.uuid4().hex)
-    rows = [[item["id"], row_signature(item, inputs), item["image_uri"], item["image_stat"],
-             item["digests"].get("image") if has_input(item, "image") else None] for item in items]
-    with FileSystems.create(batch + ROWS) as handle:
-        handle.write(json.dumps(rows).encode())
-    with FileSystems.create(batch + FRAGMENTS) as handle:      # last: a batch without it was never staged
-        handle.write(json.dumps(written).encode())
-
-
-def read_fragments(batch: str) -> dict:
-    with FileSystems.open(batch + FRAGMENTS) as handle:
-        return json.loads(handle.read())
-
-
-def _staged_rows(batch: str):
-    with FileSystems.open(batch + ROWS) as handle:
-        rows = json.loads(handle.read())
-    for item_id, signature, image_uri, image_stat, image_digest in rows:
-        yield item_id, pack({"batch": batch, "signature": signature, "image_uri": image_uri, "image_stat": image_stat,
-                             "image_digest": image_digest})
+    write_json(batch + ROWS, [[item["id"], row_signature(item, inputs), item["image_uri"], item["image_stat"],
+                               item["digests"].get("image") if has_input(item, "image") else None]
+                              for item in items])
+    write_json(batch + FRAGMENTS, written)       # last: a batch without it was never staged
 
 
 class ReadStagedRows(beam.PTransform):
-    """(id, packed {batch, signature, image_uri, image_stat, image_digest}) of every staged row; none when
-    nothing was staged."""
+    """(id, packed {batch, signature, image_uri, image_stat, image_digest}) of every row of the staged batches
+    that can be committed, and (tagged `staged_fragments`) each such batch's fragments and counts; none when
+    nothing was staged. A batch whose files cannot be read, or whose fragments' data files (under `dataset_uri`)
+    are gone, is dropped with a log line: its items are encoded again."""
 
-    def __init__(self, batches: Sequence[str]):
+    def __init__(self, batches: Sequence[str], dataset_uri: str):
         super().__init__()
         self._batches = list(batches)
+        self._dataset_uri = dataset_uri
 
     def expand(self, pbegin):
         return (pbegin
                 | "Staged batches" >> beam.Create(self._batches)
                 | "Spread batches" >> beam.Reshuffle()
-                | "Read staged rows" >> beam.FlatMap(_staged_rows))
+                | "Read staged rows" >> beam.ParDo(_ReadBatch(self._dataset_uri)).with_outputs(
+                    STAGED_FRAGMENTS, main=ITEMS))
 
 
-def staged_fragments(pipeline: beam.Pipeline, batches: Sequence[str]):
-    """Each staged batch's fragments and counts, by batch (a side input for the commit: a retried commit reads
-    no staging file, which the first try may have removed)."""
-    return beam.pvalue.AsDict(pipeline
-                              | "Staged batch names" >> beam.Create(list(batches))
-                              | "Staged fragments" >> beam.Map(lambda batch: (batch, read_fragments(batch))))
+class _ReadBatch(beam.DoFn):
+    def __init__(self, dataset_uri: str):
+        self._dataset_uri = dataset_uri
+
+    def process(self, batch: str):
+        try:
+            written, rows = read_json(batch + FRAGMENTS), read_json(batch + ROWS)
+            missing = self._missing_data(written)
+        except (OSError, ValueError) as err:
+            log.warning("dropping staged batch %s, which cannot be read: %s", batch, err)
+            return
+        if written is None or rows is None or missing:
+            log.warning("dropping staged batch %s: %s", batch, f"its data files are gone: {missing[:3]}" if missing
+                        else "its files are gone")
+            return
+        yield beam.pvalue.TaggedOutput(STAGED_FRAGMENTS, (batch, written))
+        for item_id, signature, image_uri, image_stat, image_digest in rows:
+            yield item_id, pack({"batch": batch, "signature": signature, "image_uri": image_uri,
+                                 "image_stat": image_stat, "image_digest": image_digest})
+
+    def _missing_data(self, written: dict | None) -> list[str]:
+        paths = [FileSystems.join(self._dataset_uri, "data", data.path) for raw in (written or {}).get("fragments", [])
+                 for data in FragmentMetadata.from_json(raw).files]
+        found = {m.path: m.size_in_bytes for result in FileSystems.match(paths) for m in result.metadata_list}
+        return [path for path in paths if not found.get(path)]
 
 
 class MarkStaged(beam.DoFn):

@@ -82,6 +82,9 @@ def commit_change(uri: str, change: TableChange, run: RunIdentity, read_version:
     with nothing to change tags the version it read. Raises ConcurrentRunError when the table moved."""
     dataset = open_dataset(uri, storage_options)
     if dataset is not None:
+        tagged = dataset.tags.list().get(run.tag)
+        if change.is_empty() and read_version is not None and tagged and tagged["version"] == read_version:
+            return read_version                  # a retry of a run that changed nothing: it tagged what it read
         own = own_version(dataset, run, read_version)
         if own is not None:                      # a retry: the commit landed before
             return _tagged(dataset, run, own)
@@ -135,14 +138,16 @@ def own_version(dataset: lance.LanceDataset, run: RunIdentity, read_version: int
 
 
 def committed_version(dataset: lance.LanceDataset, run_id: str, read_version: int | None) -> int | None:
-    """The version run `run_id` committed after `read_version`, whatever became of it after: its tag, or else
-    the commit that names it (the run died before tagging it)."""
+    """The version run `run_id` committed after `read_version` (or tagged, when it changed nothing), whatever
+    became of the run after: its tag, or else the commit that names it, which is then tagged (the run died
+    before it could tag it)."""
     tagged = dataset.tags.list().get(run_tag(run_id))
     if tagged is not None:
         return tagged["version"]
     for version in range((read_version or 0) + 1, dataset.version + 1):
         committed = _committed_by(dataset, version)
         if committed is not None and json.loads(committed)["run_id"] == run_id:
+            dataset.tags.create(run_tag(run_id), version)
             return version
     return None
 
@@ -156,8 +161,10 @@ def _committed_by(dataset: lance.LanceDataset, version: int) -> str | None:
         transaction = dataset.read_transaction(version)
     except TypeError:    # pylance 14 cannot bring some upkeep transactions (compaction's) into Python: never a run's
         return None
-    except (OSError, ValueError):   # a version the retention removed since (an upkeep's, never a run's newest)
-        return None
+    except (OSError, ValueError):
+        if version in {found["version"] for found in dataset.versions()}:
+            raise                   # the store failed to answer: a run's commit must not be taken for absent
+        return None                 # a version the retention removed since
     return None if transaction is None else (transaction.transaction_properties or {}).get(RUN_PROPERTY)
 
 
