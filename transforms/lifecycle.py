@@ -92,23 +92,25 @@ class RemoveRows(beam.DoFn):
         yield {"fragment": fragment_id, "removed": before - rows, "carried": carried, "rows": rows}
 
     def _carry(self, stored: lance.LanceFragment, leaving: Sequence[str]) -> tuple[list[str], int]:
-        kept_encoders = self._unchanged_encoders()
-        batches = list(self._carried_batches(stored, leaving, kept_encoders))
-        rows = sum(batch.num_rows for batch in batches)
-        if not rows:
+        """Write the fragment's rows that stay in the new schema: their ids read first, then only those rows, so
+        that a night that rewrites most rows itself reads little of what it replaces."""
+        ids = stored.to_table(columns=["id"])["id"]
+        staying = np.flatnonzero(~pc.is_in(ids, value_set=pa.array(leaving, pa.string())).to_numpy(
+            zero_copy_only=False))
+        if not len(staying):
             return [], 0
-        reader = pa.RecordBatchReader.from_batches(self._new_schema, batches)
+        kept_encoders = self._unchanged_encoders()
+        reader = pa.RecordBatchReader.from_batches(self._new_schema, self._carried_batches(stored, staying,
+                                                                                          kept_encoders))
         written = write_fragments(reader, self._uri, schema=self._new_schema, mode="overwrite",
                                   storage_options=self._storage_options)
-        return [json.dumps(f.to_json()) for f in written], rows
+        return [json.dumps(f.to_json()) for f in written], len(staying)
 
-    def _carried_batches(self, stored: lance.LanceFragment, leaving: Sequence[str],
+    def _carried_batches(self, stored: lance.LanceFragment, staying: np.ndarray,
                          kept_encoders: set[str]) -> Iterator[pa.RecordBatch]:
-        leaving_ids = pa.array(leaving, pa.string())
-        for batch in stored.to_batches(batch_size=CARRY_BATCH):
-            staying = batch.filter(pc.invert(pc.is_in(batch["id"], value_set=leaving_ids)))
-            if staying.num_rows:
-                yield in_new_schema(staying, self._new_schema, kept_encoders, self._weights, self._dims)
+        for start in range(0, len(staying), CARRY_BATCH):
+            rows = stored.take(staying[start:start + CARRY_BATCH].tolist())
+            yield from in_new_schema(rows, self._new_schema, kept_encoders, self._weights, self._dims).to_batches()
 
     def _unchanged_encoders(self) -> set[str]:
         stored = {e["name"]: e["id"] for e in table_metadata(self._dataset.schema).get("encoders", [])}
@@ -120,25 +122,25 @@ def _live_rows(metadata) -> int:
     return metadata.physical_rows - deleted
 
 
-def in_new_schema(batch: pa.RecordBatch, schema: pa.Schema, kept_encoders: set[str],
-                  weights: Mapping[str, float], dims: Mapping[str, int]) -> pa.RecordBatch:
+def in_new_schema(rows: pa.Table, schema: pa.Schema, kept_encoders: set[str],
+                  weights: Mapping[str, float], dims: Mapping[str, int]) -> pa.Table:
     """Stored rows as the new schema holds them: the columns it shares with theirs, the vectors and
     fingerprints of unchanged encoders, nulls for the rest, and the combined vector made again."""
     encoder_columns = {f"{name}_{part}": name for name in dims for part in ("vec", "fp")}
-    vectors = {name: (vector_matrix(batch[f"{name}_vec"]), batch[f"{name}_vec"].is_valid().to_numpy(
+    vectors = {name: (vector_matrix(rows[f"{name}_vec"]), rows[f"{name}_vec"].is_valid().to_numpy(
         zero_copy_only=False)) for name in kept_encoders}
     combined = [_combined({name: matrix[row] for name, (matrix, valid) in vectors.items() if valid[row]},
-                          weights, dims) for row in range(batch.num_rows)]
+                          weights, dims) for row in range(rows.num_rows)]
     columns = []
     for field in schema:
         dropped = encoder_columns.get(field.name) not in (None, *kept_encoders)
         if field.name == "vector":
             columns.append(vector_array(combined, field.type.list_size))
-        elif dropped or field.name not in batch.schema.names:
-            columns.append(pa.nulls(batch.num_rows, field.type))
+        elif dropped or field.name not in rows.schema.names:
+            columns.append(pa.nulls(rows.num_rows, field.type))
         else:
-            columns.append(batch[field.name].cast(field.type))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
+            columns.append(rows[field.name].cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _combined(vectors: dict[str, np.ndarray], weights: Mapping[str, float], dims: Mapping[str, int]):
