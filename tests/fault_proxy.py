@@ -25,11 +25,12 @@ ERROR_BODY = {503: b"<Error><Code>SlowDown</Code><Message>Please reduce your req
 
 
 class FaultProxy:
-    """Forwards to `target`, injecting each fault of FAULTS on `rate` of the requests (split evenly)."""
+    """Forwards to `target`, injecting a fault of `faults` (all of FAULTS unless told) on `rate` of the requests."""
 
-    def __init__(self, target: str, rate: float, seed: int = 0):
+    def __init__(self, target: str, rate: float, seed: int = 0, faults: tuple[str, ...] = FAULTS):
         self.target = urlparse(target)
         self.rate = rate
+        self.faults = faults
         self.injected: Counter[str] = Counter()
         self.requests = 0
         self._random = random.Random(seed)
@@ -56,7 +57,7 @@ class FaultProxy:
             self.requests += 1
             if self._random.random() >= self.rate:
                 return None
-            fault = self._random.choice(FAULTS)
+            fault = self._random.choice(self.faults)
             self.injected[fault] += 1
             return fault
 

@@ -9,6 +9,7 @@ import multiprocessing
 import uuid
 from pathlib import Path
 
+import boto3
 import lance
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,20 @@ from lance.fragment import write_fragments
 
 from demo.build_catalog import build as build_demo_catalog
 from pipelines.cli import main
-from tests.conftest import BUCKET, DEMO_CATALOG, DEMO_PHOTOS, demo_rows, make_config, read_table, run, write_demo_rows
+from tests.conftest import (
+    BUCKET,
+    DEMO_CATALOG,
+    DEMO_PHOTOS,
+    PHOTOS,
+    demo_rows,
+    make_config,
+    photo,
+    read_table,
+    run,
+    write_demo_rows,
+)
+from tests.fault_proxy import FaultProxy
+from tests.servers import environment
 from transforms.combine import combine
 from transforms.lance_sink import dataset_uri
 from transforms.run_log import commit_rejects, read_runs, record_run
@@ -222,6 +236,24 @@ def test_a_retried_commit_step_appends_its_rejects_and_records_its_run_once(tmp_
     assert lance.dataset(dataset_uri(db, "items_rejects")).to_table()["id"].to_pylist() == ["a"]
     [stored] = read_runs(db, "items")
     assert stored["upkeep"] == "done"
+
+
+def test_a_store_that_answers_503_costs_no_reject(s3, tmp_path):
+    """Catalog and photos on S3 behind a proxy answering 503 SlowDown to a fifth of the requests: the stats and
+    reads are retried (by the object store's client), and every item is embedded."""
+    client, prefix = boto3.client("s3"), f"slow-{uuid.uuid4().hex[:8]}"
+    lines = ["id,caption,image"]
+    for i, name in enumerate(PHOTOS[:6]):
+        client.upload_file(str(photo(name)), BUCKET, f"{prefix}/images/{i}.png")
+        lines.append(f"item-{i},photo {i},images/{i}.png")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/catalog.csv", Body="\n".join(lines).encode() + b"\n")
+    with FaultProxy(s3.endpoint, rate=0.2, seed=5, faults=("503 before",)) as proxy, \
+            environment(AWS_ENDPOINT_URL=proxy.url):
+        config = make_config(tmp_path, {"format": "manifest", "path": f"s3://{BUCKET}/{prefix}/catalog.csv",
+                                        "text_fields": ["caption"]})
+        summary = run(config, "r1", (f"--s3_endpoint_url={proxy.url}",))
+    assert proxy.injected["503 before"] > 0
+    assert (summary["written"], summary["rejected"], summary["kept"]) == (6, 0, 0), summary
 
 
 def _racer(uri: str, name: str, trials, results, barrier, storage: dict | None) -> None:
