@@ -96,8 +96,10 @@ def quote_runs(data: bytes, fmt: CsvFormat, owned_from: int, at_file_start: bool
     after a byte-order mark) a run starts a field; elsewhere the byte before it says."""
     buffer = np.frombuffer(data, np.uint8)
     head = len(BOM) if at_file_start and data.startswith(BOM) else 0
-    edges = np.diff(np.concatenate(([0], (buffer == quote_byte(fmt)).view(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    quotes = np.flatnonzero(buffer == quote_byte(fmt))       # a run of quotes: consecutive positions
+    cuts = np.flatnonzero(np.diff(quotes) != 1) + 1
+    first, last = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(quotes)]))
+    starts, ends = (quotes[first], quotes[last - 1] + 1) if len(quotes) else (quotes, quotes)
     owned = starts >= owned_from
     starts, ends = starts[owned], ends[owned]
     before = buffer[np.maximum(starts - 1, 0)]
