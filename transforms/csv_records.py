@@ -224,10 +224,12 @@ class ParseRange(beam.DoFn):
         newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == NEWLINE)
         starts = ends + 1       # a record starts after a record's end: the file's first, the header, never
         owned = starts[(starts >= part.start - first) & (starts < part.end - first)]
-        for begin in owned.tolist():
-            after = int(np.searchsorted(ends, begin))
-            stop = int(ends[after]) if after < len(ends) else len(data)
-            line = line_at_first + int(np.searchsorted(newlines, begin))
+        after = np.searchsorted(ends, owned)
+        stops = np.where(after < len(ends), ends[np.minimum(after, max(len(ends) - 1, 0))], len(data))
+        lines = line_at_first + np.searchsorted(newlines, owned)
+        nonempty = stops > owned                # a CRLF's CR and LF end records: none lies between them
+        for begin, stop, line in zip(owned[nonempty].tolist(), stops[nonempty].tolist(), lines[nonempty].tolist(),
+                                     strict=True):
             yield from self._row(data[begin:stop], f"{part.path}:{line}")
 
     def _data(self, part: Range, first: int) -> tuple[bytes, np.ndarray]:
