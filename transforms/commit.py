@@ -75,9 +75,8 @@ class CommitRun(beam.DoFn):
     """Side inputs, all small: per written batch its fragments and counts (`written`), per reject batch
     likewise (`rejects`), per stored fragment what the removal stage did (`removals`: lifecycle.py), per staged
     batch of a run that died its rows, the rows this run matched and its fragments (`sizes`, `matched`,
-    `staged`: staging.py), under a
-    budget the items left waiting per encoder and those that have its input (`waiting`, `with_input`:
-    budget.py), and counts."""
+    `staged`: staging.py), under a budget the items left waiting per encoder and those that have its input
+    (`waiting`, `with_input`: budget.py), and counts."""
 
     def __init__(self, context: RunContext, schema):
         self._context = context
