@@ -94,7 +94,7 @@ def print_history(found: dict) -> None:
         print()
         print_results([{"run_id": r["run_id"], "status": r["status"], "version": r["table_version"],
                         "read": r["read"], "written": r["written"], "unchanged": r["unchanged"],
-                        "deleted": r["deleted"], "rejected": r["rejected"],
+                        "deleted": r["deleted"], "rejected": r["rejected"], "kept": r.get("kept") or 0,
                         "backfill": _backfill_cell(r.get("backfill")),
                         "started": str(r["started_at"])[:19]} for r in found["runs"]])
 
