@@ -33,14 +33,14 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from pipelines.runners import check_paths_reach_workers, pipeline_runner, runner_name, worker_device_type
 from pipelines.scratch import open_scratch, remove_scratch, remove_stale_scratch, scratch_folder, scratch_root
-from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors
+from transforms.behaviour import AttachBehaviourVectors, behaviour_vectors, with_generations
 from transforms.budget import DEFERRED, apply_budget, budget_scopes
 from transforms.combine import combine
 from transforms.commit import COMMITTING, CommitRun, RunContext, Upkeep, settle, upkeep_owed
 from transforms.compare import ABSENT, DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.config import Config, ConfigError
 from transforms.encoders import build_encoders
-from transforms.encoders.base import Encoder, without_data
+from transforms.encoders.base import Encoder, defining_options, without_data
 from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
@@ -86,15 +86,16 @@ class JobPlan:
 
 
 def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, rehash: bool = False,
-             worker_device_type: str | None = None, upkeep_is_owed: bool = False) -> JobPlan:
+             worker_device_type: str | None = None, runs: Sequence[dict] = ()) -> JobPlan:
     """`root`: where runs keep their scratch and staging (pipelines/scratch.py). `worker_device_type`: the
-    device of a remote runner's workers, for `precision: auto` (runners.py). `upkeep_is_owed`: the last run
-    left its upkeep undone (commit.py)."""
+    device of a remote runner's workers, for `precision: auto` (runners.py). `runs`: the table's runs so far
+    (whether upkeep is owed: commit.py; the behaviour vectors' generation: behaviour.py)."""
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
-    encoders = build_encoders(config.encoders, worker_device_type)
+    encoders = with_generations(build_encoders(config.encoders, worker_device_type), runs, run_id, utc_now().date())
     described = describe_encoders(encoders, config.normalised_weights())
-    meta = {"encoders": described, "order": [e.name for e in encoders], "config_hash": config.config_hash()}
+    # Only what defines the vectors: another catalog path, working directory or scheduler machine is the same table.
+    meta = {"encoders": described, "order": [e.name for e in encoders]}
     functions = [e.lancedb_function() for e in encoders if isinstance(e, SentenceTransformerEncoder)]
     schema = table_schema(config.passthrough_columns(), described, meta, [f for f in functions if f])
     uri = dataset_uri(config.output.uri, config.output.table)
@@ -107,7 +108,7 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         run=RunIdentity(run_id, uuid.uuid4().hex), config_hash=config.config_hash(),
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
-        rows_before=current.count_rows() if current is not None else 0, upkeep_owed=upkeep_is_owed,
+        rows_before=current.count_rows() if current is not None else 0, upkeep_owed=upkeep_owed(runs),
         # Another encoder set or weighting changes the schema: every row is rewritten, from the stored vectors
         # of the encoders that did not change.
         overwrite=current is not None and (reembed or not current.schema.equals(schema, check_metadata=True)),
@@ -115,6 +116,7 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version, run_id,
                                reembed),
         budget=budget_scopes(config.run.max_encode),
+        interactions=config.catalog.interactions,
     )
     return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
                    scratch_folder(root, config.output.table, run_id))
@@ -122,8 +124,8 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
 
 def describe_encoders(encoders: Sequence[Encoder], weights: dict[str, float]) -> list[dict]:
     """The encoders as the table's metadata describes them: what queries rebuild them from."""
-    return [{"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name], "id": e.encoder_id,
-             "config": _encoder_config(e)} for e in encoders]
+    return [{"name": e.name, "kind": e.config.kind, "dim": e.dim, "weight": weights[e.name],
+             "id": without_data(e.encoder_id), "config": _encoder_config(e)} for e in encoders]
 
 
 def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
@@ -160,8 +162,9 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     rejects = [read_rejects[REJECTS], compared[REJECTS], hashed[REJECTS]]
     behaviour = {}
     if config.catalog.interactions and not plan.plan_path:
+        table = (ctx.dataset_uri, ctx.read_version) if ctx.read_version is not None else None
         trained, log_rejects, log_rows = behaviour_vectors(pipeline, config.catalog.interactions, plan.encoders,
-                                                           items, plan.scratch, storage)
+                                                           items, plan.scratch, storage, table)
         rejects.append(log_rejects)
         behaviour = {"trained": beam.pvalue.AsList(trained), "interactions_read": beam.pvalue.AsSingleton(log_rows)}
     # Counted as read, independently of the outcomes, so that the summary can check they add up.
@@ -290,7 +293,7 @@ def run_job(config: Config, run_id: str, beam_args: Sequence[str], reembed: bool
     storage = config.output.storage_options
     runs = _settled(config, read_runs(config.output.uri, config.output.table, storage))
     _check_run_id_is_new(runs, run_id)
-    plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options), upkeep_owed(runs))
+    plan = plan_job(config, run_id, root, reembed, rehash, worker_device_type(options), runs)
     scratch = plan.scratch
     if dry_run:
         plan = replace(plan, plan_path=FileSystems.join(scratch, "plan.json"))
@@ -427,4 +430,4 @@ class CombineVectors(beam.DoFn):
 def _encoder_config(encoder: Encoder) -> dict:
     cfg = encoder.config
     return {"kind": cfg.kind, "model": cfg.model, "weights_file": cfg.weights_file, "pretrained": cfg.pretrained,
-            "precision": encoder.precision, "options": cfg.options}
+            "precision": encoder.precision_setting, "options": defining_options(cfg.options)}

@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pytest
 
 from pipelines.cli import main
@@ -147,19 +149,60 @@ def test_the_same_log_trains_the_same_vectors_in_one_process_or_two(shop):
     assert first == second and any(v is not None for v in first)
 
 
-def test_a_new_log_reembeds_only_the_behaviour_column(tmp_path):
-    config, root, _, _ = make_shop(tmp_path)
+def planted_share(table, items: list[str]) -> float:
+    """The share of these items' 5 nearest behaviour neighbours that are in their planted cluster."""
+    same = 0
+    for item in items:
+        found = search(table, item_queries(table, item), k=6, weights={"behaviour": 1.0})
+        same += sum(cluster_of(row["id"]) == cluster_of(item) for row in found if row["id"] != item)
+    return same / (5 * len(items))
+
+
+def test_a_grown_log_writes_only_the_items_that_had_no_behaviour_vector(tmp_path):
+    config, root, _, first = make_shop(tmp_path)
     before = read_table(config)
     unchanged = run(config, "r2")
     assert unchanged["encoded"] == {"text": 0, "behaviour": 0} and unchanged["status"] == "unchanged"
     # No item needed a behaviour vector: the log was not read at all.
-    assert unchanged["interactions"] == {"read": 0, "rejected": 0, "sessions": 0, "needed": 0,
+    generation = first["interactions"]["generations"]["behaviour"]
+    assert unchanged["interactions"] == {"path": str(root / "sessions.csv"), "generations": {"behaviour": generation},
+                                         "read": 0, "rejected": 0, "sessions": 0, "needed": 0,
                                          "trained": {"behaviour": 0}}
+    # Another night: 1% more sessions, and three new items that shoppers put in baskets of their clusters.
+    log = (root / "sessions.csv").read_text().splitlines()
+    rng = random.Random(5)
+    extra = [f"g{n},c{n % CLUSTERS}-{rng.randrange(CLUSTER_SIZE)},{1_800_000_000 + n}" for n in range(SESSIONS // 100)]
+    new_items = [f"c{c}-new" for c in range(3)]
+    for n in range(60):
+        cluster = n % 3
+        extra += [f"h{n},{item},{1_800_000_000 + n}" for item in
+                  [f"c{cluster}-new", *(f"c{cluster}-{rng.randrange(CLUSTER_SIZE)}" for _ in range(3))]]
+    (root / "sessions.csv").write_text("\n".join(log + extra) + "\n")
+    with (root / "catalog.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerows([item, f"new catalog item {item}"] for item in new_items)
+    grown = run(config, "r3")
+    after = read_table(config)
+    assert grown["status"] == "committed" and (grown["written"], grown["added"]) == (3, 3)
+    assert grown["encoded"] == {"text": 3, "behaviour": 3}
+    assert grown["interactions"]["generations"] == {"behaviour": generation}
+    old = after.filter(pc.is_in(after["id"], before["id"]))
+    assert old["behaviour_vec"].to_pylist() == before["behaviour_vec"].to_pylist()
+    # Trained again from scratch, the new items' vectors were rotated onto the stored ones: their neighbours
+    # among the stored items are their own clusters' items.
+    assert planted_share(open_table(config.output.uri, config.output.table), new_items) >= 0.8
+
+
+def test_a_new_generation_reembeds_only_the_behaviour_column(tmp_path):
+    config, root, _, first = make_shop(tmp_path)
+    before = read_table(config)
     write_sessions(root / "sessions.csv", seed=12)       # another night's sessions
+    config = replace(config, encoders=tuple(replace(e, options={**e.options, "retrain_days": 0})
+                                            if e.kind == "item2vec" else e for e in config.encoders))
     changed = run(config, "r3")
     after = read_table(config)
+    assert changed["interactions"]["generations"] != first["interactions"]["generations"]
     assert changed["encoded"] == {"text": 0, "behaviour": CLUSTERS * CLUSTER_SIZE}
-    assert changed["status"] == "committed" and changed["encoder_ids"]["behaviour"] != unchanged["encoder_ids"][
+    assert changed["status"] == "committed" and changed["encoder_ids"]["behaviour"] != first["encoder_ids"][
         "behaviour"]
     assert after["text_vec"].to_pylist() == before["text_vec"].to_pylist()
     assert after["behaviour_vec"].to_pylist() != before["behaviour_vec"].to_pylist()

@@ -1,12 +1,20 @@
 """Behaviour vectors: item2vec over the catalog's interaction log (`catalog.interactions`).
 
     read the log -> check each row (a malformed one is a reject) -> group by session -> order each
-    session -> train once, on one worker, streaming the sessions from disk -> the vectors as a Lance
-    dataset in the run's scratch folder -> each written batch looks its items up there by id
+    session -> train once, on one worker, streaming the sessions from disk -> rotate the vectors onto the
+    stored ones -> the vectors as a Lance dataset in the run's scratch folder -> each written batch looks its
+    items up there by id
 
 Items meet their vectors the way kept vectors do (reuse.py): looked up by id right before they are
 written, so no vector crosses a shuffle or a side input. Training runs only when some item needs a
-behaviour vector: a new item, or a new log (whose digest is in the encoder id) or new settings.
+behaviour vector: a new item, new settings, or a new generation.
+
+Generations: a log grows every night, and training it again moves every vector a little. Rewriting every
+row for that would make every night a full rewrite, so the stored vectors stay for `retrain_days` (a
+generation, named in the encoder id and each run's record); within it a grown log trains the vectors of the
+items that need one, rotated onto the stored vectors (orthogonal Procrustes over the items both have), so
+that a new item's cosines to the stored items mean what a full training's would. A new generation
+re-embeds the whole column from the whole log (docs/behaviour.md, "Nightly").
 
 The same log must train the same vectors whichever worker read which part of it: sessions are spilled to
 local disk and replayed in the order of their ids, and each session's events in the order of their `ts`
@@ -21,14 +29,16 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import date, datetime
 
 import apache_beam as beam
 import lance
+import numpy as np
 import pyarrow as pa
 
 from transforms.config import INTERACTION_COLUMNS
-from transforms.encoders.base import Encoder
+from transforms.encoders.base import Encoder, l2_normalise
 from transforms.encoders.item2vec import Item2VecEncoder
 from transforms.inference import needs
 from transforms.items import ITEMS, REJECTS, make_reject
@@ -38,6 +48,39 @@ from transforms.readers import read_table_file
 log = logging.getLogger(__name__)
 STAGE = "interactions"          # the stage of the log's rejects in `<table>_rejects`
 SPILL_BUCKETS = 64              # the sessions are sorted a bucket at a time: 1/64 of them in memory
+# The most frequent trained items whose stored vectors the rotation is fitted on: a dim x dim fit needs far
+# fewer, and frequent items' vectors move least between trainings.
+ALIGN_ANCHORS = 10_000
+
+
+def generation(runs: Sequence[dict], encoder: Item2VecEncoder, run_id: str, today: date) -> str:
+    """The generation of `encoder`'s vectors this run writes: the last run's while it is younger than the
+    encoder's `retrain_days`, else a new one, named by today's date and this run."""
+    last = next((run["interactions"].get("generations", {}).get(encoder.name) for run in reversed(runs)
+                 if run["status"] != "failed" and run["interactions"].get("generations", {}).get(encoder.name)), None)
+    if last and (today - date.fromisoformat(last.split("/")[0])).days < encoder.retrain_days:
+        return last
+    return f"{today.isoformat()}/{run_id}"
+
+
+def with_generations(encoders: Sequence[Encoder], runs: Sequence[dict], run_id: str,
+                     today: date) -> tuple[Encoder, ...]:
+    """The job's encoders, each item2vec one set to the generation this run writes."""
+    return tuple(Item2VecEncoder(replace(e.config, options={**e.config.options,
+                                                            "generation": generation(runs, e, run_id, today)}))
+                 if isinstance(e, Item2VecEncoder) else e for e in encoders)
+
+
+def rotated_onto(ids: Sequence[str], vectors: np.ndarray, stored: dict[str, np.ndarray]) -> np.ndarray:
+    """`vectors` turned by the rotation that best carries the items that `stored` (id -> unit vector) also
+    has onto their stored vectors (orthogonal Procrustes: the SVD of the cross-covariance); as they are where
+    fewer items than dimensions are shared (no rotation is determined)."""
+    shared = [row for row, item in enumerate(ids) if item in stored]
+    if len(shared) < vectors.shape[1]:
+        return vectors
+    target = np.stack([stored[ids[row]] for row in shared])
+    u, _, vt = np.linalg.svd(vectors[shared].T @ target)
+    return l2_normalise(vectors @ (u @ vt))
 
 
 def event_time(value) -> float | None:
@@ -145,18 +188,22 @@ class SpilledSessions:
 
 class TrainItem2Vec(beam.DoFn):
     """Once per run, on one worker: train each item2vec encoder on the sessions (a side input that
-    runners stream) and write its vectors to `<scratch>/<encoder>.lance`. Emits, per encoder, where they
-    are (None when no item needed them, and nothing was trained) and the counts for the run's record."""
+    runners stream), rotate its vectors onto those the table holds (`table`: its uri and the version the run
+    read, None for a new table), and write them to `<scratch>/<encoder>.lance`. Emits, per encoder, where
+    they are (None when no item needed them, and nothing was trained) and the counts for the run's record."""
 
-    def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str, storage_options: dict[str, str] | None):
+    def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str, storage_options: dict[str, str] | None,
+                 table: tuple[str, int] | None = None):
         self._encoders = list(encoders)
         self._scratch = scratch
         self._storage_options = storage_options
+        self._table = table
 
     def process(self, _trigger, sessions, needed: int):
         if not needed:
             for encoder in self._encoders:
-                yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0, "needed": 0}
+                yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0, "needed": 0,
+                       "generation": encoder.generation}
             return
         with tempfile.TemporaryDirectory(prefix="item2vec-") as folder:
             corpus = SpilledSessions(sessions, folder)
@@ -167,8 +214,22 @@ class TrainItem2Vec(beam.DoFn):
                 if not ids:
                     log.warning("%s: no item of the interaction log pairs with another; no behaviour vectors",
                                 encoder.name)
+                vectors = rotated_onto(ids, vectors, self._stored(encoder, ids[:ALIGN_ANCHORS]))
                 yield {"encoder": encoder.name, "uri": self._write(encoder, ids, vectors) if ids else None,
-                       "sessions": corpus.count, "items": len(ids), "needed": needed}
+                       "sessions": corpus.count, "items": len(ids), "needed": needed, "generation": encoder.generation}
+
+    def _stored(self, encoder: Encoder, ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of these items, where the table holds one."""
+        column = f"{encoder.name}_vec"
+        if self._table is None or not ids:
+            return {}
+        dataset = lance.dataset(self._table[0], version=self._table[1], storage_options=self._storage_options)
+        if column not in dataset.schema.names or dataset.schema.field(column).type.list_size != encoder.dim:
+            return {}
+        found = rows_by_id(dataset, ids, ["id", column])
+        valid = found[column].is_valid().to_numpy(zero_copy_only=False)
+        vectors = vector_matrix(found[column])
+        return {item: vectors[row] for row, item in enumerate(found["id"].to_pylist()) if valid[row]}
 
     def _write(self, encoder: Encoder, ids: list[str], vectors) -> str:
         uri = f"{self._scratch.rstrip('/')}/{encoder.name}.lance"
@@ -213,9 +274,10 @@ class AttachBehaviourVectors(beam.DoFn):
 
 
 def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Encoder], items, scratch: str,
-                      storage_options: dict[str, str] | None = None):
+                      storage_options: dict[str, str] | None = None, table: tuple[str, int] | None = None):
     """The training step's records (a side input for the write batches and the commit), the log's
-    rejects and the count of its rows. The vectors go to the scratch folder with the table's Lance settings."""
+    rejects and the count of its rows. The vectors go to the scratch folder with the table's Lance settings;
+    `table`: the table's uri and the version the run read, whose vectors the new ones are rotated onto."""
     behaviour = [e for e in encoders if isinstance(e, Item2VecEncoder)]
     needed = (
         items
@@ -226,7 +288,7 @@ def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Enc
     trained = (
         pipeline
         | "Train once" >> beam.Create([None])
-        | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch, storage_options),
+        | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch, storage_options, table),
                                          sessions=beam.pvalue.AsIter(sessions[ITEMS]),
                                          needed=beam.pvalue.AsSingleton(needed))
     )

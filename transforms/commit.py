@@ -65,6 +65,7 @@ class RunContext:
     budget: dict                    # forward passes per scope (budget.py); empty: no budget
     upkeep_owed: bool = False       # the last run committed without finishing its upkeep
     adopted: tuple[str, ...] = ()   # staging folders of dead runs whose batches this run commits
+    interactions: str | None = None  # the interaction log's path, recorded by run (queries by user read it)
 
     @property
     def run_id(self) -> str:
@@ -94,7 +95,7 @@ class CommitRun(beam.DoFn):
         run = self._summary([*written, *resumed], len(resumed), rejects, deleted, absent, unchanged, read, deferred)
         run["backfill"] = backfill_progress(with_input, waiting, run["encoded"], ctx.budget)
         if trained:
-            run["interactions"] = self._interactions(run, trained, interactions_read)
+            run["interactions"] = self._interactions(run, trained, interactions_read, ctx.interactions)
         refusal = self._refusal(run, removals)
         storage = ctx.output.storage_options
         if refusal:
@@ -167,10 +168,11 @@ class CommitRun(beam.DoFn):
         return ""
 
     @staticmethod
-    def _interactions(run: dict, trained: Sequence[dict], read: int) -> dict:
-        """The log's counts (its rejects are not catalog rows: `rejected` counts those only)."""
+    def _interactions(run: dict, trained: Sequence[dict], read: int, path: str | None) -> dict:
+        """The log's path and counts (its rejects are not catalog rows: `rejected` counts those only)."""
         rejected = sum(n for reason, n in run["rejects_by"].items() if reason.startswith(f"{LOG_STAGE}/"))
-        return {"read": read, "rejected": rejected, "sessions": max(t["sessions"] for t in trained),
+        return {"path": path, "generations": {t["encoder"]: t["generation"] for t in trained},
+                "read": read, "rejected": rejected, "sessions": max(t["sessions"] for t in trained),
                 "needed": max(t["needed"] for t in trained), "trained": {t["encoder"]: t["items"] for t in trained}}
 
     def _summary(self, written: list[dict], resumed_batches: int, rejects: list[dict], deleted: int, absent: int,

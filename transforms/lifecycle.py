@@ -34,6 +34,7 @@ from lance.fragment import write_fragments
 
 from transforms.combine import combine
 from transforms.compare import fragment
+from transforms.encoders.base import without_data
 from transforms.items import HELD, pack
 from transforms.lance_sink import id_in, table_metadata, vector_array, vector_matrix
 
@@ -113,8 +114,8 @@ class RemoveRows(beam.DoFn):
             yield from in_new_schema(rows, self._new_schema, kept_encoders, self._weights, self._dims).to_batches()
 
     def _unchanged_encoders(self) -> set[str]:
-        stored = {e["name"]: e["id"] for e in table_metadata(self._dataset.schema).get("encoders", [])}
-        return {name for name, encoder_id in self._encoder_ids.items() if stored.get(name) == encoder_id}
+        stored = {e["name"]: without_data(e["id"]) for e in table_metadata(self._dataset.schema).get("encoders", [])}
+        return {name for name, encoder_id in self._encoder_ids.items() if stored.get(name) == without_data(encoder_id)}
 
 
 def _live_rows(metadata) -> int:

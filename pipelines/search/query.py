@@ -33,6 +33,7 @@ from transforms.encoders.base import Encoder, l2_normalise
 from transforms.images import check_image, decode_image
 from transforms.interaction_log import items_of_user
 from transforms.lance_sink import TEXT_COLUMN, id_in, rows_by_id, table_metadata, vector_matrix
+from transforms.run_log import read_runs
 from transforms.storage import ImageReader
 from transforms.vector_columns import COMBINED, VectorColumn
 
@@ -58,6 +59,8 @@ class Table:
 
     handle: lancedb.table.Table
     meta: dict
+    db_uri: str = ""
+    name: str = ""
 
     @property
     def stored_weights(self) -> dict[str, float]:
@@ -78,9 +81,14 @@ class Table:
 
     @property
     def interactions(self) -> str | None:
-        """The interaction log the table's item2vec encoder was trained on, if it has one."""
-        return next((e["config"]["options"]["interactions"] for e in self.meta["encoders"]
-                     if e["config"]["kind"] == "item2vec"), None)
+        """The interaction log the table's item2vec encoder was last trained on, if it has one: the newest run
+        that read one says where (tables of earlier builds held it in their metadata)."""
+        if not any(e["config"]["kind"] == "item2vec" for e in self.meta["encoders"]):
+            return None
+        logs = [run["interactions"].get("path") for run in read_runs(self.db_uri, self.name)]
+        return next((path for path in reversed(logs) if path), None) or next(
+            (e["config"]["options"].get("interactions") for e in self.meta["encoders"]
+             if e["config"]["kind"] == "item2vec"), None)
 
     def encoders(self) -> list[Encoder]:
         return [_rebuild(described) for described in self.meta["encoders"]]
@@ -107,7 +115,7 @@ def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
     meta = table_metadata(handle.schema)
     if not meta:
         raise QueryError(f"table '{name}' was not written by catalog-embed (no encoder metadata)")
-    return Table(handle, meta)
+    return Table(handle, meta, uri, name)
 
 
 def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:

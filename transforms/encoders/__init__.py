@@ -14,7 +14,6 @@ A new kind is a module with an `Encoder` subclass and one line in `ENCODERS` (CO
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from transforms.config import ConfigError, EncoderConfig
 from transforms.encoders.base import Encoder
@@ -36,13 +35,14 @@ ENCODERS: dict[str, type[Encoder]] = {
 }
 
 
-def build_encoder(config: EncoderConfig) -> Encoder:
-    """The encoder a config names, its kind's settings checked."""
+def build_encoder(config: EncoderConfig, precision: str | None = None) -> Encoder:
+    """The encoder a config names, its kind's settings checked; `precision`: what its `precision: auto`
+    runs at, where the plan decided it for other machines (Encoder.precision)."""
     kind = ENCODERS.get(config.kind)
     if kind is None:
         raise ConfigError(f"encoders.{config.name}.kind '{config.kind}' is unknown; use one of: {', '.join(ENCODERS)}")
     kind.check_options(config.name, config.options)
-    return kind(config)
+    return kind(config, precision)
 
 
 def build_encoders(configs: Sequence[EncoderConfig], worker_device_type: str | None = None) -> tuple[Encoder, ...]:
@@ -52,12 +52,10 @@ def build_encoders(configs: Sequence[EncoderConfig], worker_device_type: str | N
 
     `worker_device_type` is the device of a remote runner's workers ("cuda" or "cpu"): `precision: auto`
     is then decided for it, not for this machine (a CPU there is taken not to do bf16)."""
-    if worker_device_type:
-        configs = [replace(c, precision=auto_precision(c.kind, device_type_of(c.device, worker_device_type), False))
-                   if c.precision == "auto" else c for c in configs]
-    encoders = [build_encoder(config) for config in configs]
+    encoders = [build_encoder(c, auto_precision(c.kind, device_type_of(c.device, worker_device_type), False)
+                              if worker_device_type else None) for c in configs]
     shared = {e.parts[0].network: e.precision for e in encoders if isinstance(e, ConseEncoder)}
     return tuple(
-        build_encoder(replace(e.config, precision=shared[e.network]))
+        build_encoder(e.config, shared[e.network])
         if isinstance(e, CnnEncoder) and e.config.precision == "auto" and e.network in shared else e
         for e in encoders)

@@ -52,8 +52,9 @@ class Encoder(ABC):
     # Whether `prepare` needs the loaded model (a tokeniser, CLIP's transform); others prepare without it.
     prepares_with_model: bool = False
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: EncoderConfig, precision: str | None = None):
         self.config = config
+        self._auto_precision = precision
 
     @classmethod
     def check_options(cls, name: str, options: dict[str, Any]) -> None:
@@ -129,7 +130,7 @@ class Encoder(ABC):
     @property
     def forward_key(self) -> tuple:
         """What identifies the forward pass: encoders with the same key share it (and a measured batch size)."""
-        return ("encoder", self.encoder_id)
+        return ("encoder", self.encoder_id, self.precision)
 
     def sample_inputs(self, count: int) -> list | None:
         """Inputs to time the network on, for `batch_size: auto`; None where batch size does not matter."""
@@ -155,13 +156,22 @@ class Encoder(ABC):
 
     @cached_property
     def precision(self) -> str:
-        """The arithmetic the network runs in; resolved once, where the job is planned, and part of the
-        encoder id. Vectors are stored as float32 whatever it is. For a remote runner's workers the plan
-        resolves `auto` itself (`build_encoders`); here it is this machine's device and CPU that decide."""
+        """The arithmetic the network runs in; resolved once, where the job is planned. Vectors are stored
+        as float32 whatever it is. The encoder id holds the setting (`precision_setting`), not this: `auto`
+        picks only arithmetic that keeps the vectors (precision.py), so a scheduler on another CPU re-encodes
+        nothing. For a remote runner's workers the plan resolves `auto` itself (`build_encoders`); here it
+        is this machine's device and CPU that decide."""
         if self.config.precision != "auto":
             return self.config.precision
+        if self._auto_precision:
+            return self._auto_precision
         return auto_precision(self.config.kind, self.device_type,
                               self.device_type == "cpu" and cpu_runs_bf16())
+
+    @property
+    def precision_setting(self) -> str:
+        """The precision as the config sets it: what the encoder id holds."""
+        return self.config.precision
 
     def autocast(self) -> Any:
         """The context a forward pass runs in: autocast to the encoder's precision, or plain fp32."""
@@ -230,6 +240,13 @@ def random_pictures(count: int) -> list[Image.Image]:
     """Noise pictures of a small photo's size, the same on every call: what networks are timed and checked on."""
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def defining_options(options: dict[str, Any]) -> dict[str, Any]:
+    """An encoder's settings without where its data lies, which generation it is and when the next one is due
+    (item2vec's log and schedule): what the table's metadata holds, so that a moved log or another schedule is
+    the same table. Each run records the log and the generation (`<table>_runs`)."""
+    return {key: value for key, value in options.items() if key not in ("interactions", "generation", "retrain_days")}
 
 
 def without_data(encoder_id: str) -> str:

@@ -95,7 +95,8 @@ class OpenClipEncoder(Encoder):
         return tag
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "weights": self.weights, "input": self.modality, "precision": self.precision}
+        return {"model": self.model_name, "weights": self.weights, "input": self.modality,
+                "precision": self.precision_setting}
 
     @cached_property
     def dim(self) -> int:

@@ -51,7 +51,8 @@ class CnnEncoder(Encoder):
         else:
             raise ConfigError(f"encoders.{self.name}: {self.arch['name']} needs weights_file: /path/to/weights.pth")
         preprocess = f"resize256-{self.arch['resample']}-crop224-mean{self.arch['mean']}-std{self.arch['std']}"
-        return {"model": self.arch["name"], "weights": weights, "preprocess": preprocess, "precision": self.precision}
+        return {"model": self.arch["name"], "weights": weights, "preprocess": preprocess,
+                "precision": self.precision_setting}
 
     @property
     def network(self) -> tuple:

