@@ -65,3 +65,15 @@ def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_pat
     # Lance's k-means is seeded at random: on 10 queries of unseen kinds at 12k rows, fresh clones measured 92
     # of 100 twice among passing runs of 95 and more; the 1M-row benchmark holds 1.00 (docs/search.md).
     assert sum(len(f & t) for f, t in zip(found, truth, strict=True)) >= 90
+
+
+def test_the_plan_probes_the_partitions_the_index_really_has(indexed, tmp_path):
+    """Lance may train fewer partitions than asked (and maintain.py asks sqrt(rows)): the plan reads the index."""
+    db, uri, _ = indexed
+    table = open_table(str(db), "synthetic")
+    trained = lance.dataset(uri).stats.index_stats("vector_idx")["segments"][0]["num_partitions"]
+    assert table.index_partitions == trained and plan_search(table, None).nprobes == min(trained, 50)
+    copy = lance.write_dataset(lance.dataset(uri).to_table(), str(tmp_path / "copy.lance"))
+    copy.create_index("vector", "IVF_FLAT", num_partitions=12, metric="cosine")
+    few = open_table(str(tmp_path), "copy")
+    assert few.index_partitions == 12 and plan_search(few, None).nprobes == 12

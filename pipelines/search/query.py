@@ -15,6 +15,7 @@ it takes for them to hold FILTERED_CANDIDATES of the filter's rows. The numbers 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +46,7 @@ RESCORED_CANDIDATES = 4
 # recall@10 at 1.0 where the probed partitions hold 4,000 of the filter's rows (a 1% filter: 400 partitions),
 # also after 30 nights with 7 delta segments, where 2,500 gave 0.85, 3,000 0.97 and 3,500 0.996 (docs/search.md).
 ANN_NPROBES = 50
+PROBED_SHARE = 0.05     # ... and as many as 50 of 1,000 are of a larger index's partitions
 REFINE_FACTOR = 5
 EXACT_MAX_ROWS = 2_000
 FILTERED_CANDIDATES = 4_000
@@ -73,6 +75,17 @@ class Table:
     @cached_property
     def indexes(self) -> dict:
         return {index.name: index for index in self.handle.to_lance().describe_indices()}
+
+    @cached_property
+    def index_partitions(self) -> int:
+        """The vector index's IVF partitions as Lance trained them (it may train fewer than asked), the most of
+        any of its segments; 0 without an index."""
+        if VECTOR_INDEX not in self.indexes:
+            return 0
+        # Without it the statistics carry every centroid (megabytes at 4M rows) and Lance warns on stderr.
+        os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+        stats = self.handle.to_lance().stats.index_stats(VECTOR_INDEX)
+        return max(segment["num_partitions"] for segment in stats["segments"])
 
     @property
     def indexed_rows(self) -> int:
@@ -326,9 +339,9 @@ def plan_search(table: Table, filters: str | None) -> SearchPlan:
     """How to search so that the ten best are found: see the module's docstring."""
     if not table.indexed_rows:
         return SearchPlan("flat")
-    partitions = max(1, int(math.sqrt(table.indexed_rows)))      # as maintain.py made them
+    partitions = table.index_partitions
     if not filters:
-        return SearchPlan("ann", min(partitions, ANN_NPROBES))
+        return SearchPlan("ann", min(partitions, max(ANN_NPROBES, math.ceil(PROBED_SHARE * partitions))))
     matching = table.handle.count_rows(filters)
     if matching <= EXACT_MAX_ROWS:
         return SearchPlan("exact", matching=matching)
