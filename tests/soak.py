@@ -4,7 +4,7 @@ promises; after a final clean night it must equal a fresh run's, vector for vect
 
 Each night changes the catalog at random: new items, edited titles (some with inch marks in unquoted fields, as
 shops export them), deleted items, broken and missing images, repaired ones; some nights grow the session log
-(a new schema for the item2vec encoder) or change a weight. Some nights are killed with SIGKILL at a random
+(a new behaviour generation, every row written) or change a weight. Some nights are killed with SIGKILL at a random
 moment (the launcher with its workers, or one worker), and some start a second run at once. The job runs as a
 scheduler runs it: `catalog-embed run` in its own process, on 1 or 2 worker processes.
 
@@ -50,7 +50,8 @@ RUN_SECONDS = 300               # a run that takes longer is stuck: a failure of
 ENCODERS = {
     "text": {"kind": "sentence-transformers", "precision": "fp32", "batch_size": 16, "weight": 0.5},
     "color": {"kind": "color", "weight": 0.3},
-    "behaviour": {"kind": "item2vec", "dim": 8, "epochs": 5, "seed": 1, "weight": 0.2},
+    # retrain_days 0: every night whose log grew trains it again and writes every row (behaviour.py)
+    "behaviour": {"kind": "item2vec", "dim": 8, "epochs": 5, "seed": 1, "weight": 0.2, "retrain_days": 0},
 }
 
 

@@ -75,10 +75,11 @@ def test_the_readme_gpu_job_translates_offline_and_names_no_launcher_path(s3, tm
     graph = beam_runner_api_pb2.Pipeline.FromString(pipeline)
     names = {transform.unique_name for transform in graph.components.transforms.values()}
     assert {"Encode image/RunInference", "Encode text/RunInference", "Write fragments", "Commit"} <= names
-    # The workers have GPUs: `precision: auto` is planned as fp16 for them, whatever this machine has.
-    encoder_ids = b"".join(part for part in decoded(pipeline) if b'"kind": "sentence-transformers"' in part)
-    assert b'"precision": "fp16"' in encoder_ids and b'"precision": "bf16"' not in encoder_ids
-    assert b'"precision": "fp32", "preprocess"' not in encoder_ids
+    # The workers have GPUs: `precision: auto` is planned as fp16 for them, whatever this machine has; the
+    # encoder id holds the setting, `auto`, so that no machine's choice re-encodes (test_what_rewrites.py).
+    encoders = b"".join(part for part in decoded(pipeline) if b'"kind": "sentence-transformers"' in part)
+    assert b"_auto_precision\x94\x8c\x04fp16" in encoders and b"_auto_precision\x94\x8c\x04bf16" not in encoders
+    assert b'"precision": "auto"' in encoders and b'"precision": "fp16"' not in encoders
     # --dataflow_job_file is where the launcher writes this file; Beam sends every option to the workers.
     assert launcher_paths(job_file.read_bytes(), allowed={str(job_file)}) == launcher_paths(pipeline) == []
 

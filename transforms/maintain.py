@@ -7,9 +7,11 @@ tags are removed. Tags a user made are never removed. Then versions older than t
 except tagged ones, and with them the files no kept version uses.
 
 Indexes, each made once and then refreshed (`optimize_indices` folds the new rows in):
-- a scalar index on `id` (rows found by id) and on `label` and every pass-through field, BITMAP for a
-  field of at most BITMAP_MAX_VALUES distinct values and BTREE above, so that filtered searches count and
-  find their rows through it (pipelines/search/query.py plans each search by that count);
+- a scalar index on `id` (rows found by id) and on `label` and every pass-through field but free text,
+  BITMAP for a field of at most BITMAP_MAX_VALUES distinct values and BTREE above, so that filtered searches
+  count and find their rows through it (pipelines/search/query.py plans each search by that count). A field
+  is judged once, when its index is made, on a sample of DISTINCT_SAMPLE rows: free text (mostly distinct
+  values of several words: titles, descriptions) gets no index, as nobody filters on it by value;
 - a full-text index on `embedded_text`, for `query --hybrid` and LanceDB's own full-text search;
 - once the table has `output.index_min_rows` rows, a cosine IVF_HNSW_SQ index on `vector`. Folding new rows
   in adds a delta segment each night, which every search also reads; past MAX_DELTA_SEGMENTS the index is
@@ -41,6 +43,9 @@ TRAINING_VECTORS = 16_384   # the index's training sample, whatever the table's 
 MIN_SAMPLE_RATE = 40        # vectors per partition, enough for k-means to place each centroid
 ScalarIndex = Literal["BTREE", "BITMAP"]
 BITMAP_MAX_VALUES = 1_000   # Lance's bitmap index is for low-cardinality columns; a BTREE above
+DISTINCT_SAMPLE = 20_000    # rows a field's values are judged on (what a night reads for it, whatever the table)
+FREE_TEXT_WORDS = 3         # free text: the sample's median value has this many words or more ...
+FREE_TEXT_DISTINCT = 0.5    # ... and more than this share of its values are distinct
 # At 100k rows each delta segment added about 1.3 ms to a search (p50 41 -> 80 ms after 30 nights of 1% churn,
 # recall unchanged); a rebuild costs what the first build did (docs/search.md): about once a week.
 MAX_DELTA_SEGMENTS = 7
@@ -178,10 +183,10 @@ def _index(dataset: lance.LanceDataset, index_min_rows: int) -> bool:
         # New rows in a delta segment of their own: merging them into the last segment rebuilds it (412 s at
         # 1M rows for 10k new ones, against 2.6 s); MAX_DELTA_SEGMENTS bounds the segments.
         dataset.optimize.optimize_indices(index_names=[VECTOR_INDEX], num_indices_to_merge=0)
-    scalar: list[tuple[str, ScalarIndex]] = [("id", "BTREE"), *_filter_columns(dataset)]
-    for column, kind in scalar:
-        if f"{column}_idx" not in names:
-            dataset.create_scalar_index(column, kind, name=f"{column}_idx")
+    if "id_idx" not in names:
+        dataset.create_scalar_index("id", "BTREE", name=ID_INDEX)
+    for column, kind in _filter_indexes(dataset, [c for c in _filter_columns(dataset) if f"{c}_idx" not in names]):
+        dataset.create_scalar_index(column, kind, name=f"{column}_idx")
     if TEXT_COLUMN in dataset.schema.names and TEXT_INDEX not in names:
         dataset.create_scalar_index(TEXT_COLUMN, "INVERTED", name=TEXT_INDEX)
     rows = dataset.count_rows()
@@ -202,12 +207,27 @@ def _vector_segments(dataset: lance.LanceDataset) -> int:
     return next(len(index.segments) for index in dataset.describe_indices() if index.name == VECTOR_INDEX)
 
 
-def _filter_columns(dataset: lance.LanceDataset) -> list[tuple[str, ScalarIndex]]:
-    """(column, index kind) of the columns a search may filter on: `label` and the pass-through fields."""
-    columns = [field.name for field in dataset.schema if pa.types.is_string(field.type)
-               and field.name not in NOT_FILTERED and not field.name.endswith("_fp")]
+def _filter_columns(dataset: lance.LanceDataset) -> list[str]:
+    """The columns a search may filter on: `label` and the pass-through fields."""
+    return [field.name for field in dataset.schema if pa.types.is_string(field.type)
+            and field.name not in NOT_FILTERED and not field.name.endswith("_fp")]
+
+
+def _filter_indexes(dataset: lance.LanceDataset, columns: list[str]) -> list[tuple[str, ScalarIndex]]:
+    """(column, index kind) for these columns, judged on one sample of rows; free text gets none."""
+    if not columns:
+        return []
+    rows = dataset.count_rows()
+    sample = (dataset.to_table(columns=columns) if rows <= DISTINCT_SAMPLE
+              else dataset.sample(DISTINCT_SAMPLE, columns=columns))
     found: list[tuple[str, ScalarIndex]] = []
     for column in columns:
-        values = pc.count_distinct(dataset.to_table(columns=[column])[column]).as_py()
-        found.append((column, "BITMAP" if values <= BITMAP_MAX_VALUES else "BTREE"))
+        values = sample[column].drop_null()
+        distinct = pc.count_distinct(values).as_py()
+        words = pc.list_value_length(pc.utf8_split_whitespace(values)) if len(values) else pa.array([0])
+        if distinct > FREE_TEXT_DISTINCT * len(values) and pc.approximate_median(words).as_py() >= FREE_TEXT_WORDS:
+            log.info("upkeep: %s looks like free text (%d distinct of %d sampled values): no scalar index", column,
+                     distinct, len(values))
+            continue
+        found.append((column, "BITMAP" if distinct <= BITMAP_MAX_VALUES else "BTREE"))
     return found
