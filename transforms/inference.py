@@ -4,9 +4,11 @@ Inputs shared by many items (the same photo, the same caption) are encoded once:
 - Images are grouped by the digest of their bytes, so a shared picture is read, decoded and encoded
   once per run, on one worker: the group's first item stands for it, and the vectors are copied to
   the rest of the group in place. Only references cross the grouping: the image's bytes are read here,
-  by the worker that decodes them. A picture is decoded once per size its encoders need (a JPEG straight
-  at a reduced scale), and encoders on one network (`cnn` and `conse` on EfficientNet-Lite0) share its
-  preparation and forward pass.
+  by the worker that decodes them. A group is never a list: its items are unpacked one at a time as it
+  is iterated (`Unpacked`), so a placeholder picture shared by millions of items streams through the
+  worker as Dataflow pages the group's values from the shuffle. A picture is decoded once per size its
+  encoders need (a JPEG straight at a reduced scale), and encoders on one network (`cnn` and `conse` on
+  EfficientNet-Lite0) share its preparation and forward pass.
 - Texts are not grouped: the text rides in the item already, and a text grouping after the image
   stage would carry every item's image vectors through a shuffle (before it, the image grouping would
   carry the text vectors). A worker encodes each distinct text of a batch once and remembers the
@@ -288,10 +290,12 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         wanted: dict[str, set[str]] = {}      # digest -> the encoders that some item of the batch needs
         firsts: dict[str, dict] = {}          # digest -> the item that stands for it
         for key, items in groups:
-            names = {e.name for e in self._encoders if any(needs(item, e) for item in items)}
+            names: set[str] = set()
+            for item in items:                # streamed: a group may be larger than the worker's memory
+                names.update(e.name for e in self._encoders if e.name not in names and needs(item, e))
+                firsts.setdefault(key, item)
             if names:
                 wanted.setdefault(key, set()).update(names)
-                firsts.setdefault(key, items[0])
         stage = self._threads()
         recalled = {key: stage.recent.recall(key, names) for key, names in wanted.items()}
         missing = {key: names for key, names in wanted.items() if recalled[key] is None}
@@ -301,7 +305,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         paid: set[str] = set()
         for key, items in groups:
             if key in errors:
-                yield items, {}, [], failed(items[0], "decode", errors[key]), 0.0
+                yield items, {}, [], failed(firsts[key], "decode", errors[key]), 0.0
             elif key in vectors:
                 yield items, vectors[key], [] if key in paid else list(vectors[key]), None, share
                 paid.add(key)
@@ -361,6 +365,11 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
                 jobs.append((encoder.name, chosen, prepared[shared]))
         return done, jobs, errors
 
+    def get_num_bytes(self, batch: Sequence[tuple]) -> int:
+        """The batch's size for RunInference's metrics, in groups: Beam's default pickles the whole batch (every
+        item of every group) to weigh it."""
+        return len(batch)
+
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # Fixed, large batches: the sub-batches that the network runs at are cut inside (`_encode`), where
         # the next ones are prepared while it runs. Beam's adaptive sizing would keep batches small here.
@@ -398,6 +407,16 @@ class ShareVectors(beam.DoFn):
                        encode_seconds={**item["encode_seconds"], **{name: seconds for name in paid}})
 
 
+class Unpacked:
+    """A group's packed items, unpacked one at a time each time it is iterated: never a list of them."""
+
+    def __init__(self, packed: Iterable[bytes]):
+        self._packed = packed
+
+    def __iter__(self) -> Iterator[dict]:
+        return (unpack(data) for data in self._packed)
+
+
 def _input_key(item: dict, modality: str, encoders: Sequence[Encoder]) -> str:
     """Items that need this modality are keyed by its input's digest. The others ride alone under their
     id, through the same stages: merging two branches after encoding would make local runners hold every
@@ -427,7 +446,7 @@ class EncodeModality(beam.PTransform):
                 keyed
                 | "Pack" >> beam.MapTuple(lambda key, item: (key, pack(item)))
                 | "Group equal inputs" >> beam.GroupByKey()
-                | "Unpack" >> beam.MapTuple(lambda key, packed: (key, [unpack(data) for data in packed]))
+                | "Unpack" >> beam.MapTuple(lambda key, packed: (key, Unpacked(packed)))
             )
             remembered = 0
         else:
