@@ -76,7 +76,8 @@ soak: install
 # over 30 nights (benchmarks/query.py), then CSV reading at 1M rows against the line reader (benchmarks/csv_read.py),
 # then catalogs of image URLs from a local CDN stand-in against a plain requests + thread-pool loop
 # (benchmarks/url_images.py), then a killed and resumed first run and a budgeted backfill at 100k items
-# (benchmarks/backfill.py), then catalog-embed serve under 1 and 8 clients on a 1M-row table (benchmarks/serving.py).
+# (benchmarks/backfill.py), then catalog-embed serve under 1 and 8 clients on a 1M-row table (benchmarks/serving.py),
+# then a placeholder picture shared by 10k and 100k items against a picture each (benchmarks/shared_images.py).
 # Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
@@ -90,6 +91,7 @@ bench: install
 	$(BIN)/python -m benchmarks.url_images --out out/bench.json
 	$(BIN)/python -m benchmarks.backfill --out out/bench.json
 	$(BIN)/python -m benchmarks.serving --out out/bench.json
+	$(BIN)/python -m benchmarks.shared_images --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -46,7 +46,15 @@ from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
 from transforms.interaction_log import check_interactions
 from transforms.items import HELD, ITEMS, REJECTS, failed
-from transforms.lance_sink import REPLACED, WriteFragments, dataset_uri, open_dataset, table_metadata, table_schema
+from transforms.lance_sink import (
+    REPLACED,
+    WriteFragments,
+    dataset_uri,
+    only_weights_differ,
+    open_dataset,
+    table_metadata,
+    table_schema,
+)
 from transforms.lifecycle import RemoveRows, SortReadRejects
 from transforms.plan import count, count_plan
 from transforms.progress import KnowWork, LogProgress, LogWork
@@ -102,6 +110,8 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     current = open_dataset(uri, config.output.storage_options)
     if current is not None:
         _log_encoder_changes(table_metadata(current.schema), described)
+    # New weights alone rewrite the combined column of the stored rows; another encoder set, a new table.
+    reweigh = current is not None and not reembed and only_weights_differ(current.schema, schema)
     context = RunContext(
         output=config.output, max_reject_ratio=config.run.max_reject_ratio,
         max_delete_ratio=config.output.max_delete_ratio, dataset_uri=uri,
@@ -109,9 +119,11 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
         rows_before=current.count_rows() if current is not None else 0, upkeep_owed=upkeep_owed(runs),
-        # Another encoder set or weighting changes the schema: every row is rewritten, from the stored vectors
-        # of the encoders that did not change.
-        overwrite=current is not None and (reembed or not current.schema.equals(schema, check_metadata=True)),
+        # Another encoder set changes the schema: every row is rewritten, from the stored vectors of the encoders
+        # that did not change.
+        overwrite=current is not None and not reweigh and (reembed or not current.schema.equals(
+            schema, check_metadata=True)),
+        reweigh=reweigh,
         started_at=utc_now(),
         staging=staging_folder(root, config.output.table, config.config_hash(), current and current.version, run_id,
                                reembed),
@@ -263,13 +275,14 @@ def _removals(pipeline: beam.Pipeline, plan: JobPlan, leaving) -> beam.PCollecti
     if ctx.read_version is None:
         return pipeline | "Nothing stored" >> beam.Create([])
     pairs = leaving | "Rows leaving" >> beam.Flatten()
-    if ctx.overwrite:       # every stored fragment is visited: its rows that stay are carried over
+    if ctx.overwrite or ctx.reweigh:    # every stored fragment is visited: its rows that stay are carried over,
+                                        # or their combined vectors made again
         stored = lance.dataset(ctx.dataset_uri, version=ctx.read_version, storage_options=ctx.output.storage_options)
         every = pipeline | "Stored fragments" >> beam.Create([(f.fragment_id, None) for f in stored.get_fragments()])
         pairs = (pairs, every) | "And every fragment" >> beam.Flatten()
     remove = RemoveRows(ctx.dataset_uri, ctx.read_version, plan.schema if ctx.overwrite else None, ctx.encoder_ids,
                         plan.config.normalised_weights(), {e.name: e.dim for e in plan.encoders},
-                        ctx.output.storage_options)
+                        ctx.output.storage_options, ctx.reweigh)
     return pairs | "Group by fragment" >> beam.GroupByKey() | "Remove rows" >> beam.ParDo(remove)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+REWROTE = {"vector": "new weights: the `vector` column of every row written again (one column, from stored vectors)",
+           "table": "a new schema: every row written into a new table (from the stored vectors of unchanged encoders)"}
+
 
 def print_run_summary(run: dict) -> None:
     seconds = (run["ended_at"] - run["started_at"]).total_seconds()
@@ -22,6 +25,8 @@ def print_run_summary(run: dict) -> None:
         absent = f" ({run['absent']} ids the catalog no longer lists are kept)" if run.get("absent") else ""
         print(f"  table rows: {run['rows_before']} - deleted {run['deleted']} + added {run.get('added') or 0} "
               f"= {run['rows_after']}{absent}")
+    if run.get("rewrote") in REWROTE:
+        print(f"  {REWROTE[run['rewrote']]}")
     if run["encoded"]:
         rates = run.get("encode_rate") or {}
         print("  encoded (forward passes): " + ", ".join(

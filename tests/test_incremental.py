@@ -148,20 +148,34 @@ def test_a_run_that_lost_the_race_commits_nothing(catalog, monkeypatch, moved):
     assert run(config, "slow-again")["unchanged"] == len(rows)
 
 
-def test_weight_change_recomputes_vector_without_models(catalog, tmp_path):
-    config, _, rows = catalog
-    run(config, "r1")
-    reweighted = make_config(tmp_path, {"format": "manifest", "path": config.catalog.path,
-                                        "text_fields": ["caption"]},
-                             {"text": {"kind": "sentence-transformers", "weight": 0.2},
-                              "color": {"kind": "color", "weight": 0.8}})
+def test_new_weights_rewrite_the_vector_column_alone(catalog):
+    """No model runs and no row is written: each fragment gains a data file of the `vector` column, made from the
+    stored vectors, in one commit with the new weights; the version before keeps its vectors."""
+    config, folder, rows = catalog
+    first = run(config, "r1")
+    before = read_table(config)
+    edited = [dict(rows[0], caption="a sleepy ginger cat"), *rows[1:]]      # and one caption edited that night
+    write_catalog(folder, edited)
+    reweighted = replace(config, encoders=tuple(replace(e, weight={"text": 0.2, "color": 0.8}[e.name])
+                                                for e in config.encoders))
     summary = run(reweighted, "r2")
-    assert summary["encoded"] == {"text": 0, "color": 0} and summary["written"] == len(rows)
-    table = read_table(reweighted)
-    for row in table.to_pylist():
+    assert summary["encoded"] == {"text": 1, "color": 0} and summary["rewrote"] == "vector"
+    assert (summary["written"], summary["unchanged"], summary["rows_after"]) == (1, len(rows) - 1, len(rows))
+    after = read_table(config)
+    for row in after.to_pylist():
         expected = np.concatenate([np.sqrt(0.2) * np.asarray(row["text_vec"]),
                                    np.sqrt(0.8) * np.asarray(row["color_vec"])])
         np.testing.assert_allclose(row["vector"], expected, atol=1e-6)
+    for name in ("id", "caption", "text_vec", "color_vec", "text_fp", "color_fp", "run_id"):
+        changed = [a != b for a, b in zip(after[name].to_pylist(), before[name].to_pylist(), strict=True)]
+        assert changed == [name in ("caption", "text_vec", "text_fp", "run_id") and n == 0
+                           for n in range(len(rows))], name
+    dataset = lance.dataset(dataset_uri(config.output.uri, config.output.table), version=summary["table_version"])
+    vector_field = dataset.lance_schema.field("vector").id()       # the run's version, before upkeep compacts it
+    carried = [f.metadata.files for f in dataset.get_fragments() if len(f.metadata.files) > 1]
+    assert carried and all(files[-1].fields == [vector_field] and -2 in files[0].fields for files in carried)
+    old = lance.dataset(dataset_uri(config.output.uri, config.output.table), version=first["table_version"])
+    assert old.to_table().sort_by("id")["vector"].equals(before["vector"])
 
 
 def test_changed_encoder_reembeds_that_encoder_only(catalog, tmp_path):

@@ -55,12 +55,13 @@ ALIGN_ANCHORS = 10_000
 
 def generation(runs: Sequence[dict], encoder: Item2VecEncoder, run_id: str, today: date) -> str:
     """The generation of `encoder`'s vectors this run writes: the last run's while it is younger than the
-    encoder's `retrain_days`, else a new one, named by today's date and this run."""
+    encoder's `retrain_days`, else a new one, named by today's date (and this run, where every run is one), so
+    that two tables first built on one day have the same fingerprints."""
     last = next((run["interactions"].get("generations", {}).get(encoder.name) for run in reversed(runs)
                  if run["status"] != "failed" and run["interactions"].get("generations", {}).get(encoder.name)), None)
     if last and (today - date.fromisoformat(last.split("/")[0])).days < encoder.retrain_days:
         return last
-    return f"{today.isoformat()}/{run_id}"
+    return today.isoformat() if encoder.retrain_days else f"{today.isoformat()}/{run_id}"
 
 
 def with_generations(encoders: Sequence[Encoder], runs: Sequence[dict], run_id: str,

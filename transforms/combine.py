@@ -29,14 +29,31 @@ def normalise_weights(weights: Mapping[str, float]) -> dict[str, float]:
 
 def combine(vectors: Mapping[str, np.ndarray], weights: Mapping[str, float], order: Sequence[str],
             dims: Mapping[str, int]) -> np.ndarray:
-    """The stored combined vector of one item: concat(sqrt(w_i / W) * v_i) in `order`, with zeros for the
-    encoders it has no vector from and W the sum of the weights of those it has."""
-    # A share of the total, so that an item with every vector is scaled by exactly 1.
-    present = sum(weights[name] for name in order if name in vectors) / sum(weights[name] for name in order)
-    if present <= 0:
+    """The stored combined vector of one item (`combine_rows` for one row); ValueError where it has no vector
+    from any encoder with a weight."""
+    combined, valid = combine_rows({name: vector[None] for name, vector in vectors.items()},
+                                   {name: np.ones(1, bool) for name in vectors}, weights, order, dims, 1)
+    if not valid.any():               # no row at all where the item has no vector from any encoder
         raise ValueError("the item has no vector from any encoder with a weight")
-    return np.concatenate([np.sqrt(weights[name] / present) * vectors[name] if name in vectors
-                           else np.zeros(dims[name], np.float32) for name in order]).astype(np.float32)
+    return combined[0]
+
+
+def combine_rows(vectors: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], weights: Mapping[str, float],
+                 order: Sequence[str], dims: Mapping[str, int], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items' stored combined vectors, concat(sqrt(w_i / W) * v_i) in `order`, with zeros for the encoders an
+    item has no vector from and W the sum of the weights of those it has. `vectors[name]`: an (n, dim) matrix,
+    `present[name]`: which of its rows hold a vector (an encoder in neither is absent from every item). Returns
+    the (rows, sum of dims) matrix and which rows have a vector from some encoder with a weight (the others are
+    zeros)."""
+    # A share of the total, so that an item with every vector is scaled by exactly 1.
+    total = sum(weights[name] for name in order)
+    share = sum(weights[name] * present[name] for name in order if name in present) / total
+    valid = np.asarray(share > 0) & np.ones(rows, bool)
+    scale = np.where(valid, share, 1.0)
+    parts = [np.sqrt(weights[name] / scale)[:, None] * np.where(present[name][:, None], vectors[name], 0.0)
+             if name in present else np.zeros((rows, dims[name]), np.float32) for name in order]
+    combined = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((rows, 0), np.float32)
+    return np.where(valid[:, None], combined, np.float32(0)), valid
 
 
 def reweighted_query(

@@ -59,7 +59,8 @@ class RunContext:
     encoder_ids: dict
     read_version: int | None
     rows_before: int                # the table's rows at the read version
-    overwrite: bool
+    overwrite: bool                 # a new schema: every row is written into a new table (lifecycle.py)
+    reweigh: bool                   # only new weights: every stored row's `vector` column is written again
     started_at: datetime
     staging: str                    # this run's staging folder (staging.py)
     budget: dict                    # forward passes per scope (budget.py); empty: no budget
@@ -120,7 +121,7 @@ class CommitRun(beam.DoFn):
             self._schema, new_fragments=[raw for found in [*written, *removals] for raw in
                                          found.get("fragments", found.get("carried", []))],
             removals=[(found["fragment"], found["kept"]) for found in removals if "kept" in found],
-            overwrite=ctx.overwrite)
+            overwrite=ctx.overwrite, reweigh=ctx.reweigh)
         try:
             version = commit_change(ctx.dataset_uri, change, ctx.run, ctx.read_version, ctx.output.storage_options)
         except ConcurrentRunError as err:   # recorded as failed, not retried: the table moved on
@@ -198,6 +199,7 @@ class CommitRun(beam.DoFn):
             log.error("run %s: %s", ctx.run_id, message)
         return {
             "run_id": ctx.run_id, "status": "committed", "message": message, "config_hash": ctx.config_hash,
+            "rewrote": "table" if ctx.overwrite else "vector" if ctx.reweigh else "rows",
             "encoder_ids": ctx.encoder_ids, "read": read, "written": written_rows, "unchanged": unchanged,
             "deleted": deleted, "rejected": rejected, "kept": kept, "absent": absent, "deferred": deferred,
             "added": sum(batch.get("added", 0) for batch in written),

@@ -60,6 +60,18 @@ def table_schema(passthrough: Sequence[str], encoders: Sequence[dict], table_met
     return pa.schema(columns, metadata=metadata)
 
 
+def only_weights_differ(stored: pa.Schema, new: pa.Schema) -> bool:
+    """Whether the two schemas are the same but for the encoders' weights: a night that rewrites one column."""
+    def unweighted(schema: pa.Schema) -> pa.Schema:
+        meta = table_metadata(schema)
+        meta["encoders"] = [{k: v for k, v in e.items() if k != "weight"} for e in meta.get("encoders", [])]
+        return schema.with_metadata({**(schema.metadata or {}),
+                                     METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+    return (not stored.equals(new, check_metadata=True)
+            and unweighted(stored).equals(unweighted(new), check_metadata=True))
+
+
 def table_metadata(schema: pa.Schema) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
@@ -109,10 +121,16 @@ def vector_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def vector_array(vectors: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
     """A FixedSizeList<float32, dim> column; None (an encoder the item has no input for) is null."""
-    missing = np.array([vector is None for vector in vectors], dtype=bool)
-    flat = np.concatenate([np.zeros(dim, np.float32) if vector is None else vector for vector in vectors])
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32)), dim,
-                                             mask=pa.array(missing) if missing.any() else None)
+    valid = np.array([vector is not None for vector in vectors], dtype=bool)
+    matrix = np.stack([np.zeros(dim, np.float32) if vector is None else vector for vector in vectors]) if vectors \
+        else np.zeros((0, dim), np.float32)
+    return matrix_array(matrix, valid)
+
+
+def matrix_array(matrix: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
+    """An (n, dim) matrix as a FixedSizeList<float32, dim> column, null where not `valid`."""
+    flat = pa.array(np.ascontiguousarray(matrix, np.float32).ravel())
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=None if valid.all() else pa.array(~valid))
 
 
 class WriteFragments(beam.DoFn):

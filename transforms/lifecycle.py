@@ -30,13 +30,13 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lance.fragment import write_fragments
+from lance.fragment import FragmentMetadata, write_fragments
 
-from transforms.combine import combine
+from transforms.combine import combine_rows
 from transforms.compare import fragment
 from transforms.encoders.base import without_data
 from transforms.items import HELD, pack
-from transforms.lance_sink import table_metadata, vector_array, vector_matrix
+from transforms.lance_sink import matrix_array, table_metadata, vector_matrix
 
 CARRY_BATCH = 4096     # stored rows read at a time when a new-schema night carries them over
 
@@ -56,20 +56,23 @@ class SortReadRejects(beam.DoFn):
 class RemoveRows(beam.DoFn):
     """Per stored fragment, the rows this run removes: those a written row replaces and those deleted.
 
-    On a night that appends (the schema unchanged) it writes a deletion file; on a night that rewrites for a
-    new schema it writes the fragment's other rows in the new schema instead (`carried`): each encoder whose
-    id is unchanged keeps its vector and fingerprint, a new or changed one has nulls (the next run encodes
-    it), and the combined vector is made again with the new weights. Emits {fragment, removed, kept (the
-    fragment's metadata with its deletion file, or None when no row of it stays)} or {fragment, removed,
-    carried (fragments' metadata), rows}.
+    On a night that appends (the schema unchanged) it writes a deletion file. On a night whose only change of
+    schema is the weights (`reweigh`) it also writes the fragment's combined vectors again, from its stored
+    vectors, as a data file of the `vector` column alone (Lance's `update_columns`): one column rewritten, not
+    every row. On a night that rewrites for a new schema it writes the fragment's other rows in the new schema
+    instead (`carried`): each encoder whose id is unchanged keeps its vector and fingerprint, a new or changed
+    one has nulls (the next run encodes it), and the combined vector is made again with the new weights. Emits
+    {fragment, removed, kept (the fragment's metadata with its deletion file, or None when no row of it
+    stays)} or {fragment, removed, carried (fragments' metadata), rows}.
     """
 
     def __init__(self, uri: str, read_version: int, new_schema: pa.Schema | None,
                  encoder_ids: Mapping[str, str], weights: Mapping[str, float], dims: Mapping[str, int],
-                 storage_options: dict[str, str] | None = None):
+                 storage_options: dict[str, str] | None = None, reweigh: bool = False):
         self._uri = uri
         self._read_version = read_version
         self._new_schema = new_schema           # None: deletion files (no new schema)
+        self._reweigh = reweigh
         self._encoder_ids = dict(encoder_ids)
         self._weights = dict(weights)
         self._dims = dict(dims)
@@ -85,12 +88,23 @@ class RemoveRows(beam.DoFn):
         before = stored.count_rows()
         if self._new_schema is None:
             kept = stored.delete_rows(_offsets(stored, ids)) if ids else stored.metadata
+            if kept is not None and self._reweigh:
+                kept = self._reweighed(stored, kept)
             after = 0 if kept is None else _live_rows(kept)
             yield {"fragment": fragment_id, "removed": before - after,
                    "kept": None if kept is None else json.dumps(kept.to_json())}
             return
         carried, rows = self._carry(stored, ids)
         yield {"fragment": fragment_id, "removed": before - rows, "carried": carried, "rows": rows}
+
+    def _reweighed(self, stored: lance.LanceFragment, kept: FragmentMetadata) -> FragmentMetadata:
+        """The fragment as `kept` (its deletion file), with its `vector` column in a data file of its own, made
+        from its stored vectors with the new weights."""
+        rows = stored.to_table(columns=[f"{name}_vec" for name in self._dims], with_row_id=True)
+        column = combined_column(rows, self._dims, self._weights, self._dims)
+        updated, _ = stored.update_columns(pa.table({"_rowid": rows["_rowid"], "vector": column}))
+        return FragmentMetadata.from_json(json.dumps(dict(updated.to_json(),
+                                                          deletion_file=kept.to_json()["deletion_file"])))
 
     def _carry(self, stored: lance.LanceFragment, leaving: Sequence[str]) -> tuple[list[str], int]:
         """Write the fragment's rows that stay in the new schema: their ids read first, then only those rows, so
@@ -137,15 +151,11 @@ def in_new_schema(rows: pa.Table, schema: pa.Schema, kept_encoders: set[str],
     """Stored rows as the new schema holds them: the columns it shares with theirs, the vectors and
     fingerprints of unchanged encoders, nulls for the rest, and the combined vector made again."""
     encoder_columns = {f"{name}_{part}": name for name in dims for part in ("vec", "fp")}
-    vectors = {name: (vector_matrix(rows[f"{name}_vec"]), rows[f"{name}_vec"].is_valid().to_numpy(
-        zero_copy_only=False)) for name in kept_encoders}
-    combined = [_combined({name: matrix[row] for name, (matrix, valid) in vectors.items() if valid[row]},
-                          weights, dims) for row in range(rows.num_rows)]
     columns = []
     for field in schema:
         dropped = encoder_columns.get(field.name) not in (None, *kept_encoders)
         if field.name == "vector":
-            columns.append(vector_array(combined, field.type.list_size))
+            columns.append(combined_column(rows, kept_encoders, weights, dims))
         elif dropped or field.name not in rows.schema.names:
             columns.append(pa.nulls(rows.num_rows, field.type))
         else:
@@ -153,8 +163,12 @@ def in_new_schema(rows: pa.Table, schema: pa.Schema, kept_encoders: set[str],
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _combined(vectors: dict[str, np.ndarray], weights: Mapping[str, float], dims: Mapping[str, int]):
-    try:
-        return combine(vectors, weights, list(dims), dims)
-    except ValueError:      # no vector from any weighted encoder left: the row stays, found by id and filters
-        return None
+def combined_column(rows: pa.Table, encoders: Iterable[str], weights: Mapping[str, float],
+                    dims: Mapping[str, int]) -> pa.FixedSizeListArray:
+    """Stored rows' combined vectors made again from their `encoders`' stored vectors with `weights`; null where
+    a row has no vector from any weighted encoder (the row stays, found by id and filters)."""
+    columns = {name: rows[f"{name}_vec"] for name in encoders}
+    combined, valid = combine_rows({name: vector_matrix(column) for name, column in columns.items()},
+                                   {name: column.is_valid().to_numpy(zero_copy_only=False)
+                                    for name, column in columns.items()}, weights, list(dims), dims, rows.num_rows)
+    return matrix_array(combined, valid)

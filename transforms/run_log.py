@@ -27,6 +27,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("status", pa.string()),
     pa.field("message", pa.string()),
     pa.field("config_hash", pa.string()),
+    pa.field("rewrote", pa.string()),       # rows (those that changed), vector (new weights: that column), table
     pa.field("encoder_ids", pa.string()),
     pa.field("read", pa.int64()),
     pa.field("written", pa.int64()),

@@ -52,6 +52,8 @@ class TableChange:
     removals: Sequence[tuple[int, str | None]] = ()         # stored fragment -> its metadata with a new deletion
                                                             # file, or None when none of its rows stays
     overwrite: bool = False                                 # a new schema: the new fragments are the whole table
+    reweigh: bool = False                                   # new weights: every stored fragment's `vector` column
+                                                            # is new (removals), and the schema's metadata
 
     def is_empty(self) -> bool:
         return not (self.overwrite or self.new_fragments or self.removals)
@@ -118,6 +120,10 @@ def _operation(dataset: lance.LanceDataset | None, change: TableChange) -> lance
         return lance.LanceOperation.Overwrite(change.schema, new)
     removed = {fragment_id for fragment_id, kept in change.removals if kept is None}
     updated = {fragment_id: FragmentMetadata.from_json(kept) for fragment_id, kept in change.removals if kept}
+    if change.reweigh:
+        # The whole fragment list and the new schema in one Merge, which conflicts with any commit since the read.
+        return lance.LanceOperation.Merge(
+            [updated[f.fragment_id] for f in stored if f.fragment_id not in removed] + new, change.schema)
     # Every fragment read is named, changed or not: a commit since then that touched any is a conflict.
     return lance.LanceOperation.Update(
         removed_fragment_ids=sorted(removed), new_fragments=new,

@@ -52,9 +52,12 @@ class Encoder(ABC):
     # Whether `prepare` needs the loaded model (a tokeniser, CLIP's transform); others prepare without it.
     prepares_with_model: bool = False
 
-    def __init__(self, config: EncoderConfig, precision: str | None = None):
+    def __init__(self, config: EncoderConfig, precision: str | None = None, auto_kind: str | None = None):
+        """`precision`: what `precision: auto` runs at where the plan decided it; `auto_kind`: the kind whose `auto`
+        it follows where it is part of another encoder (ConSE's networks), else its own."""
         self.config = config
         self._auto_precision = precision
+        self._auto_kind = auto_kind or config.kind
 
     @classmethod
     def check_options(cls, name: str, options: dict[str, Any]) -> None:
@@ -165,7 +168,7 @@ class Encoder(ABC):
             return self.config.precision
         if self._auto_precision:
             return self._auto_precision
-        return auto_precision(self.config.kind, self.device_type,
+        return auto_precision(self._auto_kind, self.device_type,
                               self.device_type == "cpu" and cpu_runs_bf16())
 
     @property

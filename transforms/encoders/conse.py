@@ -89,7 +89,10 @@ class ConseEncoder(Encoder):
         text = EncoderConfig(name=self.name, kind="sentence-transformers",
                              model=options.get("text_model", MINILM_NAMES[0]), device=self.config.device,
                              precision=self.precision_setting)
-        return CnnEncoder(image, self.precision), SentenceTransformerEncoder(text, self.precision)
+        # Resolved when a forward pass needs it, as ConSE's `auto`: a query that runs an exported network loads
+        # no torch.
+        return (CnnEncoder(image, self._auto_precision, auto_kind=self.config.kind),
+                SentenceTransformerEncoder(text, self._auto_precision, auto_kind=self.config.kind))
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -112,7 +115,9 @@ class ConseEncoder(Encoder):
         model, its precision and the class texts' settings), so a run or a query reads them in milliseconds."""
         text = self.parts[1]
         class_texts = {name: self.settings[name] for name in CLASS_TEXT_SETTINGS}
-        key = json.dumps({"text": text.describe(), "precision": text.precision, **class_texts}, sort_keys=True)
+        # The text model's description holds its precision setting: `auto` resolves alike on this machine, whose
+        # cache this is.
+        key = json.dumps({"text": text.describe(), **class_texts}, sort_keys=True)
 
         def compute() -> np.ndarray:
             sentences, owners = class_sentences(self.settings)
