@@ -6,24 +6,27 @@ last; "-field" puts the largest first), then a hash of the item's id, so that a 
 several runs fills evenly across the catalog, then the encoder's place in the config. A budget is one
 number for all encoders together, or one per encoder name.
 
-The pairs within the budget are the smallest in that order. Their boundary is found by one combine over
-the pairs' small sort keys (no item crosses it: the combining worker holds a budget's worth of keys, about
-100 bytes each), and each item is then told, beside the boundary as a side input, which of its encoders
-wait (`deferred`). An item keeps a null vector and a null fingerprint for those, so the next run takes them
-up; its combined vector is renormalised over the vectors it has. An item that would be written only to
-hold those nulls stays as the table has it, and one that would have no vector at all (a new item, or every
-encoder changed) is not written: both are counted as `deferred`, so read = written + unchanged + rejected
-+ deferred.
+The pairs within the budget are the smallest in that order. Their boundary is found in three passes over the
+pairs' small sort keys, with memory that does not grow with the budget (`BudgetBoundaries`): approximate
+quantiles cut each scope's keys into BANDS bands, the pairs of each band are counted, and the keys of the one
+band where the budget runs out are sorted to find the exact boundary. No item crosses these steps, and each
+item is then told, beside the boundaries as a side input, which of its encoders wait (`deferred`). An item
+keeps a null vector and a null fingerprint for those, so the next run takes them up; its combined vector is
+renormalised over the vectors it has. An item that would be written only to hold those nulls stays as the
+table has it, and one that would have no vector at all (a new item, or every encoder changed) is not written:
+both are counted as `deferred`, so read = written + unchanged + rejected + deferred.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.transforms.stats import ApproximateQuantiles
 
 from transforms.encoders.base import Encoder
 from transforms.fingerprint import has_input
@@ -32,6 +35,9 @@ from transforms.items import ITEMS
 
 DEFERRED = "deferred"
 ALL = "*"           # the scope of a budget for all encoders together
+# Quantile bands per scope: the boundary's last pass sorts one band, about 1/BANDS of the pairs (plus the
+# quantiles' error, as much again), whatever the budget.
+BANDS = 1_000
 
 
 def budget_scopes(max_encode: int | dict[str, int] | None) -> dict[str, int]:
@@ -60,45 +66,54 @@ def order_key(item: dict, field: str | None, descending: bool) -> tuple:
     return (0, (1, text), id_hash)
 
 
-class SmallestKeys(beam.CombineFn):
-    """Over (scope, key) pairs: per scope with a limit, the largest key within its `limit` smallest (None for
-    a limit of 0); a scope whose pairs all fit is left out."""
+class BudgetBoundaries(beam.PTransform):
+    """Over (scope, key) pairs: per scope whose pairs exceed its limit (above 0), the largest key within its
+    `limit` smallest, as (scope, boundary). Its memory: a quantile sketch per scope, a count per band, and the
+    keys of one band."""
 
-    def __init__(self, limits: dict[str, int]):
+    def __init__(self, limits: dict[str, int], bands: int = BANDS):
+        super().__init__()
         self._limits = limits
+        self._bands = bands
 
-    def create_accumulator(self) -> dict[str, list]:
-        return {}
+    def expand(self, pairs):
+        limits = self._limits
+        edges = beam.pvalue.AsDict(pairs | "Key quantiles" >> ApproximateQuantiles.PerKey(self._bands + 1))
+        banded = pairs | "Band of key" >> beam.Map(
+            lambda pair, cuts: (pair[0], bisect.bisect_left(cuts[pair[0]], pair[1]), pair[1]), edges)
+        cut = beam.pvalue.AsDict(
+            banded
+            | "Band" >> beam.Map(lambda found: ((found[0], found[1]), 1))
+            | "Pairs per band" >> beam.CombinePerKey(sum)
+            | "By scope" >> beam.Map(lambda counted: (counted[0][0], (counted[0][1], counted[1])))
+            | "Bands of scope" >> beam.GroupByKey()
+            | "Where the budget runs out" >> beam.FlatMap(lambda scoped: _cut(scoped, limits)))
+        return (
+            banded
+            | "Keys of that band" >> beam.FlatMap(
+                lambda found, cuts: [(found[0], found[2])] if cuts.get(found[0], (None,))[0] == found[1] else [], cut)
+            | "The band's keys" >> beam.GroupByKey()
+            | "Boundary" >> beam.Map(lambda scoped, cuts: (scoped[0], sorted(scoped[1])[cuts[scoped[0]][1] - 1]),
+                                     cut)
+        )
 
-    def add_input(self, accumulator: dict[str, list], pair: tuple[str, Any]) -> dict[str, list]:
-        scope, key = pair
-        keys = accumulator.setdefault(scope, [])
-        keys.append(key)
-        if len(keys) > 2 * self._limits[scope] + 1024:    # trimmed now and then: amortised O(log n) a key
-            self._trim(scope, keys)
-        return accumulator
 
-    def merge_accumulators(self, accumulators) -> dict[str, list]:
-        merged: dict[str, list] = {}
-        for accumulator in accumulators:
-            for scope, keys in accumulator.items():
-                merged.setdefault(scope, []).extend(keys)
-        for scope, keys in merged.items():
-            self._trim(scope, keys)
-        return merged
+def _band(edges: list, key: Any) -> int:
+    return bisect.bisect_left(edges, key)
 
-    def extract_output(self, accumulator: dict[str, list]) -> dict[str, Any]:
-        boundaries = {}
-        for scope, keys in accumulator.items():
-            limit = self._limits[scope]
-            if len(keys) > limit:
-                self._trim(scope, keys)
-                boundaries[scope] = keys[limit - 1] if limit else None
-        return boundaries
 
-    def _trim(self, scope: str, keys: list) -> None:
-        keys.sort()
-        del keys[self._limits[scope] + 1:]     # one over the limit still says that the limit is exceeded
+def _cut(scoped: tuple[str, Iterable[tuple[int, int]]], limits: dict[str, int]) -> list[tuple[str, tuple]]:
+    """(scope, (band, rank)): the band that holds the scope's `limit`-th smallest key, and its rank there; nothing
+    where every pair fits, or where nothing may be encoded (a limit of 0: `Budget.waiting`)."""
+    scope, counted = scoped
+    counts, limit, before = sorted(counted), limits[scope], 0
+    if limit == 0 or sum(count for _, count in counts) <= limit:
+        return []
+    for band, count in counts:
+        if before + count >= limit:
+            return [(scope, (band, limit - before))]
+        before += count
+    return []
 
 
 class Budget:
@@ -122,11 +137,12 @@ class Budget:
                 if (scope := self.scope(e.name)) is not None and needs(item, e)]
 
     def waiting(self, item: dict, boundaries: dict[str, Any]) -> list[str]:
-        """The encoders the item needs that are past their scope's boundary."""
+        """The encoders the item needs that are past their scope's boundary (every one, at a budget of 0)."""
         key = order_key(item, self._field, self._descending)
         return [e.name for e in self._encoders
-                if (scope := self.scope(e.name)) in boundaries and needs(item, e)
-                and (boundaries[scope] is None or (key, self._rank[e.name]) > boundaries[scope])]
+                if (scope := self.scope(e.name)) is not None and needs(item, e)
+                and (self.limits[scope] == 0 or scope in boundaries
+                     and (key, self._rank[e.name]) > boundaries[scope])]
 
 
 class ApplyBudget(beam.DoFn):
@@ -138,7 +154,7 @@ class ApplyBudget(beam.DoFn):
         self._encoders = list(encoders)
 
     def process(self, item: dict, boundaries: dict[str, Any]):
-        waiting = self._budget.waiting(item, boundaries) if boundaries else []
+        waiting = self._budget.waiting(item, boundaries)
         if waiting:
             item = dict(item, deferred=waiting)
             worth_writing = item["rewrite"] or any(needs(item, e) for e in self._encoders)
@@ -160,10 +176,8 @@ def apply_budget(items, encoders: Sequence[Encoder], max_encode: int | dict[str,
     if not budget.limits:       # no budget: nothing waits, and no stage waits for all items to be decided
         return {ITEMS: items, DEFERRED: items.pipeline | "Nothing deferred" >> beam.Create([]),
                 "waiting": beam.pvalue.AsDict(items.pipeline | "Nothing waiting" >> beam.Create([]))}
-    boundaries = beam.pvalue.AsSingleton(
-        items
-        | "Budgeted pairs" >> beam.FlatMap(budget.pairs)
-        | "Budget boundaries" >> beam.CombineGlobally(SmallestKeys(budget.limits)))
+    boundaries = beam.pvalue.AsDict(
+        items | "Budgeted pairs" >> beam.FlatMap(budget.pairs) | "Budget boundaries" >> BudgetBoundaries(budget.limits))
     split = items | "Apply budget" >> beam.ParDo(ApplyBudget(budget, encoders), boundaries).with_outputs(
         DEFERRED, main=ITEMS)
     waiting = beam.pvalue.AsDict(
