@@ -40,7 +40,7 @@ from transforms.commit import COMMITTING, CommitRun, RunContext, Upkeep, settle,
 from transforms.compare import ABSENT, DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.config import Config, ConfigError
 from transforms.encoders import build_encoders
-from transforms.encoders.base import Encoder, defining_options, without_data
+from transforms.encoders.base import Encoder, without_data
 from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
@@ -443,4 +443,4 @@ class CombineVectors(beam.DoFn):
 def _encoder_config(encoder: Encoder) -> dict:
     cfg = encoder.config
     return {"kind": cfg.kind, "model": cfg.model, "weights_file": cfg.weights_file, "pretrained": cfg.pretrained,
-            "precision": encoder.precision_setting, "options": defining_options(cfg.options)}
+            "precision": encoder.precision_setting, "options": encoder.defining_options()}

@@ -1,9 +1,9 @@
 """Behaviour vectors: item2vec over the catalog's interaction log (`catalog.interactions`).
 
     read the log -> check each row (a malformed one is a reject) -> group by session -> order each
-    session -> train once, on one worker, streaming the sessions from disk -> rotate the vectors onto the
-    stored ones -> the vectors as a Lance dataset in the run's scratch folder -> each written batch looks its
-    items up there by id
+    session -> the sessions as files in the run's scratch folder -> train once, on one worker and every core
+    of it, streaming the sessions from those files -> rotate the vectors onto the stored ones -> the vectors
+    as a Lance dataset in the scratch folder -> each written batch looks its items up there by id
 
 Items meet their vectors the way kept vectors do (reuse.py): looked up by id right before they are
 written, so no vector crosses a shuffle or a side input. Training runs only when some item needs a
@@ -16,9 +16,13 @@ items that need one, rotated onto the stored vectors (orthogonal Procrustes over
 that a new item's cosines to the stored items mean what a full training's would. A new generation
 re-embeds the whole column from the whole log (docs/behaviour.md, "Nightly").
 
-The same log must train the same vectors whichever worker read which part of it: sessions are spilled to
-local disk and replayed in the order of their ids, and each session's events in the order of their `ts`
-(then item id). A log without `ts` has sessions as sets, ordered by item id.
+The trainer reads the sessions as files, not as a side input: a runner need not hold or stream a log's worth
+of side input to one worker. They are spilled to its local disk and replayed in the order of their ids, and
+each session's events in the order of their `ts` (then item id), so that with `threads: 1` the same log trains
+the same vectors whichever worker read which part of it; by default word2vec trains on every core of the
+worker, whose threads race by design (the vectors then differ run to run by training noise, which the rotation
+onto the stored vectors keeps out of the stored rows). A log without `ts` has sessions as sets, ordered by
+item id.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import apache_beam as beam
 import lance
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 
 from transforms.config import INTERACTION_COLUMNS
 from transforms.encoders.base import Encoder, l2_normalise
@@ -160,6 +165,15 @@ class ReadSessions(beam.PTransform):
         return {ITEMS: sessions, REJECTS: rejects, "rows": read}
 
 
+def read_sessions(files: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
+    """(session id, item ids) from session files, on any filesystem Beam reads."""
+    for path in files:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            for line in handle:
+                session, items = json.loads(line)
+                yield session, items
+
+
 class SpilledSessions:
     """The sessions on local disk in the order of their ids, to replay once per training pass: a
     re-iterable corpus that holds one bucket of sessions in memory while it is written."""
@@ -188,10 +202,11 @@ class SpilledSessions:
 
 
 class TrainItem2Vec(beam.DoFn):
-    """Once per run, on one worker: train each item2vec encoder on the sessions (a side input that
-    runners stream), rotate its vectors onto those the table holds (`table`: its uri and the version the run
-    read, None for a new table), and write them to `<scratch>/<encoder>.lance`. Emits, per encoder, where
-    they are (None when no item needed them, and nothing was trained) and the counts for the run's record."""
+    """Once per run, on one worker: train each item2vec encoder on the sessions (read from the files that the
+    pipeline wrote them to, JSON lines of [session id, item ids]), rotate its vectors onto those the table holds
+    (`table`: its uri and the version the run read, None for a new table), and write them to
+    `<scratch>/<encoder>.lance`. Emits, per encoder, where they are (None when no item needed them, and nothing
+    was trained) and the counts for the run's record."""
 
     def __init__(self, encoders: Sequence[Item2VecEncoder], scratch: str, storage_options: dict[str, str] | None,
                  table: tuple[str, int] | None = None):
@@ -200,14 +215,14 @@ class TrainItem2Vec(beam.DoFn):
         self._storage_options = storage_options
         self._table = table
 
-    def process(self, _trigger, sessions, needed: int):
+    def process(self, _trigger, files: list[str], needed: int):
         if not needed:
             for encoder in self._encoders:
                 yield {"encoder": encoder.name, "uri": None, "sessions": 0, "items": 0, "needed": 0,
                        "generation": encoder.generation}
             return
         with tempfile.TemporaryDirectory(prefix="item2vec-") as folder:
-            corpus = SpilledSessions(sessions, folder)
+            corpus = SpilledSessions(read_sessions(files), folder)
             for encoder in self._encoders:
                 log.info("training %s (item2vec %s) on %d sessions, for %d items", encoder.name,
                          encoder.settings, corpus.count, needed)
@@ -286,11 +301,17 @@ def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Enc
         | "Count them" >> beam.combiners.Count.Globally()
     )
     sessions = pipeline | "Read interactions" >> ReadSessions(path, only_if=needed)
+    files = (
+        sessions[ITEMS]
+        | "Session lines" >> beam.MapTuple(lambda session, items: json.dumps([session, items]))
+        | "Write sessions" >> beam.io.WriteToText(FileSystems.join(scratch, "sessions", "part"),
+                                                   file_name_suffix=".jsonl")
+        | "Session files" >> beam.combiners.ToList()
+    )
     trained = (
         pipeline
         | "Train once" >> beam.Create([None])
         | "Train item2vec" >> beam.ParDo(TrainItem2Vec(behaviour, scratch, storage_options, table),
-                                         sessions=beam.pvalue.AsIter(sessions[ITEMS]),
-                                         needed=beam.pvalue.AsSingleton(needed))
+                                         files=beam.pvalue.AsSingleton(files), needed=beam.pvalue.AsSingleton(needed))
     )
     return trained, sessions[REJECTS], sessions["rows"]

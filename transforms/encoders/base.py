@@ -49,6 +49,9 @@ class Encoder(ABC):
     `queries_by_text` says it can also encode a text query into the same space (text, multimodal)."""
 
     queries_by_text: bool = False
+    # Settings of its kind that say how or from where the job makes its vectors, not what they are (item2vec's
+    # log, schedule and threads): left out of the table's metadata (`defining_options`).
+    job_options: frozenset[str] = frozenset()
     # Whether `prepare` needs the loaded model (a tokeniser, CLIP's transform); others prepare without it.
     prepares_with_model: bool = False
 
@@ -68,6 +71,11 @@ class Encoder(ABC):
     @property
     def name(self) -> str:
         return self.config.name
+
+    def defining_options(self) -> dict[str, Any]:
+        """Its kind's settings that define its vectors: what the table's metadata holds, so that a moved log or
+        another schedule is the same table."""
+        return {key: value for key, value in self.config.options.items() if key not in self.job_options}
 
     # Kinds set these two as class attributes, or as properties where the config decides.
     @property
@@ -243,13 +251,6 @@ def random_pictures(count: int) -> list[Image.Image]:
     """Noise pictures of a small photo's size, the same on every call: what networks are timed and checked on."""
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def defining_options(options: dict[str, Any]) -> dict[str, Any]:
-    """An encoder's settings without where its data lies, which generation it is and when the next one is due
-    (item2vec's log and schedule): what the table's metadata holds, so that a moved log or another schedule is
-    the same table. Each run records the log and the generation (`<table>_runs`)."""
-    return {key: value for key, value in options.items() if key not in ("interactions", "generation", "retrain_days")}
 
 
 def without_data(encoder_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,9 +16,11 @@ from transforms.encoders.base import Encoder, l2_normalise
 # 120-item catalog (neighbours from the own cluster 26% against 100%). 20 epochs, not gensim's 5: a log with
 # about 12 sessions per item needs them (own cluster 2% at 5 epochs, 42% at 10, 100% at 20; docs/behaviour.md).
 ITEM2VEC_DEFAULTS = {"dim": 64, "window": 5, "epochs": 20, "min_count": 1, "negative": 5, "sample": 0.0, "seed": 1}
-# How often every behaviour vector is trained again from the whole log (a new generation). Between, a grown log
-# writes only the items that had no vector, aligned to the stored ones (docs/behaviour.md, "Nightly").
-SCHEDULE_DEFAULTS = {"retrain_days": 7}
+# How the job trains, not what: how often every behaviour vector is trained again from the whole log (a new
+# generation; between, a grown log writes only the items that had no vector, turned onto the stored ones:
+# docs/behaviour.md, "Nightly"), and the training's threads (0: every core of the worker; 1 gives the same
+# vectors on every run, more do not, as word2vec's threads race by design).
+JOB_DEFAULTS = {"retrain_days": 7, "threads": 0}
 
 
 class Item2VecEncoder(Encoder):
@@ -32,11 +35,12 @@ class Item2VecEncoder(Encoder):
     """
 
     modality = "behaviour"
+    job_options = frozenset({"interactions", "generation", *JOB_DEFAULTS})
 
     @classmethod
     def check_options(cls, name: str, options: dict[str, Any]) -> None:
         options = {k: v for k, v in options.items() if k not in ("interactions", "generation")}  # set by the job
-        known = {**ITEM2VEC_DEFAULTS, **SCHEDULE_DEFAULTS}
+        known = {**ITEM2VEC_DEFAULTS, **JOB_DEFAULTS}
         unknown = set(options) - set(known)
         if unknown:
             raise ConfigError(f"encoders.{name}: unknown item2vec settings {', '.join(sorted(unknown))}; "
@@ -46,7 +50,7 @@ class Item2VecEncoder(Encoder):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                     raise ConfigError(f"encoders.{name}.sample must be a number from 0 to 1 (excluded), got {value!r}")
                 continue
-            least = 0 if key in ("seed", "retrain_days") else 1
+            least = 0 if key in ("seed", *JOB_DEFAULTS) else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"encoders.{name}.{key} must be an integer >= {least}, got {value!r}")
 
@@ -56,7 +60,11 @@ class Item2VecEncoder(Encoder):
 
     @property
     def retrain_days(self) -> int:
-        return int(self.config.options.get("retrain_days", SCHEDULE_DEFAULTS["retrain_days"]))
+        return int(self.config.options.get("retrain_days", JOB_DEFAULTS["retrain_days"]))
+
+    @property
+    def threads(self) -> int:
+        return int(self.config.options.get("threads", JOB_DEFAULTS["threads"])) or os.cpu_count() or 1
 
     @property
     def generation(self) -> str | None:
@@ -83,13 +91,13 @@ class Item2VecEncoder(Encoder):
 
     def train(self, sessions: Iterable[list[str]]) -> tuple[list[str], np.ndarray]:
         """Item ids and their unit vectors, trained on `sessions`, an iterable that can be iterated again
-        (once to count items, once per epoch). One thread: with a fixed seed, the same vectors every run."""
+        (once to count items, once per epoch), on `threads` threads."""
         from gensim.models import Word2Vec
 
         settings = self.settings
         model = Word2Vec(vector_size=settings["dim"], window=settings["window"], epochs=settings["epochs"],
                          min_count=settings["min_count"], negative=settings["negative"], sample=settings["sample"],
-                         seed=settings["seed"], sg=1, workers=1)
+                         seed=settings["seed"], sg=1, workers=self.threads)
         model.build_vocab(sessions)
         if not model.wv.index_to_key:         # no item seen min_count times
             return [], np.zeros((0, self.dim), np.float32)
