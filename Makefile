@@ -77,7 +77,8 @@ soak: install
 # then catalogs of image URLs from a local CDN stand-in against a plain requests + thread-pool loop
 # (benchmarks/url_images.py), then a killed and resumed first run and a budgeted backfill at 100k items
 # (benchmarks/backfill.py), then catalog-embed serve under 1 and 8 clients on a 1M-row table (benchmarks/serving.py),
-# then a placeholder picture shared by 10k and 100k items against a picture each (benchmarks/shared_images.py).
+# then a placeholder picture shared by 10k and 100k items against a picture each (benchmarks/shared_images.py),
+# then the budget's boundary at a 1M budget over 2M items (benchmarks/budget_boundary.py).
 # Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
@@ -92,6 +93,7 @@ bench: install
 	$(BIN)/python -m benchmarks.backfill --out out/bench.json
 	$(BIN)/python -m benchmarks.serving --out out/bench.json
 	$(BIN)/python -m benchmarks.shared_images --out out/bench.json
+	$(BIN)/python -m benchmarks.budget_boundary --out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .
