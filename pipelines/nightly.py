@@ -23,7 +23,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 import lance
@@ -40,7 +40,7 @@ from transforms.commit import COMMITTING, CommitRun, RunContext, Upkeep, settle,
 from transforms.compare import ABSENT, DELETES, UNCHANGED, DecideWork, ReadTableSummaries, compare_with_table
 from transforms.config import Config, ConfigError
 from transforms.encoders import build_encoders
-from transforms.encoders.base import Encoder, without_data
+from transforms.encoders.base import Encoder, same_vectors, without_data
 from transforms.encoders.sentence_transformer import SentenceTransformerEncoder
 from transforms.fingerprint import HashImages, InspectInputs, has_input
 from transforms.inference import ENCODE_ORDER, EncodeModality, needs
@@ -91,6 +91,7 @@ class JobPlan:
     scratch: str                    # the run's own folder for what it makes on the way (trained vectors)
     plan_path: str | None = None    # a dry run: where the plan goes, instead of encoding and writing
     staged_batches: tuple[str, ...] = ()    # what a run that died wrote from the same version (staging.py)
+    earlier_ids: dict = field(default_factory=dict)     # encoder -> the id its stored fingerprints were made with
 
 
 def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, rehash: bool = False,
@@ -100,14 +101,16 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
     (whether upkeep is owed: commit.py; the behaviour vectors' generation: behaviour.py)."""
     if config.catalog.interactions:
         check_interactions(config.catalog.interactions)
-    encoders = with_generations(build_encoders(config.encoders, worker_device_type), runs, run_id, utc_now().date())
+    uri = dataset_uri(config.output.uri, config.output.table)
+    current = open_dataset(uri, config.output.storage_options)
+    rows_before = current.count_rows() if current is not None else 0
+    encoders = with_generations(build_encoders(config.encoders, worker_device_type), runs, run_id, utc_now().date(),
+                                rows_before)
     described = describe_encoders(encoders, config.normalised_weights())
     # Only what defines the vectors: another catalog path, working directory or scheduler machine is the same table.
     meta = {"encoders": described, "order": [e.name for e in encoders]}
     functions = [e.lancedb_function() for e in encoders if isinstance(e, SentenceTransformerEncoder)]
     schema = table_schema(config.passthrough_columns(), described, meta, [f for f in functions if f])
-    uri = dataset_uri(config.output.uri, config.output.table)
-    current = open_dataset(uri, config.output.storage_options)
     if current is not None:
         _log_encoder_changes(table_metadata(current.schema), described)
     # New weights alone rewrite the combined column of the stored rows; another encoder set, a new table.
@@ -118,7 +121,7 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         run=RunIdentity(run_id, uuid.uuid4().hex), config_hash=config.config_hash(),
         encoder_ids={e.name: e.encoder_id for e in encoders},
         read_version=current.version if current is not None else None,
-        rows_before=current.count_rows() if current is not None else 0, upkeep_owed=upkeep_owed(runs),
+        rows_before=rows_before, upkeep_owed=upkeep_owed(runs),
         # Another encoder set changes the schema: every row is rewritten, from the stored vectors of the encoders
         # that did not change.
         overwrite=current is not None and not reweigh and (reembed or not current.schema.equals(
@@ -131,7 +134,17 @@ def plan_job(config: Config, run_id: str, root: str, reembed: bool = False, reha
         interactions=config.catalog.interactions,
     )
     return JobPlan(config, encoders, schema, context, rehash or config.run.rehash, reembed,
-                   scratch_folder(root, config.output.table, run_id))
+                   scratch_folder(root, config.output.table, run_id),
+                   earlier_ids=_earlier_ids(current.schema, encoders) if current is not None else {})
+
+
+def _earlier_ids(stored: pa.Schema, encoders: Sequence[Encoder]) -> dict[str, str]:
+    """The encoders whose stored fingerprints an earlier build made with another id for the same vectors (a
+    resolved `precision: auto`): their ids then, so that the rows keep their vectors and are written once with
+    today's fingerprints, instead of being encoded again."""
+    ids = {e["name"]: e["id"] for e in table_metadata(stored).get("encoders", [])}
+    return {e.name: ids[e.name] for e in encoders if e.name in ids and without_data(ids[e.name])
+            != without_data(e.encoder_id) and same_vectors(ids[e.name], e.encoder_id)}
 
 
 def describe_encoders(encoders: Sequence[Encoder], weights: dict[str, float]) -> list[dict]:
@@ -166,7 +179,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(
         HashImages(reader, config.run.max_pixels, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
     decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(
-        DecideWork(inputs, ctx.overwrite, keep_stored=not plan.reembed)).with_outputs(UNCHANGED, main=ITEMS)
+        DecideWork(inputs, ctx.overwrite, not plan.reembed, plan.earlier_ids)).with_outputs(UNCHANGED, main=ITEMS)
     budgeted = apply_budget(decided[ITEMS], plan.encoders, config.run.max_encode, config.run.backfill_order)
     items = budgeted[ITEMS]
     backfill = {"deferred": count(budgeted[DEFERRED], "deferred"), "waiting": budgeted["waiting"],
@@ -409,10 +422,10 @@ def _read_plan(plan: JobPlan) -> dict:
 def _log_encoder_changes(stored: dict, described: list[dict]) -> None:
     """Say what a change of encoders costs: new and changed encoders fill their columns (over several runs under
     a budget); the others keep their stored vectors, and a removed encoder's column is dropped."""
-    before = {e["name"]: without_data(e["id"]) for e in stored.get("encoders", [])}
-    now = {e["name"]: without_data(e["id"]) for e in described}
+    before = {e["name"]: e["id"] for e in stored.get("encoders", [])}
+    now = {e["name"]: e["id"] for e in described}
     for name in sorted(set(before) | set(now)):
-        if before.get(name) != now.get(name):
+        if name not in before or name not in now or not same_vectors(before[name], now[name]):
             what = "new" if name not in before else "removed" if name not in now else "changed"
             log.info("encoder %s is %s: %s", name, what, "its column is dropped" if what == "removed" else
                      "its column is filled again, the other encoders' vectors are kept")

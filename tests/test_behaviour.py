@@ -25,7 +25,7 @@ CLUSTERS, CLUSTER_SIZE, SESSIONS = 6, 20, 600
 NEVER_BOUGHT = [f"quiet-{n}" for n in range(5)]
 WEIGHTS = {"text": 0.6, "behaviour": 0.4}
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": WEIGHTS["text"], "precision": "fp32"},
-            "behaviour": {"kind": "item2vec", "dim": 32, "epochs": 20, "seed": 3, "weight": WEIGHTS["behaviour"]}}
+            "behaviour": {"kind": "item2vec", "dim": 16, "epochs": 20, "seed": 3, "weight": WEIGHTS["behaviour"]}}
 # A malformed row of each kind, and the reject it must become.
 BROKEN_ROWS = {
     ",c0-1,1700000000": "interactions/MalformedRow",          # no session
@@ -99,13 +99,13 @@ def test_items_without_history_are_written_with_the_rest_renormalised(shop):
         row = rows[item]
         assert row["behaviour_vec"] is None
         # By hand: only text is present, so its part is sqrt(0.6 / 0.6) * v_text and behaviour's is zeros.
-        expected = np.concatenate([np.asarray(row["text_vec"]), np.zeros(32)])
+        expected = np.concatenate([np.asarray(row["text_vec"]), np.zeros(16)])
         np.testing.assert_allclose(row["vector"], expected, atol=1e-7)
     complete = rows["c0-0"]
     expected = np.concatenate([np.sqrt(0.6) * np.asarray(complete["text_vec"]),
                                np.sqrt(0.4) * np.asarray(complete["behaviour_vec"])])
     np.testing.assert_allclose(complete["vector"], expected, atol=1e-7)
-    assert len(complete["vector"]) == dim_text + 32
+    assert len(complete["vector"]) == dim_text + 16
 
 
 def test_a_search_scores_an_item_missing_a_modality_over_the_encoders_it_has(shop):

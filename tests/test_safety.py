@@ -39,7 +39,7 @@ from transforms.table_commit import ConcurrentRunError, RunIdentity, TableChange
 
 # The demo catalog (real photos, captions, a session log) with the light encoders: no network to load.
 LIGHT = {"color": {"kind": "color", "weight": 0.5},
-         "behaviour": {"kind": "item2vec", "dim": 8, "epochs": 5, "seed": 1, "weight": 0.5}}
+         "behaviour": {"kind": "item2vec", "dim": 4, "epochs": 5, "seed": 1, "weight": 0.5}}
 # A behaviour generation every night: each run trains the grown log again and writes every row.
 RETRAINED = dict(LIGHT, behaviour=dict(LIGHT["behaviour"], retrain_days=0))
 
@@ -114,7 +114,7 @@ def test_a_night_that_rewrites_every_row_keeps_what_it_did_not_write(tmp_path, n
         vectors = {name: np.asarray(after[kept][f"{name}_vec"], np.float32) for name in LIGHT
                    if after[kept][f"{name}_vec"] is not None}
         np.testing.assert_allclose(after[kept]["vector"], combine(vectors, config.normalised_weights(), list(LIGHT),
-                                                                  {"color": 144, "behaviour": 8}), atol=1e-6)
+                                                                  {"color": 144, "behaviour": 4}), atol=1e-6)
     # New behaviour vectors are turned onto the stored ones (behaviour.py): a kept row's vector stays in their space.
     assert after["coffee"]["behaviour_vec"] == before["coffee"]["behaviour_vec"] is not None
 

@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 import lance
+import pyarrow as pa
 import pytest
 
 import transforms.encoders.base as encoder_base
 from tests.conftest import captioned_catalog, make_config, run, write_catalog
-from transforms.lance_sink import dataset_uri, table_metadata
+from transforms.fingerprint import content_digest, fingerprint
+from transforms.lance_sink import METADATA_KEY, dataset_uri, table_metadata
 
 ENCODERS = {"text": {"kind": "sentence-transformers", "weight": 0.7}, "color": {"kind": "color", "weight": 0.3}}
 
@@ -76,3 +78,31 @@ def test_a_scheduler_on_another_cpu_writes_no_row(shop, monkeypatch, bf16):
     before = version(config)
     monkeypatch.setattr(encoder_base, "cpu_runs_bf16", lambda: bf16)
     assert_nothing_written(run(config, f"cpu-bf16-{bf16}"), config, before)
+
+
+def test_a_table_an_earlier_build_wrote_keeps_its_vectors(tmp_path):
+    """Earlier builds stored what `precision: auto` resolved to in each encoder id (and so in every fingerprint)
+    and a config hash in the metadata: their tables are written once from the stored vectors, not encoded again."""
+    folder, rows = captioned_catalog(tmp_path)
+    config = make_config(tmp_path, {"format": "manifest", "path": str(folder / "catalog.csv"),
+                                    "text_fields": ["caption"]}, ENCODERS)
+    run(config, "first")
+    uri = dataset_uri(config.output.uri, config.output.table)
+    table = lance.dataset(uri).to_table()
+    meta = table_metadata(table.schema)
+    for encoder in meta["encoders"]:
+        encoder["id"] = encoder["id"].replace('"precision": "auto"', '"precision": "fp32"')
+        encoder["config"]["precision"] = "fp32"
+    meta["config_hash"] = "0123456789abcdef"
+    earlier = {e["name"]: e["id"] for e in meta["encoders"]}
+    digests = {"text": [content_digest(text.encode()) for text in table["embedded_text"].to_pylist()],
+               "color": table["image_digest"].to_pylist()}
+    for name, made in digests.items():
+        index = table.schema.get_field_index(f"{name}_fp")
+        table = table.set_column(index, f"{name}_fp", pa.array([fingerprint(earlier[name], d) for d in made]))
+    old = table.schema.with_metadata({**table.schema.metadata, METADATA_KEY: json.dumps(meta).encode()})
+    lance.write_dataset(table.cast(old), uri, mode="overwrite")
+    upgraded = run(config, "upgraded")
+    assert upgraded["encoded"] == {"text": 0, "color": 0} and upgraded["written"] == len(rows)
+    assert upgraded["rewrote"] == "table"
+    assert run(config, "after")["status"] == "unchanged"

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -56,24 +57,31 @@ SPILL_BUCKETS = 64              # the sessions are sorted a bucket at a time: 1/
 # The most frequent trained items whose stored vectors the rotation is fitted on: a dim x dim fit needs far
 # fewer, and frequent items' vectors move least between trainings.
 ALIGN_ANCHORS = 10_000
+# Anchors per dimension below which a rotation would fit the training's noise: a table with fewer rows is trained
+# again whole every run (`generation`), and a training with fewer stored vectors says so.
+ANCHORS_PER_DIM = 4
 
 
-def generation(runs: Sequence[dict], encoder: Item2VecEncoder, run_id: str, today: date) -> str:
+def generation(runs: Sequence[dict], encoder: Item2VecEncoder, run_id: str, today: date, rows: int) -> str:
     """The generation of `encoder`'s vectors this run writes: the last run's while it is younger than the
-    encoder's `retrain_days`, else a new one, named by today's date (and this run, where every run is one), so
-    that two tables first built on one day have the same fingerprints."""
+    encoder's `retrain_days`, else a new one, named by today's date, so that two tables first built on one day
+    have the same fingerprints. Every run is a generation of its own (named by it too) with `retrain_days: 0`,
+    and where the table's `rows` are too few to turn new vectors onto the stored ones (ANCHORS_PER_DIM a
+    dimension): a small table is trained again whole, which costs little."""
     last = next((run["interactions"].get("generations", {}).get(encoder.name) for run in reversed(runs)
                  if run["status"] != "failed" and run["interactions"].get("generations", {}).get(encoder.name)), None)
+    if not encoder.retrain_days or rows < ANCHORS_PER_DIM * encoder.dim:
+        return f"{today.isoformat()}/{run_id}"
     if last and (today - date.fromisoformat(last.split("/")[0])).days < encoder.retrain_days:
         return last
-    return today.isoformat() if encoder.retrain_days else f"{today.isoformat()}/{run_id}"
+    return today.isoformat()
 
 
-def with_generations(encoders: Sequence[Encoder], runs: Sequence[dict], run_id: str,
-                     today: date) -> tuple[Encoder, ...]:
-    """The job's encoders, each item2vec one set to the generation this run writes."""
+def with_generations(encoders: Sequence[Encoder], runs: Sequence[dict], run_id: str, today: date,
+                     rows: int) -> tuple[Encoder, ...]:
+    """The job's encoders, each item2vec one set to the generation this run writes (`rows`: the table's)."""
     return tuple(Item2VecEncoder(replace(e.config, options={**e.config.options,
-                                                            "generation": generation(runs, e, run_id, today)}))
+                                                            "generation": generation(runs, e, run_id, today, rows)}))
                  if isinstance(e, Item2VecEncoder) else e for e in encoders)
 
 
@@ -224,31 +232,47 @@ class TrainItem2Vec(beam.DoFn):
         with tempfile.TemporaryDirectory(prefix="item2vec-") as folder:
             corpus = SpilledSessions(read_sessions(files), folder)
             for encoder in self._encoders:
-                log.info("training %s (item2vec %s) on %d sessions, for %d items", encoder.name,
-                         encoder.settings, corpus.count, needed)
-                ids, vectors = encoder.train(corpus)
+                stored = self._stored_column(encoder)
+                threads = encoder.threads(turned=stored is not None)
+                log.info("training %s (item2vec %s) on %d sessions, for %d items, %d threads", encoder.name,
+                         encoder.settings, corpus.count, needed, threads)
+                ids, vectors = encoder.train(corpus, threads)
                 if not ids:
                     log.warning("%s: no item of the interaction log pairs with another; no behaviour vectors",
                                 encoder.name)
-                vectors = rotated_onto(ids, vectors, self._stored(encoder, ids[:ALIGN_ANCHORS]))
+                if stored is not None:
+                    vectors = self._turned(encoder, ids, vectors, stored)
                 yield {"encoder": encoder.name, "uri": self._write(encoder, ids, vectors) if ids else None,
                        "sessions": corpus.count, "items": len(ids), "needed": needed, "generation": encoder.generation}
 
-    def _stored(self, encoder: Encoder, ids: list[str]) -> dict[str, np.ndarray]:
-        """The stored vectors of these items, where the table holds one."""
-        column = f"{encoder.name}_vec"
-        if self._table is None or not ids:
-            return {}
+    def _stored_column(self, encoder: Encoder) -> lance.LanceDataset | None:
+        """The table at the version the run read, where it has this encoder's column at its dimension."""
+        if self._table is None:
+            return None
         dataset = lance.dataset(self._table[0], version=self._table[1], storage_options=self._storage_options)
+        column = f"{encoder.name}_vec"
         if column not in dataset.schema.names or dataset.schema.field(column).type.list_size != encoder.dim:
-            return {}
-        found = rows_by_id(dataset, ids, ["id", column])
+            return None
+        return dataset
+
+    def _turned(self, encoder: Encoder, ids: list[str], vectors: np.ndarray, dataset: lance.LanceDataset):
+        """The new vectors turned onto the stored vectors of the most frequent items (ALIGN_ANCHORS), with how
+        well they fit in the log."""
+        column = f"{encoder.name}_vec"
+        found = rows_by_id(dataset, ids[:ALIGN_ANCHORS], ["id", column])
         valid = found[column].is_valid().to_numpy(zero_copy_only=False)
-        vectors = vector_matrix(found[column])
-        return {item: vectors[row] for row, item in enumerate(found["id"].to_pylist()) if valid[row]}
+        matrix = vector_matrix(found[column])
+        stored = {item: matrix[row] for row, item in enumerate(found["id"].to_pylist()) if valid[row]}
+        turned = rotated_onto(ids, vectors, stored)
+        shared = [row for row, item in enumerate(ids) if item in stored]
+        fit = float(np.mean([turned[row] @ stored[ids[row]] for row in shared])) if shared else float("nan")
+        (log.info if len(shared) >= ANCHORS_PER_DIM * encoder.dim else log.warning)(
+            "%s: new vectors turned onto %d stored ones (mean cosine after: %.3f)", encoder.name, len(shared), fit)
+        return turned
 
     def _write(self, encoder: Encoder, ids: list[str], vectors) -> str:
-        uri = f"{self._scratch.rstrip('/')}/{encoder.name}.lance"
+        # A name of its own per attempt: a retried or duplicate training must not rewrite what batches read.
+        uri = f"{self._scratch.rstrip('/')}/{encoder.name}-{uuid.uuid4().hex[:12]}.lance"
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), encoder.dim)
         data = pa.table({"id": pa.array(ids, pa.string()), "vector": column})
         lance.write_dataset(data, uri, mode="overwrite", storage_options=self._storage_options).create_scalar_index(

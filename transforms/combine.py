@@ -50,7 +50,8 @@ def combine_rows(vectors: Mapping[str, np.ndarray], present: Mapping[str, np.nda
     share = sum(weights[name] * present[name] for name in order if name in present) / total
     valid = np.asarray(share > 0) & np.ones(rows, bool)
     scale = np.where(valid, share, 1.0)
-    parts = [np.sqrt(weights[name] / scale)[:, None] * np.where(present[name][:, None], vectors[name], 0.0)
+    parts = [np.sqrt(weights[name] / scale).astype(np.float32)[:, None] * np.where(present[name][:, None],
+                                                                                   vectors[name], np.float32(0))
              if name in present else np.zeros((rows, dims[name]), np.float32) for name in order]
     combined = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((rows, 0), np.float32)
     return np.where(valid[:, None], combined, np.float32(0)), valid

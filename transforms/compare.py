@@ -125,18 +125,22 @@ class DecideWork(beam.DoFn):
     new row whose vectors are either kept from the table or encoded again.
 
     `encoders` maps encoder name to (encoder id, modality). `rewrite_all`: every row is written (a new schema);
-    `keep_stored`: a stored vector whose fingerprint matches is kept (not with `run --reembed`).
+    `keep_stored`: a stored vector whose fingerprint matches is kept (not with `run --reembed`); `earlier_ids`:
+    per encoder, the id an earlier build made the stored fingerprints with for the same vectors, which match too.
     """
 
-    def __init__(self, encoders: dict[str, tuple[str, str]], rewrite_all: bool, keep_stored: bool = True):
+    def __init__(self, encoders: dict[str, tuple[str, str]], rewrite_all: bool, keep_stored: bool = True,
+                 earlier_ids: dict[str, str] | None = None):
         self._encoders = encoders
         self._rewrite_all = rewrite_all
         self._keep_stored = keep_stored
+        self._earlier = {name: (encoder_id, encoders[name][1]) for name, encoder_id in (earlier_ids or {}).items()}
 
     def process(self, item: dict):
         stored = item["stored"] or {"fingerprints": {}}
+        earlier = fingerprints(item, self._earlier)
         keep = sorted(name for name, fp in fingerprints(item, self._encoders).items()
-                      if self._keep_stored and stored["fingerprints"].get(name) == fp)
+                      if self._keep_stored and stored["fingerprints"].get(name) in (fp, earlier.get(name, fp)))
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
                     and stored.get("image_stat") == item["image_stat"])
         if not self._rewrite_all and same_row and len(keep) == len(self._encoders):

@@ -294,6 +294,8 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
             for item in items:                # streamed: a group may be larger than the worker's memory
                 names.update(e.name for e in self._encoders if e.name not in names and needs(item, e))
                 firsts.setdefault(key, item)
+                if len(names) == len(self._encoders):
+                    break
             if names:
                 wanted.setdefault(key, set()).update(names)
         stage = self._threads()

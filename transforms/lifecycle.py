@@ -34,7 +34,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from transforms.combine import combine_rows
 from transforms.compare import fragment
-from transforms.encoders.base import without_data
+from transforms.encoders.base import same_vectors
 from transforms.items import HELD, pack
 from transforms.lance_sink import matrix_array, table_metadata, vector_matrix
 
@@ -100,9 +100,18 @@ class RemoveRows(beam.DoFn):
     def _reweighed(self, stored: lance.LanceFragment, kept: FragmentMetadata) -> FragmentMetadata:
         """The fragment as `kept` (its deletion file), with its `vector` column in a data file of its own, made
         from its stored vectors with the new weights."""
-        rows = stored.to_table(columns=[f"{name}_vec" for name in self._dims], with_row_id=True)
-        column = combined_column(rows, self._dims, self._weights, self._dims)
-        updated, _ = stored.update_columns(pa.table({"_rowid": rows["_rowid"], "vector": column}))
+        schema = pa.schema([pa.field("_rowid", pa.uint64()), self._dataset.schema.field("vector")])
+
+        reading = fragment(self._dataset, stored.fragment_id)   # another handle: update_columns holds `stored`
+
+        def combined() -> Iterator[pa.RecordBatch]:     # a batch at a time: a compacted fragment holds ~1M rows
+            for batch in reading.to_batches(columns=[f"{name}_vec" for name in self._dims], with_row_id=True,
+                                           batch_size=CARRY_BATCH):
+                rows = pa.Table.from_batches([batch])
+                yield pa.record_batch([rows["_rowid"].combine_chunks(),
+                                       combined_column(rows, self._dims, self._weights, self._dims)], schema=schema)
+
+        updated, _ = stored.update_columns(pa.RecordBatchReader.from_batches(schema, combined()))
         return FragmentMetadata.from_json(json.dumps(dict(updated.to_json(),
                                                           deletion_file=kept.to_json()["deletion_file"])))
 
@@ -128,8 +137,9 @@ class RemoveRows(beam.DoFn):
             yield from in_new_schema(rows, self._new_schema, kept_encoders, self._weights, self._dims).to_batches()
 
     def _unchanged_encoders(self) -> set[str]:
-        stored = {e["name"]: without_data(e["id"]) for e in table_metadata(self._dataset.schema).get("encoders", [])}
-        return {name for name, encoder_id in self._encoder_ids.items() if stored.get(name) == without_data(encoder_id)}
+        stored = {e["name"]: e["id"] for e in table_metadata(self._dataset.schema).get("encoders", [])}
+        return {name for name, encoder_id in self._encoder_ids.items()
+                if name in stored and same_vectors(stored[name], encoder_id)}
 
 
 def _offsets(stored: lance.LanceFragment, ids: Sequence[str]) -> list[int]:

@@ -46,6 +46,9 @@ RESCORED_CANDIDATES = 4
 # recall@10 at 1.0 where the probed partitions hold 4,000 of the filter's rows (a 1% filter: 400 partitions),
 # also after 30 nights with 7 delta segments, where 2,500 gave 0.85, 3,000 0.97 and 3,500 0.996 (docs/search.md).
 ANN_NPROBES = 50
+# Lance's index statistics (`Table.index_partitions`) carry every centroid unless told not to (megabytes at 4M rows),
+# and warn on stderr. Set once, here: setting the environment while Lance's threads read it is not safe.
+os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 PROBED_SHARE = 0.05     # ... and as many as 50 of 1,000 are of a larger index's partitions
 REFINE_FACTOR = 5
 EXACT_MAX_ROWS = 2_000
@@ -82,10 +85,9 @@ class Table:
         any of its segments; 0 without an index."""
         if VECTOR_INDEX not in self.indexes:
             return 0
-        # Without it the statistics carry every centroid (megabytes at 4M rows) and Lance warns on stderr.
-        os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
         stats = self.handle.to_lance().stats.index_stats(VECTOR_INDEX)
-        return max(segment["num_partitions"] for segment in stats["segments"])
+        found = [segment.get("num_partitions", 0) for segment in stats["segments"]]
+        return max(found, default=0) or max(1, int(math.sqrt(self.indexed_rows)))     # as maintain.py asks
 
     @property
     def indexed_rows(self) -> int:

@@ -253,6 +253,21 @@ def random_pictures(count: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)) for _ in range(count)]
 
 
+def same_vectors(stored_id: str, encoder_id: str) -> bool:
+    """Whether an encoder id a table holds names the vectors that `encoder_id` makes, whatever data they were
+    trained on: equal without it, where a precision stored resolved (earlier builds stored what `auto` resolved
+    to) counts as the `auto` that now names it (`auto` keeps the vectors: precision.py)."""
+    now = json.loads(without_data(encoder_id))
+    return _as_settings(json.loads(without_data(stored_id)), now) == now
+
+
+def _as_settings(stored: Any, now: Any) -> Any:
+    if not isinstance(stored, dict) or not isinstance(now, dict):
+        return stored
+    return {key: now[key] if key == "precision" and now.get(key) == "auto" else _as_settings(value, now.get(key))
+            for key, value in stored.items()}
+
+
 def without_data(encoder_id: str) -> str:
     """An encoder id without the digest of the data it was trained on: what a table's column is, whatever
     the interaction log of the night (a new log re-embeds the column, it does not make another table)."""

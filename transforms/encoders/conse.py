@@ -115,9 +115,10 @@ class ConseEncoder(Encoder):
         model, its precision and the class texts' settings), so a run or a query reads them in milliseconds."""
         text = self.parts[1]
         class_texts = {name: self.settings[name] for name in CLASS_TEXT_SETTINGS}
-        # The text model's description holds its precision setting: `auto` resolves alike on this machine, whose
-        # cache this is.
-        key = json.dumps({"text": text.describe(), **class_texts}, sort_keys=True)
+        # The text model's description holds its precision setting; with the device setting and what the plan
+        # resolved, `auto` resolves alike on this machine, whose cache this is (no torch is loaded to say so).
+        key = json.dumps({"text": text.describe(), "device": self.config.device, "resolved": self._auto_precision,
+                          **class_texts}, sort_keys=True)
 
         def compute() -> np.ndarray:
             sentences, owners = class_sentences(self.settings)

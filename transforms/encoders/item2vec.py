@@ -62,9 +62,12 @@ class Item2VecEncoder(Encoder):
     def retrain_days(self) -> int:
         return int(self.config.options.get("retrain_days", JOB_DEFAULTS["retrain_days"]))
 
-    @property
-    def threads(self) -> int:
-        return int(self.config.options.get("threads", JOB_DEFAULTS["threads"])) or os.cpu_count() or 1
+    def threads(self, turned: bool) -> int:
+        """The training's threads: as set, or at 0 every core where the new vectors are turned onto stored ones
+        (`turned`: the rotation absorbs the racing threads' noise) and one where not (a first training: a run
+        that resumes another must train the same vectors)."""
+        threads = int(self.config.options.get("threads", JOB_DEFAULTS["threads"]))
+        return threads or (os.cpu_count() or 1 if turned else 1)
 
     @property
     def generation(self) -> str | None:
@@ -89,7 +92,7 @@ class Item2VecEncoder(Encoder):
     def embed(self, model: Any, prepared: Any, memo: dict | None = None) -> np.ndarray:
         return self.load()
 
-    def train(self, sessions: Iterable[list[str]]) -> tuple[list[str], np.ndarray]:
+    def train(self, sessions: Iterable[list[str]], threads: int = 1) -> tuple[list[str], np.ndarray]:
         """Item ids and their unit vectors, trained on `sessions`, an iterable that can be iterated again
         (once to count items, once per epoch), on `threads` threads."""
         from gensim.models import Word2Vec
@@ -97,7 +100,7 @@ class Item2VecEncoder(Encoder):
         settings = self.settings
         model = Word2Vec(vector_size=settings["dim"], window=settings["window"], epochs=settings["epochs"],
                          min_count=settings["min_count"], negative=settings["negative"], sample=settings["sample"],
-                         seed=settings["seed"], sg=1, workers=self.threads)
+                         seed=settings["seed"], sg=1, workers=threads)
         model.build_vocab(sessions)
         if not model.wv.index_to_key:         # no item seen min_count times
             return [], np.zeros((0, self.dim), np.float32)
