@@ -134,7 +134,8 @@ def test_a_shared_caption_is_encoded_once_and_no_vector_crosses_the_image_groupi
 
     def spying_run(self, batch, model, inference_args=None):
         for _, items in batch:
-            seen.append((self._modality, len(items), sum(len(item["vectors"]) for item in items)))
+            group = list(items)
+            seen.append((self._modality, len(group), sum(len(item["vectors"]) for item in group)))
         return real_run(self, batch, model, inference_args)
 
     monkeypatch.setattr(inference.ModalityModelHandler, "run_inference", spying_run)

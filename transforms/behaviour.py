@@ -36,12 +36,14 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import date, datetime
+from typing import BinaryIO
 
 import apache_beam as beam
 import lance
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.config import INTERACTION_COLUMNS
 from transforms.encoders.base import Encoder, l2_normalise
@@ -66,11 +68,11 @@ def generation(runs: Sequence[dict], encoder: Item2VecEncoder, run_id: str, toda
     """The generation of `encoder`'s vectors this run writes: the last run's while it is younger than the
     encoder's `retrain_days`, else a new one, named by today's date, so that two tables first built on one day
     have the same fingerprints. Every run is a generation of its own (named by it too) with `retrain_days: 0`,
-    and where the table's `rows` are too few to turn new vectors onto the stored ones (ANCHORS_PER_DIM a
-    dimension): a small table is trained again whole, which costs little."""
+    and where the table holds rows, but too few to turn new vectors onto (ANCHORS_PER_DIM a dimension): a small
+    table is trained again whole, which costs little."""
     last = next((run["interactions"].get("generations", {}).get(encoder.name) for run in reversed(runs)
                  if run["status"] != "failed" and run["interactions"].get("generations", {}).get(encoder.name)), None)
-    if not encoder.retrain_days or rows < ANCHORS_PER_DIM * encoder.dim:
+    if not encoder.retrain_days or 0 < rows < ANCHORS_PER_DIM * encoder.dim:
         return f"{today.isoformat()}/{run_id}"
     if last and (today - date.fromisoformat(last.split("/")[0])).days < encoder.retrain_days:
         return last
@@ -171,6 +173,29 @@ class ReadSessions(beam.PTransform):
             | "Count interaction rows" >> beam.combiners.Count.Globally()
         )
         return {ITEMS: sessions, REJECTS: rejects, "rows": read}
+
+
+class WriteSessionFiles(beam.DoFn):
+    """Sessions to JSON-lines files of [session id, item ids] in `folder`, a file per bundle that has any (an
+    object store takes no empty multipart upload), streamed as they come; emits each file's path. A retried
+    bundle writes a file of its own, and only the paths of bundles that succeeded reach the trainer."""
+
+    def __init__(self, folder: str):
+        self._folder = folder
+        self._path: str | None = None
+        self._handle: BinaryIO | None = None
+
+    def process(self, session: tuple[str, list[str]]):
+        if self._handle is None:
+            self._path = FileSystems.join(self._folder, f"sessions-{uuid.uuid4().hex}.jsonl")
+            self._handle = FileSystems.create(self._path)
+        self._handle.write((json.dumps(list(session)) + "\n").encode())
+
+    def finish_bundle(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            yield GlobalWindows.windowed_value(self._path)     # this batch pipeline's sessions: the global window
 
 
 def read_sessions(files: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
@@ -327,9 +352,7 @@ def behaviour_vectors(pipeline: beam.Pipeline, path: str, encoders: Sequence[Enc
     sessions = pipeline | "Read interactions" >> ReadSessions(path, only_if=needed)
     files = (
         sessions[ITEMS]
-        | "Session lines" >> beam.MapTuple(lambda session, items: json.dumps([session, items]))
-        | "Write sessions" >> beam.io.WriteToText(FileSystems.join(scratch, "sessions", "part"),
-                                                   file_name_suffix=".jsonl")
+        | "Write sessions" >> beam.ParDo(WriteSessionFiles(FileSystems.join(scratch, "sessions")))
         | "Session files" >> beam.combiners.ToList()
     )
     trained = (
