@@ -10,6 +10,8 @@ the upkeep step after it updates it, and a retry of either writes the same row a
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -22,6 +24,10 @@ from lance.fragment import write_fragments
 from transforms.lance_sink import dataset_uri, open_dataset
 from transforms.table_commit import append_once
 
+log = logging.getLogger(__name__)
+
+RECORD_ATTEMPTS = 5          # a run's row is written again after a store's error, waiting 0.5, 1, 2, 4 s between
+RECORD_BACKOFF_S = 0.5
 RUNS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("status", pa.string()),
@@ -135,9 +141,18 @@ def record_run(db_uri: str, table: str, run: dict, storage_options: dict[str, st
             return
         except (OSError, ValueError, RuntimeError):    # another run created it first: merge into theirs
             pass
-    merge = db.open_table(name).merge_insert("run_id")
-    merge = merge.when_matched_update_all(where="target.status = 'committing'" if only_if_committing else None)
-    merge.when_not_matched_insert_all().execute(data)
+    # Keyed by run id, so a retry after a store's error (a reset, a 503) writes the same row, never a second.
+    for attempt in range(RECORD_ATTEMPTS):
+        merge = db.open_table(name).merge_insert("run_id")
+        merge = merge.when_matched_update_all(where="target.status = 'committing'" if only_if_committing else None)
+        try:
+            merge.when_not_matched_insert_all().execute(data)
+            return
+        except (OSError, RuntimeError) as err:
+            if attempt == RECORD_ATTEMPTS - 1:
+                raise
+            log.info("recording run %s again: %s", run["run_id"], str(err).splitlines()[0])
+            time.sleep(RECORD_BACKOFF_S * 2 ** attempt)
 
 
 def read_runs(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> list[dict]:
