@@ -20,6 +20,7 @@ Each is a fresh process (seconds, peak RSS, rchar). Quality: the share of an ite
 neighbours from its own cluster, over 1,000 items.
 
     python -m benchmarks.behaviour --sizes 10000 100000 --out out/bench.json
+    python -m benchmarks.behaviour --sizes 1000000 --first-only     # 12M events: the first run and the script
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def own_cluster_share(db: Path) -> float:
     return float((clusters[nearest] == clusters[picked][:, None]).mean())
 
 
-def scenarios(root: Path, items: int) -> list[dict]:
+def scenarios(root: Path, items: int, first_only: bool = False) -> list[dict]:
     folder = root / f"{items}"
     catalog, sessions = write_catalog(folder, items, night=1)
     config = write_config(folder, catalog, sessions)
@@ -198,6 +199,8 @@ def scenarios(root: Path, items: int) -> list[dict]:
     row("first", measure(config, "first"), own_cluster_share=round(own_cluster_share(folder / "db"), 3))
     row("plain script", measure_in_fresh_process("benchmarks.behaviour", "plain-train", str(sessions),
                                                  str(folder / "plain")))
+    if first_only:
+        return rows
     row("unchanged", measure(config, "unchanged"))
     user = f"n1-{items // 2}"       # a session of the log: a log without user_id has a user per session
     ours, plain = (measure_in_fresh_process("benchmarks.behaviour", side, str(sessions), str(folder / "db"), user)
@@ -217,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="item2vec's cost at 10k and 100k items against a plain script")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="catalog sizes")
     parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'behaviour')")
+    parser.add_argument("--first-only", action="store_true", help="only the first run and the plain script")
     parser.add_argument("--one", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     run_benchmark(parser, one, measure_all)
 
@@ -226,16 +230,18 @@ def one(side: str, *args: str) -> None:
 
 
 def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[dict]]:
-    rows = [row for items in args.sizes for row in scenarios(root, items)]
+    rows = [row for items in args.sizes for row in scenarios(root, items, args.first_only)]
     by = {(r["items"], r["scenario"]): r for r in rows}
     summary = {}
-    for ours, plain, name in (("first", "plain script", "first"), ("query --user", "plain user query", "user_query")):
+    compared = (("first", "plain script", "first"), ("query --user", "plain user query", "user_query"))
+    for ours, plain, name in compared[:1] if args.first_only else compared:
         for measure_name in ("seconds", "peak_mib"):
             summary.update({f"{name}_over_plain_{measure_name}_{n}": round(by[n, ours][measure_name]
                                                                            / by[n, plain][measure_name], 2)
                             for n in args.sizes})
     printed = [{k: v for k, v in r.items() if k != "encoded"} for r in rows]
-    return "behaviour", {"runs": rows, "summary": summary}, printed
+    section = "behaviour, first runs of large logs" if args.first_only else "behaviour"
+    return section, {"runs": rows, "summary": summary}, printed
 
 
 if __name__ == "__main__":

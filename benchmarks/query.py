@@ -16,6 +16,7 @@ Cold start: `catalog-embed query --like/--text/--image` on the demo table, each 
 (benchmarks/hybrid.py).
 
     python -m benchmarks.query --rows 1000000 --out out/bench.json
+    python -m benchmarks.query --rows 4000000 --nights 0 --cases "default weights" "filter 1%" --table-only
 """
 
 from __future__ import annotations
@@ -153,14 +154,16 @@ def measure_case(uri: str, db: Path, queries: dict[str, np.ndarray], weights: di
             "plan": plan.method, "nprobes": plan.nprobes, "matching": plan.matching}
 
 
-def measure_cases(uri: str, db: Path, catalog: Catalog, label: str) -> dict:
+def measure_cases(uri: str, db: Path, catalog: Catalog, label: str, cases: list[str]) -> dict:
     queries = catalog.queries(QUERIES)
     results = {}
-    for name, (weights, where) in CASES.items():
+    for name in cases:
+        weights, where = CASES[name]
         results[name] = measure_case(uri, db, queries, weights, where)
         print(f"{label}: {name}: {results[name]}", flush=True)
-    fresh = catalog.queries(QUERIES, new_kinds=True)
-    results["new kinds, default weights"] = measure_case(uri, db, fresh, None, None)
+    if len(cases) == len(CASES):
+        fresh = catalog.queries(QUERIES, new_kinds=True)
+        results["new kinds, default weights"] = measure_case(uri, db, fresh, None, None)
     return results
 
 
@@ -214,24 +217,31 @@ def cold_start(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--nights", type=int, default=30)
+    parser.add_argument("--nights", type=int, default=30, help="nights of 1%% churn, then the cases again (0: none)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="the cases measured")
+    parser.add_argument("--table-only", action="store_true", help="skip the cold starts and --hybrid")
     parser.add_argument("--out", default="out/bench.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="query-bench-") as scratch:
         root = Path(scratch)
-        results = {"rows": args.rows, "queries": QUERIES, "cold start": cold_start(root / "cold")}
-        print(json.dumps(results["cold start"]), flush=True)
-        results["hybrid"] = hybrid.measure(root / "hybrid", root / "cold" / "db")
-        print(json.dumps(results["hybrid"]), flush=True)
+        results = {"rows": args.rows, "queries": QUERIES}
+        if not args.table_only:
+            results["cold start"] = cold_start(root / "cold")
+            print(json.dumps(results["cold start"]), flush=True)
+            results["hybrid"] = hybrid.measure(root / "hybrid", root / "cold" / "db")
+            print(json.dumps(results["hybrid"]), flush=True)
         catalog = Catalog(DIMS)
         started = time.perf_counter()
         uri = synthetic_table(root / "db", args.rows, catalog)
         results["table written and indexed s"] = round(time.perf_counter() - started)
-        results["cases"] = measure_cases(uri, root / "db", catalog, "night 0")
-        results["nights"] = simulate_nights(uri, catalog, args.nights, 0.01)
-        after = f"after {args.nights} nights"
-        results[f"cases {after}"] = measure_cases(uri, root / "db", catalog, after)
-    save_section(args.out, "query", results)
+        print(f"table written and indexed in {results['table written and indexed s']} s", flush=True)
+        results["cases"] = measure_cases(uri, root / "db", catalog, "night 0", args.cases)
+        if args.nights:
+            results["nights"] = simulate_nights(uri, catalog, args.nights, 0.01)
+            after = f"after {args.nights} nights"
+            results[f"cases {after}"] = measure_cases(uri, root / "db", catalog, after, args.cases)
+    section = "query" if args.rows == 1_000_000 else f"query at {args.rows:,} rows"
+    save_section(args.out, section, results)
 
 
 if __name__ == "__main__":
