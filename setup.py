@@ -31,7 +31,7 @@ setup(
         "onnx>=1.17",
         "onnxruntime>=1.20",
         "tokenizers>=0.20",
-        # `catalog-embed serve` (pipelines/serve.py)
+        # `catalog-embed serve` (pipelines/serve/)
         "fastapi>=0.165,<1",
         "uvicorn>=0.55,<1",
         "python-multipart>=0.0.34",

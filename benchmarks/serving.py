@@ -7,6 +7,9 @@ own process; clients on threads of this one send a fixed number of requests, fro
 `like` (a random stored item), text and image queries, each without and with a filter that keeps 1% of the
 rows. Reported: requests per second, p50 and p99 latency, and the serving process's memory; beside them, the
 p50 of the same `like` searches called in this process (`search()`), the floor a service can approach.
+Then the mixed load: 8 clients sending `like`, text and picture searches in turn, alone, and again with a
+health report (duplicates, outliers) every fourth request; each report's first request (computed), and the
+searches' p50 and p99 in both.
 
     python -m benchmarks.serving --rows 1000000 --out out/bench.json
 """
@@ -33,6 +36,7 @@ from demo.photos import photo_path
 from pipelines.report import print_results
 
 REQUESTS = {1: 100, 8: 400}       # requests per case, by concurrent clients
+MIXED_SEARCHES, HEALTH_SHARE, HEALTH = 600, 4, ("duplicates", "outliers")     # a health request in every 4
 FILTER = [{"field": "group100", "op": "=", "value": "7"}]
 WORDS = ("red dress", "running shoes", "a cup of coffee", "leather wallet", "desk lamp", "wool scarf", "sunglasses")
 PICTURES = [("skimage", "coffee.png"), ("skimage", "chelsea.png"), ("skimage", "rocket.jpg"),
@@ -58,9 +62,17 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: bytes, content_type: str) -> float:
-    request = urllib.request.Request(url, data=body, headers={"content-type": content_type}, method="POST")
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"content-type": content_type, "x-catalog-embed": "bench"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=60) as answer:
+        answer.read()
+    return time.perf_counter() - started
+
+
+def _get(url: str) -> float:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=600) as answer:
         answer.read()
     return time.perf_counter() - started
 
@@ -93,14 +105,45 @@ def measure_load(url: str, requests: list[tuple], clients: int) -> dict:
         seconds = list(pool.map(lambda r: _post(url, *r), requests))
     wall = time.perf_counter() - started
     return {"requests": len(requests), "clients": clients, "rps": round(len(requests) / wall, 1),
-            "p50_ms": round(1000 * statistics.median(seconds), 1),
+            **_percentiles(seconds)}
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    return {"p50_ms": round(1000 * statistics.median(seconds), 1),
             "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 1)}
+
+
+def mixed_load(url: str, ids: list[str], pictures: list[bytes]) -> dict:
+    """Searches of every kind from 8 clients, alone and with health requests among them (HEALTH_SHARE)."""
+    kinds = [requests_of(kind, False, ids, pictures, MIXED_SEARCHES) for kind in ("like", "text", "image")]
+    searches = [("search", kinds[n % 3][n]) for n in range(MIXED_SEARCHES)]
+    first = {report: round(_get(f"{url}/api/health/{report}"), 2) for report in HEALTH}
+    mixed = []
+    for n, search in enumerate(searches):
+        mixed.append(search)
+        if n % (HEALTH_SHARE - 1) == HEALTH_SHARE - 2:
+            mixed.append(("health", HEALTH[n % len(HEALTH)]))
+
+    def timed(request: tuple) -> tuple[str, float]:
+        kind, asked = request
+        return kind, _post(f"{url}/api/search", *asked) if kind == "search" else _get(f"{url}/api/health/{asked}")
+
+    out = {"health first request s": first}
+    for name, load in (("searches alone", searches), ("searches with health requests", mixed)):
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(timed, load))
+        for kind in ("search", "health"):
+            seconds = [s for k, s in found if k == kind]
+            if seconds:
+                out[f"{name}: {kind}"] = {"requests": len(seconds), **_percentiles(seconds)}
+        print(json.dumps({name: {k: v for k, v in out.items() if k.startswith(name)}}), flush=True)
+    return out
 
 
 def in_process_like(db: Path, ids: list[str], filtered: bool) -> float:
     """The p50 ms of the same `like` searches as function calls in this process."""
     from pipelines.search import query as q
-    from pipelines.serve import structured_filter
+    from pipelines.serve.search_api import structured_filter
 
     table = q.open_table(str(db), "shop")
     where = structured_filter(FILTER, ["group100"]) if filtered else None
@@ -149,18 +192,25 @@ def serve_and_measure(db: Path, rows: int) -> dict:
                                          clients)
                     rows.append({"query": kind, "filter": "1%" if filtered else "", **found})
                     print(json.dumps(rows[-1]), flush=True)
+        mixed = mixed_load(url, ids, pictures)
         memory = _memory_mib(server.pid)
     finally:
         server.terminate()
         server.wait(30)
     in_process = {"like": in_process_like(db, ids, False), "like, filter 1%": in_process_like(db, ids, True)}
-    return {"rows": rows, "server memory": memory, "in-process search() p50 ms": in_process}
+    return {"rows": rows, "mixed": mixed, "server memory": memory, "in-process search() p50 ms": in_process}
 
 
 def summarise(found: dict) -> dict:
     by = {(r["query"], r["filter"], r["clients"]): r for r in found["rows"]}
     like_one = by[("like", "", 1)]
+    mixed = found["mixed"]
+    alone, with_health = mixed["searches alone: search"], mixed["searches with health requests: search"]
     return {
+        "mixed: search p99 with health / alone": round(with_health["p99_ms"] / alone["p99_ms"], 2),
+        "mixed: search p50 with health / alone": round(with_health["p50_ms"] / alone["p50_ms"], 2),
+        "mixed: health p50 / search p50": round(mixed["searches with health requests: health"]["p50_ms"]
+                                                / with_health["p50_ms"], 2),
         "served like p50 / in-process p50": round(like_one["p50_ms"] / found["in-process search() p50 ms"]["like"], 2),
         **{f"{kind}{' filtered' if f else ''}: rps 8 clients / 1 client": round(
             by[(kind, f, 8)]["rps"] / by[(kind, f, 1)]["rps"], 2) for kind in ("like", "text", "image")

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="An HTTP service over one table: POST /api/search (text, an image, like or user; weights, "
                     "filters, k, version or tag), GET /api/items/{id}, /api/items/{id}/image, /api/versions, "
                     "/api/health/{duplicates|outliers|drift}, /healthz, /metrics, the OpenAPI schema at /docs, "
-                    "and a page at /. It serves the latest version, and a version a run commits from the next "
-                    "request on.")
+                    "and a page at /. It serves the latest version, and a version a run commits within 5 seconds. "
+                    "It answers only Host names it knows and refuses cross-site POSTs; beyond loopback it needs a "
+                    "token or --no-auth (docs/search.md, 'Safe by default').")
     _table_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
@@ -235,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-sql-filter", action="store_true",
                        help="also take a raw SQL filter (`where`) in searches; without it, only structured "
                             "filters (field, operator, value) on the table's fields")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a Host name the service answers to besides the bound host, localhost, 127.0.0.1 and "
+                            "[::1] (any IP address is taken); repeat for more, '*' for any. Others get a 403, "
+                            "which stops DNS rebinding")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="a file holding the token requests must send ('Authorization: Bearer TOKEN'; the "
+                            "page asks for it once); or set CATALOG_EMBED_TOKEN. Needed beyond loopback")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve beyond loopback without a token (behind a proxy that authenticates)")
     return parser
 
 
@@ -433,23 +443,15 @@ def _query(args: argparse.Namespace, _extra: list[str]) -> int:
         print("catalog-embed: --hybrid is for --text", file=sys.stderr)
         return 2
     table = _open_at(args)
-    owned: list[str] = []
-    if args.like is not None:
-        queries = q.item_queries(table, args.like)
-    elif args.text is not None:
-        queries = q.text_queries(table, args.text)
-    elif args.user is not None:
-        queries, owned = q.user_queries(table, args.user, args.interactions)
+    image = q.query_bytes(args.image) if args.image is not None else None
+    found = q.answer(table, q.Asked(args.k, args.text, args.like, args.user, image, args.image or "",
+                                    q.parse_weights(args.weights, table), args.where, args.hybrid, args.interactions))
+    results = found.results
+    if args.user is not None:
+        owned = found.owned
         print(f"user {args.user}: {len(owned)} items in the log ({', '.join(owned[:10])}"
               f"{', ...' if len(owned) > 10 else ''}), left out of the results",
               file=sys.stderr if args.json else sys.stdout)   # stdout stays one JSON line
-    else:
-        queries = q.image_queries(table, args.image)
-    weights = q.parse_weights(args.weights, table)
-    if args.hybrid:
-        results = q.hybrid_search(table, args.text, queries, args.k, weights, args.where)
-    else:
-        results = q.search(table, queries, args.k, weights, args.where, owned)
     if args.json:
         print(json.dumps(results, default=str))
         return 0
@@ -572,8 +574,20 @@ def _versions(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _serve(args: argparse.Namespace, _extra: list[str]) -> int:
     from pipelines.serve import serve
+    from pipelines.serve.access import LOOPBACK, access_for
 
-    serve(args.uri, args.table, args.host, args.port, args.allow_sql_filter)
+    try:
+        access = access_for(args.host, args.allowed_host, args.token_file, args.no_auth)
+    except (OSError, ValueError) as err:
+        print(f"catalog-embed: {err}", file=sys.stderr)
+        return 2
+    if args.no_auth and args.host.strip("[]") not in LOOPBACK:
+        print(f"catalog-embed: serving on {args.host} without a token (--no-auth): anyone who can reach the port "
+              "can read the table", file=sys.stderr)
+    if "*" in args.allowed_host and access.token is None:
+        print("catalog-embed: --allowed-host '*' without a token: a web page can read the table through a visitor's "
+              "browser (DNS rebinding)", file=sys.stderr)
+    serve(args.uri, args.table, args.host, args.port, args.allow_sql_filter, access)
     return 0
 
 

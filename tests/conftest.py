@@ -82,6 +82,35 @@ def copy_photo(name: str, dest: Path) -> Path:
     return dest
 
 
+FOOD101_CLASSES = {"apple_pie": "Apple pie", "baby_back_ribs": "Baby back ribs", "bibimbap": "Bibimbap"}
+
+
+def food101_layout(root: Path) -> tuple[dict, list[str], list[str]]:
+    """Food-101 as its archive lays it out (images/<class>/<n>.jpg; meta/classes.txt, labels.txt, train.txt and
+    test.txt), with one photo per class, in both splits (so each class's two items are duplicates): the catalog's
+    config, the train ids and the test ids."""
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "classes.txt").write_text("\n".join(FOOD101_CLASSES) + "\n")
+    (root / "meta" / "labels.txt").write_text("\n".join(FOOD101_CLASSES.values()) + "\n")
+    train, test = [], []
+    for i, (cls, name) in enumerate(zip(FOOD101_CLASSES, PHOTOS, strict=False)):
+        for n, split in ((1000 + i, train), (2000 + i, test)):
+            copy_photo(name, root / "images" / cls / f"{n}.jpg")
+            split.append(f"{cls}/{n}")
+    (root / "meta" / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "meta" / "test.txt").write_text("\n".join(test) + "\n")
+    return {"format": "food101", "path": str(root), "text_fields": ["name"], "fields": ["split"]}, train, test
+
+
+def digikala_layout(root: Path) -> tuple[dict, list[str]]:
+    """Digikala's color folders (<color>/<product>.jpg), four photos: the catalog's config and the ids."""
+    ids = []
+    for i, (color, name) in enumerate(zip(["red", "blue", "green", "red"], PHOTOS, strict=False)):
+        copy_photo(name, root / color / f"product_{i}.jpg")
+        ids.append(f"{color}/product_{i}")
+    return {"format": "digikala", "path": str(root), "fields": ["color"]}, ids
+
+
 def write_catalog(folder: Path, rows: list[dict]) -> Path:
     """A manifest catalog.csv (id, caption, image) in `folder`."""
     with (folder / "catalog.csv").open("w", newline="") as handle:

@@ -19,6 +19,7 @@ from pipelines.search.query import item_queries, open_table, search, user_querie
 from tests.conftest import make_config, read_table, run
 from transforms.combine import combine
 from transforms.config import ConfigError
+from transforms.interaction_log import UserIndex
 from transforms.run_log import read_runs
 
 CLUSTERS, CLUSTER_SIZE, SESSIONS = 6, 20, 600
@@ -293,6 +294,24 @@ def test_query_user_finds_a_user_by_user_id_in_a_log_of_each_format(shop, tmp_pa
     found = [row["id"] for row in json.loads(out.splitlines()[-1])]
     assert len(found) == 4 and not set(found) & set(bought) and {cluster_of(item) for item in found} == {"c2"}
     assert "user ada: 3 items in the log (c2-1, c2-5, c2-9)" in err
+
+
+def test_the_service_answers_a_user_as_query_does_from_its_index_of_the_log(shop, capsys, monkeypatch):
+    """The service's user search equals `query --user --json`, and reads the log once, not once a request."""
+    from fastapi.testclient import TestClient
+
+    from pipelines.serve import create_app, search_api
+
+    config, _, _, _ = shop
+    built = []
+    monkeypatch.setattr(search_api, "UserIndex", lambda log: built.append(log) or UserIndex(log))
+    with TestClient(create_app(config.output.uri, config.output.table), base_url="http://127.0.0.1") as client:
+        for session in ("s1", "s2", "s3"):
+            served = client.post("/api/search", json={"user": session, "weights": {"behaviour": 1}, "k": 4})
+            assert main(["query", "--uri", config.output.uri, "--table", config.output.table, "--user", session,
+                         "--weights", "behaviour=1", "-k", "4", "--json"]) == 0
+            assert served.status_code == 200 and served.json() == json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(built) == 1
 
 
 def test_query_user_says_what_is_missing(shop, tmp_path, capsys):

@@ -9,17 +9,22 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import uvicorn
 
+from pipelines.health.duplicates import find_duplicates
 from pipelines.search import query as q
 from pipelines.serve import create_app
+from pipelines.serve.access import access_for
 from tests.conftest import (
     DEMO_CATALOG,
     MULTIMODAL_ENCODERS,
     REUPLOADS,
+    digikala_layout,
+    food101_layout,
     make_config,
     run,
     with_reuploads,
@@ -47,13 +52,17 @@ def shop(multimodal_demo, tmp_path_factory) -> Config:
 
 @pytest.fixture(scope="module")
 def server(shop) -> Iterator[str]:
+    with serving(create_app(shop.output.uri, "demo")) as url:
+        yield url
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
     """The service on a free loopback port, in a thread of this process."""
-    config = shop
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    running = uvicorn.Server(uvicorn.Config(create_app(config.output.uri, "demo"), host="127.0.0.1", port=port,
-                                            log_level="warning"))
+    running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -132,7 +141,42 @@ def test_the_page_searches_reweights_explores_and_shows_duplicates(server, brows
     page.click("nav button[data-tab=duplicates]")
     page.wait_for_function("document.getElementById('status').textContent.includes('near-duplicates')")
     groups = page.eval_on_selector_all("#results .group", "groups => groups.length")
-    from pipelines.health.duplicates import find_duplicates
-
     assert groups == len(find_duplicates(table)["groups"]) == len(REUPLOADS)
     _screenshot(page, tmp_path / "duplicates.png")
+
+
+@pytest.mark.parametrize("layout", ["food101", "digikala"])
+def test_ids_of_every_layout_open_in_the_page(layout, browser, tmp_path):
+    """Ids with slashes (`apple_pie/1000`, `red/product_0`) through the duplicates tab, thumbnails, the item view
+    and a "more like this" click; the Digikala service has a token, which the page asks for once."""
+    if layout == "food101":
+        catalog, train, test = food101_layout(tmp_path / "food-101")
+        ids, access = train + test, None
+    else:
+        catalog, ids = digikala_layout(tmp_path / "digikala")
+        (tmp_path / "token").write_text("s3cret")
+        access = access_for("127.0.0.1", token_file=str(tmp_path / "token"))
+    config = make_config(tmp_path, catalog)
+    run(config)
+    table = q.open_table(config.output.uri, "items")
+    page = browser.new_page()
+    prompts = []
+    page.on("dialog", lambda dialog: prompts.append(dialog.message) or dialog.accept("s3cret"))
+    app = create_app(config.output.uri, "items", **({"access": access} if access else {}))
+    with serving(app) as url:
+        page.goto(f"{url}/?tab=duplicates")
+        page.wait_for_function("document.getElementById('status').textContent.includes('near-duplicates')")
+        shown = _ids(page)
+        groups = find_duplicates(table)["groups"]
+        assert sorted(shown) == sorted(item for group in groups for item in group["ids"])
+        if layout == "food101":         # each class's photo is in both splits
+            assert len(groups) == 3 and "apple_pie/1000" in shown
+        first = ids[0]
+        liked = _shown_after(page, lambda: page.goto(f"{url}/?like={first}"))
+        assert liked == [r["id"] for r in q.search(table, q.item_queries(table, first), 12)]
+        page.wait_for_function("[...document.images].every(image => image.complete)")
+        loaded = page.eval_on_selector_all("#results .card img", "images => images.map(i => i.naturalWidth > 0)")
+        assert loaded and all(loaded)
+        item = page.evaluate("id => fetch(`/api/items/${encodeURIComponent(id)}`).then(r => r.json())", first)
+        assert item["id"] == first
+    assert len(prompts) == (0 if access is None else 1)

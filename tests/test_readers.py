@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import PHOTOS, copy_photo, make_config, read_table, run
+from tests.conftest import PHOTOS, copy_photo, digikala_layout, food101_layout, make_config, read_table, run
 
 MANIFEST_ROWS = [
     {"sku": f"sku-{i}", "title": f"Product {i}", "price": str(10 + i), "picture": f"img/{name}"}
@@ -48,20 +48,8 @@ def test_manifest_formats_read_every_row_once(tmp_path, fmt):
 
 
 def test_food101_layout(tmp_path):
-    root = tmp_path / "food-101"
-    classes = {"apple_pie": "Apple pie", "baby_back_ribs": "Baby back ribs", "bibimbap": "Bibimbap"}
-    (root / "meta").mkdir(parents=True)
-    (root / "meta" / "classes.txt").write_text("\n".join(classes) + "\n")
-    (root / "meta" / "labels.txt").write_text("\n".join(classes.values()) + "\n")
-    train, test = [], []
-    for i, (cls, name) in enumerate(zip(classes, PHOTOS, strict=False)):
-        for n, split in ((1000 + i, train), (2000 + i, test)):
-            copy_photo(name, root / "images" / cls / f"{n}.jpg")
-            split.append(f"{cls}/{n}")
-    (root / "meta" / "train.txt").write_text("\n".join(train) + "\n")
-    (root / "meta" / "test.txt").write_text("\n".join(test) + "\n")
-    config = make_config(tmp_path, {"format": "food101", "path": str(root), "text_fields": ["name"],
-                                    "fields": ["split"]})
+    catalog, train, test = food101_layout(tmp_path / "food-101")
+    config = make_config(tmp_path, catalog)
     run(config)
     rows = {r["id"]: r for r in read_table(config).to_pylist()}
     assert sorted(rows) == sorted(train + test)
@@ -94,12 +82,8 @@ def test_fashion_layout_keeps_commas_in_product_names(tmp_path):
 
 
 def test_digikala_color_folders(tmp_path):
-    root = tmp_path / "digikala"
-    expected = []
-    for i, (color, name) in enumerate(zip(["red", "blue", "green", "red"], PHOTOS, strict=False)):
-        copy_photo(name, root / color / f"product_{i}.jpg")
-        expected.append(f"{color}/product_{i}")
-    config = make_config(tmp_path, {"format": "digikala", "path": str(root), "fields": ["color"]})
+    catalog, expected = digikala_layout(tmp_path / "digikala")
+    config = make_config(tmp_path, catalog)
     run(config)
     rows = {r["id"]: r for r in read_table(config).to_pylist()}
     assert sorted(rows) == sorted(expected)

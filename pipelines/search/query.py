@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -94,10 +94,11 @@ class Table:
         """The rows the vector index covers (0 without one: every search is then a flat, exact one)."""
         return self.indexes[VECTOR_INDEX].num_rows_indexed if VECTOR_INDEX in self.indexes else 0
 
-    @property
+    @cached_property
     def interactions(self) -> str | None:
         """The interaction log the table's item2vec encoder was last trained on, if it has one: the newest run
-        that read one says where (tables of earlier builds held it in their metadata)."""
+        that read one says where (tables of earlier builds held it in their metadata). Read once per opened
+        table: the service asks it on every `user` search."""
         if not any(e["config"]["kind"] == "item2vec" for e in self.meta["encoders"]):
             return None
         logs = [run["interactions"].get("path") for run in read_runs(self.db_uri, self.name)]
@@ -125,7 +126,7 @@ def open_table(uri: str, name: str, version: int | str | None = None) -> Table:
     if version is not None:
         try:
             handle.checkout(version)
-        except (ValueError, RuntimeError, OSError) as err:
+        except (ValueError, TypeError, RuntimeError, OSError) as err:
             raise QueryError(f"table '{name}' has no version or tag {version!r}") from err
     meta = table_metadata(handle.schema)
     if not meta:
@@ -144,7 +145,7 @@ def text_queries(table: Table, text: str) -> dict[str, np.ndarray]:
 def load_query_image(path: str, min_side: int | None = None) -> Image.Image:
     """A picture given on the command line, checked and decoded as the job does catalog images (for an
     encoder, at its `decode_side`)."""
-    return query_image(_query_bytes(path), min_side, path)
+    return query_image(query_bytes(path), min_side, path)
 
 
 def query_image(data: bytes, min_side: int | None = None, name: str = "the upload") -> Image.Image:
@@ -156,12 +157,8 @@ def query_image(data: bytes, min_side: int | None = None, name: str = "the uploa
         raise QueryError(f"cannot use image {name}: {err}") from err
 
 
-def image_queries(table: Table, path: str) -> dict[str, np.ndarray]:
-    """The picture in the space of every image encoder of the table."""
-    return image_queries_of(table, _query_bytes(path), path)
-
-
-def _query_bytes(path: str) -> bytes:
+def query_bytes(path: str) -> bytes:
+    """A query picture's bytes, from a path or URL."""
     try:
         return ImageReader().read(path)
     except OSError as err:
@@ -186,15 +183,17 @@ def item_queries(table: Table, item_id: str) -> dict[str, np.ndarray]:
     return queries
 
 
-def user_queries(table: Table, user: str, interactions: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+def user_queries(table: Table, user: str, interactions: str | None = None,
+                 items_of: Callable[[str, str], list[str]] = items_of_user) -> tuple[dict[str, np.ndarray], list[str]]:
     """A user's vectors, the mean of their items' (`mean_queries`), and those items: the items of the
-    user's rows in the interaction log, the table's item2vec log unless another is named."""
+    user's rows in the interaction log, the table's item2vec log unless another is named. `items_of(log, user)`
+    finds them (a scan of the log by default; the service keeps an index, `UserIndex`)."""
     path = interactions or table.interactions
     if not path:
         raise QueryError("the table has no item2vec encoder, so no interaction log to find users in; "
                          "name one with --interactions")
     try:
-        items = items_of_user(path, user)
+        items = items_of(path, user)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise QueryError(f"cannot read the interaction log {path}: {err}") from err
     if not items:
@@ -218,6 +217,54 @@ def mean_queries(table: Table, ids: Sequence[str]) -> dict[str, np.ndarray] | No
         if len(vectors):
             queries[name] = l2_normalise(l2_normalise(vector_matrix(vectors)).mean(axis=0))
     return queries
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One search as the command line and the service take it: exactly one of `text`, `like` (an item id),
+    `user` or `image` (a picture's bytes, `image_name` for messages), and how to rank and filter."""
+
+    k: int = 10
+    text: str | None = None
+    like: str | None = None
+    user: str | None = None
+    image: bytes | None = None
+    image_name: str = "the upload"
+    weights: dict[str, float] | None = None
+    where: str | None = None
+    hybrid: bool = False
+    interactions: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    results: list[dict]
+    owned: list[str]        # a user's own items, left out of the results
+
+
+def answer(table: Table, asked: Asked, items_of: Callable[[str, str], list[str]] = items_of_user) -> Answer:
+    """The one search dispatch of `query` and `serve`: the query's vectors, then the (hybrid) search."""
+    given = [name for name in ("text", "like", "user", "image") if getattr(asked, name) not in (None, "")]
+    if len(given) != 1:
+        raise QueryError("give one of text, image, like or user")
+    if asked.k < 1:
+        raise QueryError("k must be at least 1")
+    if asked.hybrid and given != ["text"]:
+        raise QueryError("hybrid is for text")
+    if asked.interactions and given != ["user"]:
+        raise QueryError("an interaction log is for a user's search")
+    owned: list[str] = []
+    if given == ["text"]:
+        queries = text_queries(table, asked.text)
+    elif given == ["like"]:
+        queries = item_queries(table, asked.like)
+    elif given == ["user"]:
+        queries, owned = user_queries(table, asked.user, asked.interactions, items_of)
+    else:
+        queries = image_queries_of(table, asked.image, asked.image_name)
+    if asked.hybrid:
+        return Answer(hybrid_search(table, asked.text, queries, asked.k, asked.weights, asked.where), owned)
+    return Answer(search(table, queries, asked.k, asked.weights, asked.where, owned), owned)
 
 
 def parse_weights(text: str | None, table: Table) -> dict[str, float] | None:
