@@ -78,7 +78,9 @@ soak: install
 # (benchmarks/url_images.py), then a killed and resumed first run and a budgeted backfill at 100k items
 # (benchmarks/backfill.py), then catalog-embed serve under 1 and 8 clients on a 1M-row table (benchmarks/serving.py),
 # then a placeholder picture shared by 10k and 100k items against a picture each (benchmarks/shared_images.py),
-# then the budget's boundary at a 1M budget over 2M items (benchmarks/budget_boundary.py).
+# then the budget's boundary at a 1M budget over 2M items (benchmarks/budget_boundary.py), then item2vec's first run
+# on 12M events over 1M items (benchmarks/behaviour.py --first-only) and recall and latency at 4M rows
+# (benchmarks/query.py --rows 4000000; it needs about 70 GB of disk).
 # Results: out/bench.json.
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
@@ -94,6 +96,9 @@ bench: install
 	$(BIN)/python -m benchmarks.serving --out out/bench.json
 	$(BIN)/python -m benchmarks.shared_images --out out/bench.json
 	$(BIN)/python -m benchmarks.budget_boundary --out out/bench.json
+	$(BIN)/python -m benchmarks.behaviour --sizes 1000000 --first-only --out out/bench.json
+	$(BIN)/python -m benchmarks.query --rows 4000000 --nights 0 --cases "default weights" "filter 1%" --table-only \
+		--out out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -178,10 +178,13 @@ def own_cluster_share(db: Path) -> float:
     vectors, ids = vector_matrix(table["behaviour_vec"])[has], ids[has]
     clusters = np.array([int(i[1:]) // CLUSTER_SIZE for i in ids])
     picked = np.random.default_rng(0).choice(len(ids), size=min(QUALITY_ITEMS, len(ids)), replace=False)
-    similar = vectors[picked] @ vectors.T
-    similar[np.arange(len(picked)), picked] = -np.inf
-    nearest = np.argsort(-similar, axis=1)[:, :5]
-    return float((clusters[nearest] == clusters[picked][:, None]).mean())
+    same = []
+    for part in np.array_split(picked, max(1, len(picked) // 50)):    # 50 rows of similarities at a time
+        similar = vectors[part] @ vectors.T
+        similar[np.arange(len(part)), part] = -np.inf
+        nearest = np.argpartition(-similar, 5, axis=1)[:, :5]
+        same.append(clusters[nearest] == clusters[part][:, None])
+    return float(np.concatenate(same).mean())
 
 
 def scenarios(root: Path, items: int, first_only: bool = False) -> list[dict]:
