@@ -254,15 +254,16 @@ def answer(table: Table, asked: Asked, items_of: Callable[[str, str], list[str]]
     if asked.interactions and given != ["user"]:
         raise QueryError("an interaction log is for a user's search")
     owned: list[str] = []
-    if given == ["text"]:
+    if asked.text:
         queries = text_queries(table, asked.text)
-    elif given == ["like"]:
+    elif asked.like:
         queries = item_queries(table, asked.like)
-    elif given == ["user"]:
+    elif asked.user:
         queries, owned = user_queries(table, asked.user, asked.interactions, items_of)
     else:
+        assert asked.image is not None, "one of the four is given"
         queries = image_queries_of(table, asked.image, asked.image_name)
-    if asked.hybrid:
+    if asked.hybrid and asked.text:
         return Answer(hybrid_search(table, asked.text, queries, asked.k, asked.weights, asked.where), owned)
     return Answer(search(table, queries, asked.k, asked.weights, asked.where, owned), owned)
 
