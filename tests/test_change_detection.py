@@ -4,7 +4,6 @@ read once to hash and once to decode, kept vectors stay bit for bit, and the shi
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from apache_beam.internal import pickler as beam_pickler
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 from sentence_transformers import SentenceTransformer
@@ -248,8 +248,8 @@ def test_handler_copies_of_one_stage_share_their_threads_and_recent_vectors():
     of recent vectors per process, as they share the model; another stage has its own."""
     encoders = [build_encoder(EncoderConfig(name="text", kind="sentence-transformers"))]
     handler = inference.ModalityModelHandler("text", encoders, remembered=10, reader=ImageReader())
-    # As Beam ships a DoFn's handler to each harness thread: our own bytes, round-tripped in this process.
-    first, second = (pickle.loads(pickle.dumps(handler)) for _ in range(2))
+    # As Beam ships a DoFn's handler to each harness thread, through Beam's own pickler.
+    first, second = (beam_pickler.loads(beam_pickler.dumps(handler)) for _ in range(2))
     first._threads().recent.remember("digest", {"text": np.ones(3)})
     assert second._threads() is first._threads()
     assert second._threads().recent.recall("digest", {"text"}) is not None
