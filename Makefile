@@ -85,6 +85,8 @@ soak: install
 bench: install
 	$(BIN)/python -m benchmarks.throughput --out out/bench.json
 	$(BIN)/python -m benchmarks.photos --out out/bench.json
+	$(BIN)/python -m benchmarks.photo_cpu --out out/bench.json
+	$(BIN)/python -m benchmarks.gpu --out out/bench.json
 	$(BIN)/python -m benchmarks.scale --out out/bench.json
 	$(BIN)/python -m benchmarks.health --out out/bench.json
 	$(BIN)/python -m benchmarks.behaviour --out out/bench.json

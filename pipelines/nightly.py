@@ -1,10 +1,11 @@
-"""The nightly job: read -> inspect -> compare -> hash what changed -> budget -> encode per modality -> keep ->
+"""The nightly job: read -> inspect -> compare -> ask image URLs -> budget -> encode per modality -> keep ->
 behaviour -> combine -> write -> remove replaced and deleted rows -> commit -> upkeep.
 
 Beside it, when an encoder is item2vec: read the interaction log -> sessions -> train once (behaviour.py).
 
-Elements carry references (paths, digests, ids), never image bytes or stored vectors: bytes are read
-where they are hashed or decoded, stored vectors only for the items written again that keep them.
+Elements carry references (paths, digests, ids), never image bytes or stored vectors: a picture's bytes are
+read once, where they are hashed and decoded (a URL's where it is fetched), stored vectors only for the items
+written again that keep them.
 
 What the run does to each row, and so what the table keeps when an input fails, is transforms/lifecycle.py:
 a row that fails before the compare is `held` by its id, one that fails after it knows its stored row, and
@@ -157,7 +158,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
     config, ctx = plan.config, plan.context
     storage = config.output.storage_options
     inputs = {e.name: (e.encoder_id, e.modality) for e in plan.encoders}
-    reader = ImageReader(config.catalog.http, config.run.max_image_bytes)
+    reader = ImageReader(config.catalog.http, config.run.max_image_bytes, config.run.max_pixels)
     read = pipeline | "Read catalog" >> ReadCatalog(config.catalog, config.passthrough_fields())
     # A read reject with an id holds that id's stored row; one without an id could have held any: no deletions.
     read_rejects = read[REJECTS] | "Sort read rejects" >> beam.ParDo(SortReadRejects()).with_outputs(
@@ -176,8 +177,8 @@ def build_pipeline(pipeline: beam.Pipeline, plan: JobPlan) -> None:
                                   count(read_rejects[REJECTS], "unclean reads"), ctx.output.on_missing == "delete",
                                   plan.rehash)
     copies = FileSystems.join(plan.scratch, "images")
-    hashed = compared[ITEMS] | "Hash changed images" >> beam.ParDo(
-        HashImages(reader, config.run.max_pixels, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
+    hashed = compared[ITEMS] | "Hash URLs and rehashed files" >> beam.ParDo(
+        HashImages(reader, plan.rehash, copies)).with_outputs(REJECTS, main=ITEMS)
     decided = hashed[ITEMS] | "Decide work" >> beam.ParDo(
         DecideWork(inputs, ctx.overwrite, not plan.reembed, plan.earlier_ids)).with_outputs(UNCHANGED, main=ITEMS)
     budgeted = apply_budget(decided[ITEMS], plan.encoders, config.run.max_encode, config.run.backfill_order)

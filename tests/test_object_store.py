@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,8 +228,23 @@ def test_the_pipeline_and_options_carry_no_launcher_path(shop, cluster):
 
 
 @pytest.fixture(scope="module")
-def first_run(shop, cluster) -> dict:
-    return _run(shop.config, cluster, "first")
+def first_night(s3, shop, cluster) -> tuple[dict, list[tuple[str, str, int]]]:
+    """The first run's record, and the requests the store answered while it ran."""
+    mark = s3.mark()
+    return _run(shop.config, cluster, "first"), s3.requests(since=mark)
+
+
+@pytest.fixture(scope="module")
+def first_run(first_night) -> dict:
+    return first_night[0]
+
+
+def test_a_first_run_reads_each_image_once(shop, first_night):
+    """Each picture is hashed where it is decoded: one GET of its bytes, on whichever worker encodes it."""
+    record, requests = first_night
+    gets = Counter(key for method, key, _ in requests if method == "GET" and key.startswith(f"{BUCKET}/shop/images/"))
+    assert record["encoded"]["color"] == ITEMS
+    assert gets == Counter({f"{BUCKET}/shop/{row['image']}": 1 for row in shop.rows})
 
 
 def test_a_first_run_on_isolated_workers_equals_a_one_process_run(shop, first_run):

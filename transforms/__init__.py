@@ -9,3 +9,12 @@
 
 May import this package and libraries; never `pipelines` (tests/test_layers.py).
 """
+
+import os
+
+# torch's OpenMP threads spin 300,000 times after each parallel region before they sleep. Beside the decode
+# threads on a worker's cores they spun away a quarter of a photo's core time (docs/encoders.md, "Decoding,
+# batching and keeping the network busy"). Set here, before any module loads torch (Beam's inference base
+# does); the user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -16,7 +16,7 @@ import json
 import apache_beam as beam
 import lance
 
-from transforms.fingerprint import fingerprints
+from transforms.fingerprint import fingerprints, unhashed
 from transforms.items import HELD, ITEMS, REJECTS, make_reject, pack, unpack
 
 UNCHANGED = "unchanged"
@@ -109,9 +109,9 @@ class CompareWithTable(beam.DoFn):
         item["staged"] = unpack(staged[0]) if staged else None      # a row a run that died wrote (staging.py)
         item["stored"] = stored[0] if stored else None
         item["replaces"] = stored[0]["fragment"] if stored else None
-        known = item["stored"] or item["staged"]
-        if known and not self._rehash and _same_file(item, known):
-            item["digests"]["image"] = known["image_digest"]
+        known = [found for found in (item["stored"], item["staged"]) if found and _same_file(item, found)]
+        if known and not self._rehash:
+            item["digests"]["image"] = known[0]["image_digest"]
         yield item
 
 
@@ -138,15 +138,30 @@ class DecideWork(beam.DoFn):
 
     def process(self, item: dict):
         stored = item["stored"] or {"fingerprints": {}}
-        earlier = fingerprints(item, self._earlier)
-        keep = sorted(name for name, fp in fingerprints(item, self._encoders).items()
-                      if self._keep_stored and stored["fingerprints"].get(name) in (fp, earlier.get(name, fp)))
+        keep = self._kept(item, stored)
         same_row = (stored.get("row") == row_digest(item["label"], item["image_uri"], item["fields"])
                     and stored.get("image_stat") == item["image_stat"])
         if not self._rewrite_all and same_row and len(keep) == len(self._encoders):
             yield beam.pvalue.TaggedOutput(UNCHANGED, item["id"])
             return
-        yield dict(item, stored=None, keep=keep, rewrite=self._rewrite_all or not same_row)
+        yield dict(item, stored=None, keep=keep, recheck=self._recheck(item, stored, keep),
+                   rewrite=self._rewrite_all or not same_row)
+
+    def _kept(self, item: dict, stored: dict) -> list[str]:
+        """The encoders whose stored vector is still right: their fingerprint is the stored one."""
+        if not self._keep_stored:
+            return []
+        earlier = fingerprints(item, self._earlier)
+        return sorted(name for name, fp in fingerprints(item, self._encoders).items()
+                      if stored["fingerprints"].get(name) in (fp, earlier.get(name, fp)))
+
+    def _recheck(self, item: dict, stored: dict, keep: list[str]) -> tuple[str, list[str]] | None:
+        """For a picture whose stat changed, hashed only where it is decoded: the stored digest, and the encoders
+        whose stored vectors it keeps should its bytes turn out to be those (fingerprint.with_image_digest)."""
+        if not unhashed(item) or not stored.get("image_digest"):
+            return None
+        as_stored = dict(item, digests={**item["digests"], "image": stored["image_digest"]})
+        return stored["image_digest"], sorted(set(self._kept(as_stored, stored)) - set(keep))
 
 
 def compare_with_table(items, table_summaries, staged_rows, held, unclean_reads, delete_missing: bool,

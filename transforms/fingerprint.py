@@ -7,9 +7,12 @@ deduplication (the same caption or photo on many items).
 
 Images are checked the way make and rsync check files: `InspectInputs` only stats each image (size
 and modification time, or what the object store reports). Where the stat and the path equal the
-table's, the stored digest is reused and the file is never opened; only new or changed stats are
-read and hashed by `HashImages`, after the compare. `run --rehash` hashes every image: a file
-rewritten with the same size and modification time is otherwise taken as unchanged.
+table's, the stored digest is reused and the file is never opened. A new or changed stat is read once,
+where it is decoded: the image stage hashes the bytes it decodes (inference.py), so a first run reads
+each picture once, and a file whose stat changed but whose bytes did not keeps its stored vectors
+(`recheck`, set by the compare's DecideWork). `run --rehash` reads and hashes every image here, before
+the decisions: a file rewritten with the same size and modification time is otherwise taken as
+unchanged, and only the bytes can say whether its row is.
 
 Images named by http(s) URL are not asked anything at inspection: `HashImages` asks the server a
 conditional GET with the validators stored for the same URL, so an unchanged image costs one request and
@@ -18,6 +21,10 @@ no body, and a changed or new one costs one body, which is hashed and kept in th
 `catalog.immutable_urls`, a URL's stat is the URL itself: an unchanged URL sends no request at all.
 HashImages reads the images it must in batches, their reads and requests in flight together
 (http.max_per_worker a process).
+
+Before it is hashed, an image's input is known by its path and stat (`input_key`): items that share a
+picture file are encoded once, and copies of one picture under other paths once per worker (the image
+stage remembers the vectors of the digests it encoded last).
 """
 
 from __future__ import annotations
@@ -55,14 +62,38 @@ def fingerprint(encoder_id: str, digest: str) -> str:
 
 
 def fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, str]:
-    """Each encoder's fingerprint of the item, from its input digests. `inputs` maps encoder name to
-    (encoder id, modality). Derived where needed, so that items do not carry them through shuffles."""
-    return {name: fingerprint(encoder_id, item["digests"][modality]) for name, (encoder_id, modality) in inputs.items()}
+    """Each encoder's fingerprint of the item, from its input digests; none yet for a picture still to be
+    hashed where it is decoded. `inputs` maps encoder name to (encoder id, modality). Derived where needed,
+    so that items do not carry them through shuffles."""
+    return {name: fingerprint(encoder_id, item["digests"][modality])
+            for name, (encoder_id, modality) in inputs.items() if modality in item["digests"]}
 
 
 def written_fingerprints(item: dict, inputs: dict[str, tuple[str, str]]) -> dict[str, str | None]:
     """The fingerprints its row holds: none for an encoder the budget left for later, so the next run takes it up."""
-    return {name: None if name in item["deferred"] else found for name, found in fingerprints(item, inputs).items()}
+    found = fingerprints(item, inputs)
+    return {name: None if name in item["deferred"] else found[name] for name in inputs}
+
+
+def unhashed(item: dict) -> bool:
+    """Whether the item's picture is still to be read: it is hashed where it is decoded."""
+    return item["image_stat"] is not None and "image" not in item["digests"]
+
+
+def input_key(item: dict, modality: str) -> str:
+    """What identifies the item's input for this modality: its digest, or for a picture still to be hashed
+    its path and stat (one read and one decode for every item that names that file)."""
+    if modality == "image" and unhashed(item):
+        return f"file:{item['image_stat']}:{item['image_uri']}"
+    return item["digests"][modality]
+
+
+def with_image_digest(item: dict, digest: str) -> dict:
+    """The item once its picture is hashed: where the bytes are those its stored row was made from, it keeps
+    the stored vectors its `recheck` names, as it would have had the stat not changed."""
+    recheck = item["recheck"]
+    keep = sorted({*item["keep"], *recheck[1]}) if recheck and recheck[0] == digest else item["keep"]
+    return dict(item, digests={**item["digests"], "image": digest}, keep=keep, recheck=None)
 
 
 class InspectInputs(beam.DoFn):
@@ -102,12 +133,12 @@ class InspectInputs(beam.DoFn):
 
 
 class HashImages(beam.DoFn):
-    """Read, check and digest the images whose digest the table could not vouch for. Those are read
-    HASH_BATCH at a time, their reads and requests in flight together; every other item passes straight on."""
+    """Ask the servers of image URLs whether their pictures changed, and under `--rehash` read every image
+    file: these are checked and digested, HASH_BATCH at a time, their reads and requests in flight together.
+    Every other item passes straight on; a changed image file is hashed where it is decoded."""
 
-    def __init__(self, reader: ImageReader, max_pixels: int, rehash: bool, copies: str):
+    def __init__(self, reader: ImageReader, rehash: bool, copies: str):
         self._reader = reader
-        self._max_pixels = max_pixels
         self._rehash = rehash
         self._copies = copies       # the run's folder for the bytes of fetched URLs
         self._hashed = Metrics.counter("catalog_embed", "images_hashed")
@@ -117,7 +148,7 @@ class HashImages(beam.DoFn):
         self._waiting: list[dict] = []
 
     def process(self, item: dict):
-        if item["image_stat"] is None or "image" in item["digests"]:
+        if not unhashed(item) or not (self._rehash or is_url(item["image_uri"])):
             yield item
             return
         self._waiting.append(dict(item, digests=dict(item["digests"])))     # filled in by the reading threads
@@ -151,7 +182,7 @@ class HashImages(beam.DoFn):
                     return None
             else:
                 data = self._reader.read(uri)
-            check_image(data, self._max_pixels)
+            check_image(data, self._reader.max_pixels)
         except (OSError, ValueError) as err:
             return err
         item["digests"]["image"] = digest = content_digest(data)

@@ -1,18 +1,21 @@
 """One encode stage per modality (image, then text), on Beam's RunInference.
 
 Inputs shared by many items (the same photo, the same caption) are encoded once:
-- Images are grouped by the digest of their bytes, so a shared picture is read, decoded and encoded
-  once per run, on one worker: the group's first item stands for it, and the vectors are copied to
-  the rest of the group in place. Only references cross the grouping: the image's bytes are read here,
-  by the worker that decodes them. A group is never a list: its items are unpacked one at a time as it
-  is iterated (`Unpacked`), so a placeholder picture shared by millions of items streams through the
+- Images are grouped by their input (fingerprint.input_key): the digest of their bytes, or for a picture
+  whose stat changed, its file and stat. A shared picture is read, decoded and encoded once per run, on one
+  worker: the group's first item stands for it, and the vectors are copied to the rest of the group in
+  place. Only references cross the grouping: the image's bytes are read here, by the worker that decodes
+  them, and a changed file is hashed here too, so a first run reads each picture once. Its digest decides
+  what it needs: vectors the worker encoded last for the same bytes (a copy under another path), or, for
+  bytes that did not change, the stored ones (`recheck`). A group is never a list: its items are unpacked
+  one at a time as it is iterated (`Unpacked`), so a placeholder picture shared by millions of items streams through the
   worker as Dataflow pages the group's values from the shuffle. A picture is decoded once per size its
   encoders need (a JPEG straight at a reduced scale), and encoders on one network (`cnn` and `conse` on
   EfficientNet-Lite0) share its preparation and forward pass.
 - Texts are not grouped: the text rides in the item already, and a text grouping after the image
   stage would carry every item's image vectors through a shuffle (before it, the image grouping would
   carry the text vectors). A worker encodes each distinct text of a batch once and remembers the
-  vectors of the texts it saw last (`RECENT_TEXTS`), so a caption shared by a whole class (Food-101)
+  vectors of the texts it saw last (`RECENT_INPUTS`), so a caption shared by a whole class (Food-101)
   is encoded about once per worker.
 
 The network never waits for the CPU work: RunInference hands the handler large batches, which it cuts
@@ -39,6 +42,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -48,7 +52,8 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.derived import cached_value
 from transforms.encoders.base import Encoder
-from transforms.fingerprint import has_input
+from transforms.fingerprint import content_digest, has_input, input_key, unhashed, with_image_digest
+from transforms.images import check_image
 from transforms.items import ITEMS, REJECTS, failed, failed_like, pack, unpack
 from transforms.storage import ImageReader
 
@@ -56,7 +61,8 @@ log = logging.getLogger(__name__)
 
 ENCODE_ORDER = ("image", "text")         # the grouped stage first, so that its grouping carries no vectors
 GROUPED_MODALITIES = frozenset({"image"})
-RECENT_TEXTS = 50_000                    # per worker: about 75 MB of MiniLM vectors
+RECENT_INPUTS = {"text": 50_000,         # per worker: about 75 MB of MiniLM vectors
+                 "image": 10_000}        # about 70 MB of EfficientNet-Lite0, ConSE and color vectors
 RUN_INFERENCE_BATCH = 512                # items per RunInference call; the network runs sub-batches of it
 # What `batch_size: auto` tries, by modality and device. Each try holds that batch's activations: on a CPU,
 # CNN batches over 16 were never the fastest (docs/benchmarks.md) and trying 32 costs 200 MB more.
@@ -248,12 +254,48 @@ _STAGES: weakref.WeakValueDictionary[str, StageThreads] = weakref.WeakValueDicti
 _STAGES_LOCK = threading.Lock()
 
 
+@dataclass
+class Input:
+    """One input of a RunInference batch (a text, a digest's picture, or a picture file still to be hashed):
+    the item that stands for it, the encoders its items need, their groups, and what encoding it gave."""
+
+    first: dict
+    names: set[str]
+    groups: list[Iterable[dict]]
+    hashed_here: bool = False
+    digest: str | None = None                   # of a picture hashed here
+    size: int = 0                               # its bytes
+    vectors: dict | None = None                 # by encoder name, once known
+    encoded: bool = False                       # whether its vectors are from a forward pass of this batch
+    error: tuple[str, Exception] | None = None  # (stage, error) where it could not be read or decoded
+    follows: str | None = None                  # the input of the batch with the same bytes that it copies
+
+
+class Leaders:
+    """The pictures hashed in one batch, by digest: a copy under another path follows the first, whose
+    sub-batch may still be on another thread, instead of being decoded and encoded again."""
+
+    def __init__(self):
+        self._first: dict[str, tuple[str, set[str]]] = {}
+        self._lock = threading.Lock()
+
+    def follow(self, digest: str, key: str, names: set[str]) -> str | None:
+        """The key of the input this one copies, or None if it leads (or needs encoders the leader does not)."""
+        with self._lock:
+            leader, led = self._first.setdefault(digest, (key, names))
+        return leader if leader != key and names <= led else None
+
+
+NOTHING = Input({}, set(), [])      # what a group that needs nothing of the stage gets
+
+
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
     """Encodes groups (input digest, items) with every encoder of one modality that they need.
 
-    Returns (items, vectors by encoder name, the encoders run for them, reject) per group; the reject
-    is None unless the group's input could not be read or decoded. Groups of a batch with the same
-    digest are encoded once, and not at all when the worker remembers the digest's vectors.
+    Returns (items, vectors by encoder name, the encoders run for them, reject, seconds, digest) per group;
+    the reject is None unless the group's input could not be read or decoded, the digest None unless its
+    picture was hashed here. Groups of a batch with the same input are encoded once, and not at all when
+    the worker remembers the vectors of its digest.
     """
 
     def __init__(self, modality: str, encoders: Sequence[Encoder], remembered: int, reader: ImageReader):
@@ -264,6 +306,8 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         self._reader = reader
         self._stage_key = uuid.uuid4().hex             # the same in every copy of this stage's handler
         self._stage: StageThreads | None = None
+        self._hashed = Metrics.counter("catalog_embed", "images_hashed")
+        self._hashed_bytes = Metrics.counter("catalog_embed", "image_bytes_hashed")
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _stage=None)      # threads stay in the process that made them
@@ -287,85 +331,125 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
     def run_inference(self, batch: Sequence[tuple], model: LazyModels,
                       inference_args: dict | None = None) -> Iterable[tuple]:
         groups = list(batch)
-        wanted: dict[str, set[str]] = {}      # digest -> the encoders that some item of the batch needs
-        firsts: dict[str, dict] = {}          # digest -> the item that stands for it
+        inputs: dict[str, Input] = {}
         for key, items in groups:
-            names: set[str] = set()
-            for item in items:                # streamed: a group may be larger than the worker's memory
-                names.update(e.name for e in self._encoders if e.name not in names and needs(item, e))
-                firsts.setdefault(key, item)
-                if len(names) == len(self._encoders):
-                    break
+            names = self._wanted([items])
             if names:
-                wanted.setdefault(key, set()).update(names)
+                found = inputs.setdefault(key, Input(next(iter(items)), set(), []))
+                found.names.update(names)
+                found.groups.append(items)
+                found.hashed_here = self._modality == "image" and unhashed(found.first)
         stage = self._threads()
-        recalled = {key: stage.recent.recall(key, names) for key, names in wanted.items()}
-        missing = {key: names for key, names in wanted.items() if recalled[key] is None}
+        for key, found in inputs.items():
+            if not found.hashed_here:
+                found.vectors = stage.recent.recall(key, found.names)
         started = time.perf_counter()
-        vectors, errors = self._encode(model, stage, {key: firsts[key] for key in missing}, missing)
-        share = (time.perf_counter() - started) / max(len(vectors), 1)    # each encoded input's part of the time
+        encoded = self._encode(model, stage, {key: found for key, found in inputs.items() if found.vectors is None})
+        share = (time.perf_counter() - started) / max(encoded, 1)    # each encoded input's part of the time
+        for found in inputs.values():
+            if found.digest is not None:            # counted here: Beam's metrics count on the bundle's thread
+                self._hashed.inc()
+                self._hashed_bytes.inc(found.size)
+            if found.follows is not None:
+                leader = inputs[found.follows]
+                found.error = leader.error
+                found.vectors = None if leader.error else {name: leader.vectors[name] for name in found.names}
         paid: set[str] = set()
         for key, items in groups:
-            if key in errors:
-                yield items, {}, [], failed(firsts[key], "decode", errors[key]), 0.0
-            elif key in vectors:
-                yield items, vectors[key], [] if key in paid else list(vectors[key]), None, share
-                paid.add(key)
-            else:
-                yield items, recalled.get(key) or {}, [], None, 0.0
+            found = inputs.get(key, NOTHING)
+            if found.error is not None:
+                yield items, {}, [], failed(found.first, *found.error), 0.0, None
+                continue
+            ran = [] if key in paid or not found.encoded else list(found.vectors)
+            paid.add(key)
+            yield items, found.vectors or {}, ran, None, share if ran else 0.0, found.digest
 
-    def _encode(self, model: LazyModels, stage: StageThreads, firsts: dict[str, dict],
-                missing: dict[str, set[str]]) -> tuple[dict, dict]:
-        """Encode each missing input once, in sub-batches whose inputs are read, decoded and prepared on
-        the stage's threads while the network runs: vectors by digest, and the errors of the inputs that
-        could not be read or decoded."""
-        keys = list(firsts)
+    def _wanted(self, groups: Iterable[Iterable[dict]], digest: str | None = None) -> set[str]:
+        """The encoders some item of the groups needs, streaming them (a group may be larger than the worker's
+        memory); with `digest`, once their picture is known to have it."""
+        names: set[str] = set()
+        for items in groups:
+            for item in items:
+                if digest is not None:
+                    item = with_image_digest(item, digest)
+                names.update(e.name for e in self._encoders if e.name not in names and needs(item, e))
+                if len(names) == len(self._encoders):
+                    return names
+        return names
+
+    def _encode(self, model: LazyModels, stage: StageThreads, inputs: dict[str, Input]) -> int:
+        """Encode each input once, in sub-batches whose inputs are read, hashed, decoded and prepared on the
+        stage's threads while the network runs; fills in each input's vectors (or error, or digest) and returns
+        how many were encoded."""
+        keys = list(inputs)
         if not keys:
-            return {}, {}
+            return 0
         if self._modality == "text":   # similar lengths in a sub-batch pad less (as SentenceTransformer.encode)
-            keys.sort(key=lambda key: -len(firsts[key]["text"]))
-        size = model.batch_size(sorted(set().union(*missing.values())))
+            keys.sort(key=lambda key: -len(inputs[key].first["text"]))
+        size = model.batch_size(sorted(set().union(*(found.names for found in inputs.values()))))
         chunks = [keys[start:start + size] for start in range(0, len(keys), size)]
-        vectors: dict[str, dict] = {}
-        errors: dict[str, Exception] = {}
-        for done, jobs, unreadable in prepared_ahead(
-                stage.pool, lambda chunk: self._prepare(model, chunk, firsts, missing), chunks, stage.threads + 1):
-            errors.update(unreadable)
-            found: dict[str, dict] = {key: {} for key in done}
+        encoded, leaders = 0, Leaders()
+        for done, jobs in prepared_ahead(stage.pool, lambda chunk: self._prepare(model, stage, chunk, inputs, leaders),
+                                         chunks, stage.threads + 1):
+            for key in done:
+                inputs[key].vectors, inputs[key].encoded = {}, True
             for (name, chosen, _), embedded in zip(jobs, model.embed(jobs), strict=True):
                 for k, vector in zip(chosen, embedded, strict=True):
-                    found[done[k]][name] = vector
-            for key, encoded in found.items():
-                stage.recent.remember(key, encoded)
-            vectors.update(found)
-        return vectors, errors
+                    inputs[done[k]].vectors[name] = vector
+            for key in done:
+                found = inputs[key]
+                stage.recent.remember(found.digest or key, found.vectors)
+            encoded += len(done)
+        return encoded
 
-    def _prepare(self, model: LazyModels, chunk: list[str], firsts: dict[str, dict],
-                 missing: dict[str, set[str]]) -> tuple[list[str], list[tuple], dict]:
+    def _prepare(self, model: LazyModels, stage: StageThreads, chunk: list[str], inputs: dict[str, Input],
+                 leaders: Leaders) -> tuple[list[str], list[tuple]]:
         """Read and decode a sub-batch's inputs, once per decoding, and prepare them once per preparation:
-        the inputs that loaded, (encoder name, their positions, prepared batch) for each encoder, and errors."""
-        decoded: dict[str, dict] = {key: {} for key in chunk}
-        errors: dict[str, Exception] = {}
+        the inputs to encode, and (encoder name, their positions, prepared batch) for each encoder. A picture
+        read for the first time is hashed and checked first; it is not decoded at all where the worker
+        remembers its vectors, its items keep the stored ones, or it copies another input of the batch (`leaders`).
+        Inputs that fail get their error."""
+        decoded: dict[str, dict] = {}
         for key in chunk:
+            found = inputs[key]
             try:
-                source = read_input(self._modality, firsts[key], self._reader)
+                source = read_input(self._modality, found.first, self._reader)
+                if found.hashed_here and not self._hash(key, found, source, stage, leaders):
+                    continue
+            except (OSError, ValueError) as err:
+                found.error = ("load", err)
+                continue
+            try:
+                decoded[key] = {}
                 for encoder in self._encoders:
-                    if encoder.name in missing[key] and encoder.decode_side not in decoded[key]:
+                    if encoder.name in found.names and encoder.decode_side not in decoded[key]:
                         decoded[key][encoder.decode_side] = encoder.decode(source)
             except (OSError, ValueError) as err:
-                errors[key] = err
-        done = [key for key in chunk if key not in errors]
+                found.error = ("decode", err)
+                del decoded[key]
+        done = list(decoded)
         jobs, prepared = [], {}
         for encoder in self._encoders:
-            chosen = tuple(k for k, key in enumerate(done) if encoder.name in missing[key])
+            chosen = tuple(k for k, key in enumerate(done) if encoder.name in inputs[key].names)
             if chosen:
                 shared = (encoder.decode_side, encoder.prepare_key, chosen)
                 if shared not in prepared:
-                    inputs = [decoded[done[k]][encoder.decode_side] for k in chosen]
-                    prepared[shared] = (model.prepare(encoder.name, inputs) if encoder.prepares_with_model
-                                        else encoder.prepare(None, inputs))
+                    pictures = [decoded[done[k]][encoder.decode_side] for k in chosen]
+                    prepared[shared] = (model.prepare(encoder.name, pictures) if encoder.prepares_with_model
+                                        else encoder.prepare(None, pictures))
                 jobs.append((encoder.name, chosen, prepared[shared]))
-        return done, jobs, errors
+        return done, jobs
+
+    def _hash(self, key: str, found: Input, data: bytes, stage: StageThreads, leaders: Leaders) -> bool:
+        """Check and digest a picture read for the first time, and settle what its items need once its bytes
+        are known: whether it must still be decoded and encoded."""
+        check_image(data, self._reader.max_pixels)
+        found.digest, found.size = content_digest(data), len(data)
+        found.names = self._wanted(found.groups, found.digest)
+        found.vectors = stage.recent.recall(found.digest, found.names) if found.names else {}
+        if found.vectors is None:
+            found.follows = leaders.follow(found.digest, key, found.names)
+        return found.vectors is None and found.follows is None
 
     def get_num_bytes(self, batch: Sequence[tuple]) -> int:
         """The batch's size for RunInference's metrics, in groups: Beam's default pickles the whole batch (every
@@ -390,11 +474,13 @@ class ShareVectors(beam.DoFn):
         self._counters = {e.name: Metrics.counter("catalog_embed", f"encoded_{e.name}") for e in encoders}
 
     def process(self, result: tuple):
-        items, vectors, ran, reject, seconds = result
+        items, vectors, ran, reject, seconds, digest = result
         for position, item in enumerate(items):
             if reject is not None:
                 yield beam.pvalue.TaggedOutput(REJECTS, failed_like(item, reject))
                 continue
+            if digest is not None:
+                item = with_image_digest(item, digest)
             wanted = [e.name for e in self._encoders if needs(item, e)]
             broken = [name for name in wanted if not np.all(np.isfinite(vectors[name]))]
             if broken:
@@ -424,7 +510,7 @@ def _input_key(item: dict, modality: str, encoders: Sequence[Encoder]) -> str:
     id, through the same stages: merging two branches after encoding would make local runners hold every
     new vector at once."""
     if any(needs(item, e) for e in encoders):
-        return item["digests"][modality]
+        return input_key(item, modality)
     return f"id:{item['id']}"
 
 
@@ -450,13 +536,12 @@ class EncodeModality(beam.PTransform):
                 | "Group equal inputs" >> beam.GroupByKey()
                 | "Unpack" >> beam.MapTuple(lambda key, packed: (key, Unpacked(packed)))
             )
-            remembered = 0
         else:
             groups = keyed | "One-item groups" >> beam.MapTuple(lambda key, item: (key, [item]))
-            remembered = RECENT_TEXTS
+        handler = ModalityModelHandler(modality, encoders, RECENT_INPUTS[modality], self._reader)
         encoded = (
             groups
-            | "RunInference" >> RunInference(ModalityModelHandler(modality, encoders, remembered, self._reader))
+            | "RunInference" >> RunInference(handler)
             | "Share vectors" >> beam.ParDo(ShareVectors(encoders)).with_outputs(REJECTS, main=ITEMS)
         )
         return {ITEMS: encoded[ITEMS], REJECTS: encoded[REJECTS]}

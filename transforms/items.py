@@ -6,12 +6,15 @@ runner. It never carries image bytes or stored vectors:
     id, label, text, image_uri, fields   what the catalog row says
     image_stat                           the image file's size and modification time, or a URL's validators
     image_copy                           where this run keeps the bytes of a URL's image it fetched (fingerprint.py)
-    digests {modality: hex}              sha256 of the text bytes and of the image file's bytes
+    digests {modality: hex}              sha256 of the text bytes and of the image file's bytes (the image's
+                                         once it is read: fingerprint.unhashed)
     stored                               the table's summary of the same id, if any (compare.py)
     staged                               the row a run that died wrote for it, if any (staging.py)
     replaces                             the fragment of the table's row for the same id, if any (compare.py)
     rewrite                              whether its row is written whatever its vectors (new, changed, overwrite)
     keep [encoder]                       encoders whose stored vector is still right (fetched before writing)
+    recheck (digest, [encoder])          a changed stat's picture, hashed where it is decoded: the encoders it
+                                         keeps should its bytes be those of the stored digest (fingerprint.py)
     deferred [encoder]                   encoders the run's budget leaves for a later run (budget.py)
     vectors {encoder: ndarray}           filled by the encode stages and the fetch of kept vectors
     encoded [encoder]                    encoders whose forward pass this item paid for (for the counts)
@@ -114,6 +117,7 @@ def make_item(row: dict, catalog: CatalogConfig, passthrough: tuple[str, ...], b
         "replaces": None,
         "rewrite": False,
         "keep": [],
+        "recheck": None,
         "deferred": [],
         "vectors": {},
         "encoded": [],

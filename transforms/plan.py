@@ -3,7 +3,9 @@
 It takes the decisions of a real run (the same read, inspection, comparison, hashing and fingerprints)
 and counts them: new items, changed items (and per encoder, the items whose vector it would encode
 again), unchanged, deleted and rejected so far, and the encode work (distinct inputs per encoder, as
-the encode stages would run them). Nothing is encoded and nothing is written to the table or its side
+the encode stages would run them). A picture file whose stat changed is read where the run decodes it, so
+the plan counts it as work: one whose bytes turn out the same keeps its vectors in the run. Nothing is
+encoded and nothing is written to the table or its side
 tables; the plan is one small JSON file for the launcher to read.
 """
 
@@ -15,7 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.budget import backfill_progress
-from transforms.fingerprint import has_input
+from transforms.fingerprint import has_input, input_key
 
 
 def count(pcoll: beam.PCollection, label: str):
@@ -29,7 +31,7 @@ def counts_per_key(pcoll: beam.PCollection, label: str):
 
 def encoders_to_run(item: dict, modalities: dict[str, str]) -> list[tuple[str, str]]:
     """(encoder, input digest) for each encoder whose vector the item neither keeps nor leaves for a later run."""
-    return [(name, item["digests"][modality]) for name, modality in modalities.items()
+    return [(name, input_key(item, modality)) for name, modality in modalities.items()
             if name not in item["keep"] and name not in item["deferred"] and has_input(item, modality)]
 
 

@@ -40,7 +40,7 @@ from lance.fragment import FragmentMetadata
 
 from transforms.compare import row_digest
 from transforms.config import ConfigError
-from transforms.fingerprint import has_input, written_fingerprints
+from transforms.fingerprint import has_input, unhashed, written_fingerprints
 from transforms.items import ITEMS, pack, unpack
 from transforms.run_lease import OWNER, is_gone, owner, read_json, write_json
 
@@ -190,8 +190,9 @@ class MarkStaged(beam.DoFn):
 
     def process(self, item: dict):
         staged = item["staged"]
-        yield dict(item, staged=staged["batch"] if staged and staged["signature"] == row_signature(item, self._inputs)
-                   else None)
+        # A picture still to be hashed changed since it was staged: the compare took the staged digest otherwise.
+        matches = staged and not unhashed(item) and staged["signature"] == row_signature(item, self._inputs)
+        yield dict(item, staged=staged["batch"] if matches else None)
 
 
 class TakeStaged(beam.DoFn):

@@ -56,10 +56,11 @@ def _object_store(scheme: str, options: PipelineOptions) -> Any:
 
 @dataclass(frozen=True)
 class ImageReader:
-    """How a run reads its pictures, wherever they lie, and the most bytes it takes of one."""
+    """How a run reads its pictures, wherever they lie, and the most bytes and pixels it takes of one."""
 
     http: HttpSettings = HttpSettings()
     max_bytes: int = RunConfig.max_image_bytes
+    max_pixels: int = RunConfig.max_pixels
 
     def read(self, uri: str) -> bytes:
         if not is_url(uri):

@@ -86,7 +86,8 @@ def _map_in_order(source: dict, target: dict) -> dict:
 
 def imagenet_transform(mean: tuple, std: tuple, resample: str):
     """The usual torchvision composition, one picture at a time: what a plain loop would use. The encoder
-    computes the same pixels in two halves, `imagenet_pixels` and `normalise_pixels`."""
+    computes its pixels (to within 2 levels of 255, images.imagenet_crop) in two halves, `imagenet_pixels` and
+    `normalise_pixels`."""
     from torchvision import transforms as T
 
     interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[resample]

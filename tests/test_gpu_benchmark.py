@@ -1,0 +1,24 @@
+"""`python -m benchmarks.gpu` runs on whatever device it finds: here, on the CPU at tiny sizes, every model's
+network and whole job run for real and the results file holds a rate for each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_benchmark_runs_every_model_on_this_device(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--tiny", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["gpu (tiny)"]["runs"]
+    assert [(run["model"], run["inputs"]) for run in runs] == [
+        ("EfficientNet-Lite0", "photos"), ("open_clip tiny, random", "photos"), ("MiniLM-L6", "texts")]
+    for run in runs:
+        assert run["device"] == "cpu" and run["batch_size"] > 0
+        assert run["network_per_s"] > 0 and run["job_per_s"] > 0, run
