@@ -97,6 +97,31 @@ def test_only_changed_images_are_opened_and_kept_vectors_stay_bit_for_bit(tmp_pa
     assert opened == [] and third["written"] == 0 and third["unchanged"] == len(rows)
 
 
+def test_under_a_budget_of_nothing_changed_pictures_are_still_read_once_and_checked(tmp_path, opened):
+    """`run.max_encode: 0` defers every forward pass, yet a changed stat's picture is read: bytes that did not
+    change keep their stored vectors, and a file that is no picture any more is a reject whose row stays."""
+    folder, rows = captioned_catalog(tmp_path)
+    catalog = {"format": "manifest", "path": str(folder / "catalog.csv"), "text_fields": ["caption"]}
+    run(make_config(tmp_path, catalog, TEXT_AND_COLOR), "r1")
+    before = {row["id"]: row for row in read_table(make_config(tmp_path, catalog, TEXT_AND_COLOR)).to_pylist()}
+    touched = folder / "images" / "2.png"
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 60))
+    (folder / "images" / "3.png").write_bytes(b"no longer a picture")
+    opened.clear()
+    budgeted = make_config(tmp_path, catalog, TEXT_AND_COLOR, run={"max_encode": 0})
+    summary = run(budgeted, "r2")
+
+    assert sorted(opened) == ["2.png", "3.png"]
+    assert (summary["written"], summary["rejected"], summary["unchanged"]) == (1, 1, len(rows) - 2)
+    after = {row["id"]: row for row in read_table(budgeted).to_pylist()}
+    assert after["item-3"] == before["item-3"]                                   # kept as it was
+    for column in ("color_vec", "color_fp", "text_vec", "image_digest", "vector"):
+        assert after["item-2"][column] == before["item-2"][column], column      # same bytes: same vectors
+    assert after["item-2"]["image_stat"] != before["item-2"]["image_stat"] and after["item-2"]["run_id"] == "r2"
+    [reject] = read_table(budgeted, "items_rejects").to_pylist()
+    assert (reject["id"], reject["stage"], reject["kept"]) == ("item-3", "load", True)
+
+
 def test_rehash_catches_a_file_rewritten_with_the_same_stat(tmp_path, opened):
     folder, rows = tmp_path / "catalog", []
     (folder / "images").mkdir(parents=True)

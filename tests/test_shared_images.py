@@ -4,6 +4,7 @@ streams through the image stage: no list of them is ever built on the worker."""
 from __future__ import annotations
 
 import csv
+import threading
 import tracemalloc
 
 import pytest
@@ -17,6 +18,19 @@ from transforms.items import make_item, pack, unpack
 from transforms.storage import ImageReader
 
 SHARING = 40_000
+
+
+class BundleThreadOnly:
+    """A group's values as Dataflow pages them from the shuffle: readable on the bundle's thread alone (Beam's
+    state requests carry that thread's instruction id; the stage's decode threads have none)."""
+
+    def __init__(self, values):
+        self._values = values
+        self._thread = threading.get_ident()
+
+    def __iter__(self):
+        assert threading.get_ident() == self._thread, "a group's values were read off the bundle's thread"
+        return iter(self._values)
 
 
 def test_a_placeholder_shared_by_many_items_is_encoded_once(tmp_path):
@@ -59,7 +73,8 @@ def test_the_image_stage_streams_a_shared_pictures_group(tmp_path, night):
         """The group encoded and shared, its outputs consumed as they come: the traced peak, and what each got."""
         tracemalloc.start()
         given = {(out["digests"]["image"], out["vectors"]["color"].tobytes() if out["vectors"] else tuple(out["keep"]))
-                 for result in handler.run_inference([(key, Unpacked(group))], model) for out in share.process(result)}
+                 for result in handler.run_inference([(key, BundleThreadOnly(Unpacked(group)))], model)
+                 for out in share.process(result)}
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return peak, given

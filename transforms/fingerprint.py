@@ -90,10 +90,12 @@ def input_key(item: dict, modality: str) -> str:
 
 def with_image_digest(item: dict, digest: str) -> dict:
     """The item once its picture is hashed: where the bytes are those its stored row was made from, it keeps
-    the stored vectors its `recheck` names, as it would have had the stat not changed."""
+    the stored vectors its `recheck` names, as it would have had the stat not changed (and the budget, which
+    counted them as work, leaves nothing of them for later)."""
     recheck = item["recheck"]
-    keep = sorted({*item["keep"], *recheck[1]}) if recheck and recheck[0] == digest else item["keep"]
-    return dict(item, digests={**item["digests"], "image": digest}, keep=keep, recheck=None)
+    kept = set(recheck[1]) if recheck and recheck[0] == digest else set()
+    return dict(item, digests={**item["digests"], "image": digest}, keep=sorted({*item["keep"], *kept}),
+                deferred=[name for name in item["deferred"] if name not in kept], recheck=None)
 
 
 class InspectInputs(beam.DoFn):

@@ -26,7 +26,8 @@ the one before; PIL, tokenisers and torch release the GIL.
 
 RunInference gives the rest: models loaded once per worker process and shared by its threads (or, with
 an encoder's `large_model`/`model_copies`, served once per machine to its processes), and metrics.
-Models load on the first batch, so a run with nothing to encode loads none.
+Models load on the first batch, so a run with nothing to encode loads none (one whose changed pictures all
+turn out to have their stored bytes still loads the image models, which size its sub-batches).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -254,14 +255,45 @@ _STAGES: weakref.WeakValueDictionary[str, StageThreads] = weakref.WeakValueDicti
 _STAGES_LOCK = threading.Lock()
 
 
+class Wanted:
+    """The encoders a group's items need, learnt in one streaming pass on the bundle's thread (Beam pages a large
+    group's values through state that only that thread may read): those the items need whatever their picture's
+    bytes, and per stored digest of a picture still to be hashed (`recheck`), those they need unless the bytes
+    are that digest's. Past RECHECKS stored digests in one group, an item's encoders count as needed whatever
+    the bytes: it keeps its stored vectors all the same (fingerprint.with_image_digest), at the cost of a pass."""
+
+    RECHECKS = 8
+
+    def __init__(self, encoders: Sequence[Encoder]):
+        self._encoders = encoders
+        self.always: set[str] = set()
+        self.unless: dict[str, set[str]] = {}
+
+    def add(self, items: Iterable[dict]) -> None:
+        for item in items:
+            needed = {e.name for e in self._encoders if needs(item, e)}
+            recheck = item["recheck"]
+            kept = needed & set(recheck[1]) if recheck else set()
+            if kept and (recheck[0] in self.unless or len(self.unless) < self.RECHECKS):
+                self.unless.setdefault(recheck[0], set()).update(kept)
+                needed -= kept
+            self.always |= needed
+            if len(self.always) == len(self._encoders):
+                return                      # every encoder is needed: the rest of the group cannot add one
+
+    def names(self, digest: str | None = None) -> set[str]:
+        """The encoders needed once the picture's digest is known (or before: every one that may be)."""
+        return self.always.union(*(names for stored, names in self.unless.items() if stored != digest))
+
+
 @dataclass
 class Input:
     """One input of a RunInference batch (a text, a digest's picture, or a picture file still to be hashed):
-    the item that stands for it, the encoders its items need, their groups, and what encoding it gave."""
+    the item that stands for it, the encoders its items need, and what encoding it gave."""
 
     first: dict
-    names: set[str]
-    groups: list[Iterable[dict]]
+    wanted: Wanted
+    names: set[str] = field(default_factory=set)
     hashed_here: bool = False
     digest: str | None = None                   # of a picture hashed here
     size: int = 0                               # its bytes
@@ -286,7 +318,7 @@ class Leaders:
         return leader if leader != key and names <= led else None
 
 
-NOTHING = Input({}, set(), [])      # what a group that needs nothing of the stage gets
+NOTHING = Input({}, Wanted(()))     # what a group that needs nothing of the stage gets
 
 
 class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
@@ -333,12 +365,14 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         groups = list(batch)
         inputs: dict[str, Input] = {}
         for key, items in groups:
-            names = self._wanted([items])
-            if names:
-                found = inputs.setdefault(key, Input(next(iter(items)), set(), []))
-                found.names.update(names)
-                found.groups.append(items)
-                found.hashed_here = self._modality == "image" and unhashed(found.first)
+            first = next(iter(items))
+            found = inputs.setdefault(key, Input(first, Wanted(self._encoders)))
+            found.wanted.add(items)
+            found.names = found.wanted.names()
+            # A picture still to be hashed is read even where nothing is to be encoded (the budget deferred it):
+            # its bytes say whether its row keeps its stored vectors, or is a reject.
+            found.hashed_here = self._modality == "image" and unhashed(first)
+        inputs = {key: found for key, found in inputs.items() if found.names or found.hashed_here}
         stage = self._threads()
         for key, found in inputs.items():
             if not found.hashed_here:
@@ -363,19 +397,6 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
             ran = [] if key in paid or not found.encoded else list(found.vectors)
             paid.add(key)
             yield items, found.vectors or {}, ran, None, share if ran else 0.0, found.digest
-
-    def _wanted(self, groups: Iterable[Iterable[dict]], digest: str | None = None) -> set[str]:
-        """The encoders some item of the groups needs, streaming them (a group may be larger than the worker's
-        memory); with `digest`, once their picture is known to have it."""
-        names: set[str] = set()
-        for items in groups:
-            for item in items:
-                if digest is not None:
-                    item = with_image_digest(item, digest)
-                names.update(e.name for e in self._encoders if e.name not in names and needs(item, e))
-                if len(names) == len(self._encoders):
-                    return names
-        return names
 
     def _encode(self, model: LazyModels, stage: StageThreads, inputs: dict[str, Input]) -> int:
         """Encode each input once, in sub-batches whose inputs are read, hashed, decoded and prepared on the
@@ -445,7 +466,7 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         are known: whether it must still be decoded and encoded."""
         check_image(data, self._reader.max_pixels)
         found.digest, found.size = content_digest(data), len(data)
-        found.names = self._wanted(found.groups, found.digest)
+        found.names = found.wanted.names(found.digest)
         found.vectors = stage.recent.recall(found.digest, found.names) if found.names else {}
         if found.vectors is None:
             found.follows = leaders.follow(found.digest, key, found.names)
@@ -506,10 +527,10 @@ class Unpacked:
 
 
 def _input_key(item: dict, modality: str, encoders: Sequence[Encoder]) -> str:
-    """Items that need this modality are keyed by its input's digest. The others ride alone under their
-    id, through the same stages: merging two branches after encoding would make local runners hold every
-    new vector at once."""
-    if any(needs(item, e) for e in encoders):
+    """Items that need this modality, or whose picture is still to be hashed, are keyed by their input. The
+    others ride alone under their id, through the same stages: merging two branches after encoding would make
+    local runners hold every new vector at once."""
+    if any(needs(item, e) for e in encoders) or (modality == "image" and unhashed(item)):
         return input_key(item, modality)
     return f"id:{item['id']}"
 
