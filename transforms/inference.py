@@ -386,17 +386,18 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
                 self._hashed_bytes.inc(found.size)
             if found.follows is not None:
                 leader = inputs[found.follows]
-                found.error = leader.error
-                found.vectors = None if leader.error else {name: leader.vectors[name] for name in found.names}
+                found.error, given = leader.error, leader.vectors or {}
+                found.vectors = None if leader.error else {name: given[name] for name in found.names}
         paid: set[str] = set()
         for key, items in groups:
             found = inputs.get(key, NOTHING)
             if found.error is not None:
                 yield items, {}, [], failed(found.first, *found.error), 0.0, None
                 continue
-            ran = [] if key in paid or not found.encoded else list(found.vectors)
+            vectors = found.vectors or {}
+            ran = [] if key in paid or not found.encoded else list(vectors)
             paid.add(key)
-            yield items, found.vectors or {}, ran, None, share if ran else 0.0, found.digest
+            yield items, vectors, ran, None, share if ran else 0.0, found.digest
 
     def _encode(self, model: LazyModels, stage: StageThreads, inputs: dict[str, Input]) -> int:
         """Encode each input once, in sub-batches whose inputs are read, hashed, decoded and prepared on the
@@ -412,14 +413,13 @@ class ModalityModelHandler(ModelHandler[tuple, tuple, LazyModels]):
         encoded, leaders = 0, Leaders()
         for done, jobs in prepared_ahead(stage.pool, lambda chunk: self._prepare(model, stage, chunk, inputs, leaders),
                                          chunks, stage.threads + 1):
-            for key in done:
-                inputs[key].vectors, inputs[key].encoded = {}, True
+            found: dict[str, dict] = {key: {} for key in done}
             for (name, chosen, _), embedded in zip(jobs, model.embed(jobs), strict=True):
                 for k, vector in zip(chosen, embedded, strict=True):
-                    inputs[done[k]].vectors[name] = vector
-            for key in done:
-                found = inputs[key]
-                stage.recent.remember(found.digest or key, found.vectors)
+                    found[done[k]][name] = vector
+            for key, vectors in found.items():
+                inputs[key].vectors, inputs[key].encoded = vectors, True
+                stage.recent.remember(inputs[key].digest or key, vectors)
             encoded += len(done)
         return encoded
 
