@@ -65,9 +65,11 @@ def network_rate(settings: dict, inputs: list) -> dict:
             "device": encoder.device, "precision": encoder.precision}
 
 
-def job_rate(settings: dict, catalogs: dict[int, Path], root: Path) -> float:
+def job_rate(settings: dict, catalogs: dict[int, Path], root: Path) -> tuple[float | None, int]:
     """Inputs/s of the whole job with this one encoder, marginal between the catalogs, after a warm-up run (the
-    model's first load and batch-size timing are a worker's, once, not the catalog's)."""
+    model's first load and batch-size timing are a worker's, once, not the catalog's); None where the large
+    catalog took no longer than the small one (tiny sizes: the difference is below the start-up's noise). And
+    the inputs the large run encoded."""
     from pipelines.nightly import run_job
     from transforms.config import parse_config
 
@@ -80,7 +82,8 @@ def job_rate(settings: dict, catalogs: dict[int, Path], root: Path) -> float:
         record = run_job(parse_config(config), f"bench-{name}", [])
         seconds[n] = time.perf_counter() - started
         assert record["encoded"]["model"] == n, record
-    return round((large - small) / (seconds[large] - seconds[small]), 1)
+    extra = seconds[large] - seconds[small]
+    return (round((large - small) / extra, 1) if extra > 0 else None), record["encoded"]["model"]
 
 
 def write_titles(folder: Path, count: int) -> Path:
@@ -118,8 +121,8 @@ def measure_all(args: argparse.Namespace, root: Path) -> tuple[str, dict, list[d
     rows = []
     for name, takes, settings in models(root, args.tiny):
         row = {"model": name, "inputs": takes, **network_rate(settings, inputs[takes])}
-        row["job_per_s"] = job_rate(settings, catalogs[takes], root / name.split()[0])
-        row["job_over_network"] = round(row["job_per_s"] / row["network_per_s"], 2)
+        row["job_per_s"], row["job_encoded"] = job_rate(settings, catalogs[takes], root / name.split()[0])
+        row["job_over_network"] = row["job_per_s"] and round(row["job_per_s"] / row["network_per_s"], 2)
         rows.append(row)
     return "gpu" if not args.tiny else "gpu (tiny)", {"runs": rows}, rows
 
