@@ -96,7 +96,7 @@ def core_seconds(command: list[str], cwd: Path) -> tuple[float, float, str]:
 def one_build(tree: Path, catalogs: dict[int, Path], root: Path, name: str) -> dict:
     """The steps and the whole job of the build in `tree`, in fresh processes."""
     script = str(HERE / "benchmarks" / "photo_cpu.py")      # this file, on the other build's modules
-    _, _, printed = core_seconds([sys.executable, script, "--one", "steps", str(catalogs[STEP_PHOTOS])], tree)
+    _, _, printed = core_seconds([sys.executable, script, "--one", str(catalogs[STEP_PHOTOS])], tree)
     measured = json.loads(printed.strip().splitlines()[-1])
     cpu, wall = {}, {}
     for n in SIZES:
@@ -125,7 +125,7 @@ def worktree(commit: str, folder: Path) -> Path | None:
     return folder if found.returncode == 0 else None
 
 
-def one(side: str, catalog: str) -> None:
+def one(catalog: str) -> None:
     print(json.dumps(steps(catalog)))
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="CPU time per photo by stage, against the build before")
     parser.add_argument("--out", default="out/bench.json", help="the JSON results file (section 'photo cpu')")
     parser.add_argument("--before", default=BEFORE, help="the commit to compare with (default: %(default)s)")
-    parser.add_argument("--one", nargs=2, metavar=("SIDE", "CATALOG"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=1, metavar="CATALOG", help=argparse.SUPPRESS)
     run_benchmark(parser, one, measure_all)
 
 

@@ -67,12 +67,13 @@ def marginal_rate(seconds: dict[int, float]) -> dict:
             **{f"seconds_{n}": round(s, 1) for n, s in sorted(seconds.items())}}
 
 
-def run_benchmark(parser: argparse.ArgumentParser, one: Callable[..., None],
+def run_benchmark(parser: argparse.ArgumentParser, one: Callable[..., None] | None,
                   measure_all: Callable[[argparse.Namespace, Path], tuple[str, Any, list[dict]]]) -> None:
-    """With `--one ARGS`, measure one side in this process. Otherwise `measure_all(args, scratch folder)`
-    returns (section, data, rows): the data is saved under the section of `--out`, the rows printed."""
+    """With `--one ARGS` (where `one` is given), measure one side in this process. Otherwise
+    `measure_all(args, scratch folder)` returns (section, data, rows): the data is saved under the section of
+    `--out`, the rows printed."""
     args = parser.parse_args()
-    if args.one:
+    if one is not None and args.one:
         one(*args.one)
         return
     with tempfile.TemporaryDirectory() as scratch:

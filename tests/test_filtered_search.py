@@ -7,7 +7,7 @@ from __future__ import annotations
 import lance
 import pytest
 
-from benchmarks.query import Catalog, exact_best, simulate_nights, synthetic_table
+from benchmarks.query import QUERIES, Catalog, exact_best, simulate_nights, synthetic_table
 from pipelines.search.query import EXACT_MAX_ROWS, open_table, plan_search, search
 from transforms.maintain import MAX_DELTA_SEGMENTS
 
@@ -35,17 +35,15 @@ def test_upkeep_indexes_the_vector_and_every_filter_field(indexed):
 def test_searches_find_the_exact_top_10(indexed, where, plan):
     db, uri, catalog = indexed
     table = open_table(str(db), "synthetic")
-    queries = catalog.queries(12)
-    truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, where)
     planned = plan_search(table, f"({where})" if where else None)
     assert planned.method == plan
-    found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10, where=where)}
-             for q in range(len(truth))]
-    recall = sum(len(f & t) for f, t in zip(found, truth, strict=True)) / (10 * len(truth))
+    found, truth = _searched(table, uri, catalog.queries(QUERIES), where)
     if plan == "exact":
         assert planned.matching <= EXACT_MAX_ROWS and found == truth
     else:
-        assert recall >= 0.95, recall
+        # Lance's k-means is seeded at random: ten builds of this index held 0.980 to 0.992 over 50 queries (12
+        # queries once gave 0.942: too few to judge an index by).
+        assert _recall(found, truth) >= 0.95, _recall(found, truth)
 
 
 def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_path):
@@ -58,13 +56,11 @@ def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_pat
     after = rebuilt.index(True)
     assert segments[after - 1] == 1 + MAX_DELTA_SEGMENTS and segments[after] == 1
     assert all(night["rows_unindexed"] == 0 for night in nights)
-    table = open_table(str(tmp_path), "synthetic")
-    queries = catalog.queries(10, new_kinds=True)
-    truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, None)
-    found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10)} for q in range(10)]
-    # Lance's k-means is seeded at random: on 10 queries of unseen kinds at 12k rows, fresh clones measured 92
-    # of 100 twice among passing runs of 95 and more; the 1M-row benchmark holds 1.00 (docs/search.md).
-    assert sum(len(f & t) for f, t in zip(found, truth, strict=True)) >= 90
+    found, truth = _searched(open_table(str(tmp_path), "synthetic"), uri, catalog.queries(QUERIES, new_kinds=True),
+                             None)
+    # Lance's k-means is seeded at random: over 50 queries of unseen kinds at 12k rows, ten runs held 0.926 to
+    # 0.970; the 1M-row benchmark holds 1.00 (docs/search.md).
+    assert _recall(found, truth) >= 0.9, _recall(found, truth)
 
 
 def test_the_plan_probes_the_partitions_the_index_really_has(indexed, tmp_path):
@@ -77,3 +73,15 @@ def test_the_plan_probes_the_partitions_the_index_really_has(indexed, tmp_path):
     copy.create_index("vector", "IVF_FLAT", num_partitions=12, metric="cosine")
     few = open_table(str(tmp_path), "copy")
     assert few.index_partitions == 12 and plan_search(few, None).nprobes == 12
+
+
+def _searched(table, uri: str, queries: dict, where: str | None) -> tuple[list[set[str]], list[set[str]]]:
+    """The ten ids the search finds for each query, and the exact ten."""
+    truth = exact_best(uri, queries, {"text": 0.5, "image": 0.5}, where)
+    found = [{r["id"] for r in search(table, {name: v[q] for name, v in queries.items()}, 10, where=where)}
+             for q in range(len(truth))]
+    return found, truth
+
+
+def _recall(found: list[set[str]], truth: list[set[str]]) -> float:
+    return sum(len(f & t) for f, t in zip(found, truth, strict=True)) / (10 * len(truth))
