@@ -1,8 +1,8 @@
 """`out/bench.json` holds one section per benchmark, so that `make bench` leaves every result in one file.
 
 Every benchmark has the same entry point (`run_benchmark`): the parent process builds the catalogs in
-a scratch folder and starts one fresh process per measurement, `python -m benchmarks.X --one ...`, so
-that no side inherits a model or a warm cache from another.
+a scratch folder and, where a benchmark compares sides, starts one fresh process per measurement,
+`python -m benchmarks.X --one ...`, so that no side inherits a model or a warm cache from another.
 """
 
 from __future__ import annotations

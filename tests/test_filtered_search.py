@@ -7,11 +7,13 @@ from __future__ import annotations
 import lance
 import pytest
 
-from benchmarks.query import QUERIES, Catalog, exact_best, simulate_nights, synthetic_table
+from benchmarks.query import Catalog, exact_best, simulate_nights, synthetic_table
 from pipelines.search.query import EXACT_MAX_ROWS, open_table, plan_search, search
 from transforms.maintain import MAX_DELTA_SEGMENTS
 
 ROWS = 40_000
+# Enough queries to judge an index by: its recall over 12 once came out at 0.942 on an index that held 0.98 over 50.
+QUERIES, UNSEEN_QUERIES = 50, 200
 DIMS = {"text": 24, "image": 32}
 
 
@@ -56,10 +58,10 @@ def test_the_vector_index_is_built_again_once_its_delta_segments_pile_up(tmp_pat
     after = rebuilt.index(True)
     assert segments[after - 1] == 1 + MAX_DELTA_SEGMENTS and segments[after] == 1
     assert all(night["rows_unindexed"] == 0 for night in nights)
-    found, truth = _searched(open_table(str(tmp_path), "synthetic"), uri, catalog.queries(QUERIES, new_kinds=True),
-                             None)
-    # Lance's k-means is seeded at random: over 50 queries of unseen kinds at 12k rows, ten runs held 0.926 to
-    # 0.970; the 1M-row benchmark holds 1.00 (docs/search.md).
+    unseen = catalog.queries(UNSEEN_QUERIES, new_kinds=True)
+    found, truth = _searched(open_table(str(tmp_path), "synthetic"), uri, unseen, None)
+    # Lance's k-means is seeded at random: over 200 queries of unseen kinds at 12k rows, six runs held 0.942 to
+    # 0.956 (over 50, ten runs 0.926 to 0.970); the 1M-row benchmark holds 1.00 (docs/search.md).
     assert _recall(found, truth) >= 0.9, _recall(found, truth)
 
 
