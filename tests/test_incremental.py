@@ -178,6 +178,32 @@ def test_new_weights_rewrite_the_vector_column_alone(catalog):
     assert old.to_table().sort_by("id")["vector"].equals(before["vector"])
 
 
+def test_new_weights_on_a_night_every_stored_row_leaves(catalog):
+    """Lance refuses a Merge that leaves out a fragment it read: a fragment whose rows are all replaced or deleted
+    comes with every row deleted, and Lance drops it. (The 30-night soak found such a night failing, and every
+    night after it while the new weights stood.)"""
+    config, folder, rows = catalog
+    first = run(config, "r1")
+    write_catalog(folder, [dict(row, caption=f"{row['caption']}, photographed again") for row in rows[1:]])
+    reweighted = replace(config, encoders=tuple(replace(e, weight={"text": 0.2, "color": 0.8}[e.name])
+                                                for e in config.encoders))
+    summary = run(reweighted, "r2")
+    assert summary["status"] == "committed" and summary["rewrote"] == "vector"
+    assert (summary["written"], summary["deleted"], summary["rows_after"]) == (len(rows) - 1, 1, len(rows) - 1)
+    uri = dataset_uri(config.output.uri, config.output.table)
+    read = {f.fragment_id for f in lance.dataset(uri, version=first["table_version"]).get_fragments()}
+    committed = lance.dataset(uri, version=summary["table_version"])
+    assert not read & {f.fragment_id for f in committed.get_fragments()}
+    after = committed.to_table().sort_by("id")
+    assert after["id"].to_pylist() == sorted(row["id"] for row in rows[1:])
+    assert all(caption.endswith(", photographed again") for caption in after["caption"].to_pylist())
+    for row in after.to_pylist():
+        expected = np.concatenate([np.sqrt(0.2) * np.asarray(row["text_vec"]),
+                                   np.sqrt(0.8) * np.asarray(row["color_vec"])])
+        np.testing.assert_allclose(row["vector"], expected, atol=1e-6)
+    assert run(reweighted, "r3")["status"] == "unchanged"
+
+
 def test_changed_encoder_reembeds_that_encoder_only(catalog, tmp_path):
     config, _, rows = catalog
     run(config, "r1")

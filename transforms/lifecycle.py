@@ -23,6 +23,7 @@ up twice, and the run's record holds both sides:
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
@@ -30,6 +31,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 from lance.fragment import FragmentMetadata, write_fragments
 
 from transforms.combine import combine_rows
@@ -88,8 +90,8 @@ class RemoveRows(beam.DoFn):
         before = stored.count_rows()
         if self._new_schema is None:
             kept = stored.delete_rows(_offsets(stored, ids)) if ids else stored.metadata
-            if kept is not None and self._reweigh:
-                kept = self._reweighed(stored, kept)
+            if self._reweigh:
+                kept = self._reweighed(stored, kept) if kept is not None else self._emptied(stored)
             after = 0 if kept is None else _live_rows(kept)
             yield {"fragment": fragment_id, "removed": before - after,
                    "kept": None if kept is None else json.dumps(kept.to_json())}
@@ -114,6 +116,24 @@ class RemoveRows(beam.DoFn):
         updated, _ = stored.update_columns(pa.RecordBatchReader.from_batches(schema, combined()))
         return FragmentMetadata.from_json(json.dumps(dict(updated.to_json(),
                                                           deletion_file=kept.to_json()["deletion_file"])))
+
+    def _emptied(self, stored: lance.LanceFragment) -> FragmentMetadata:
+        """The fragment with every row deleted. A night of new weights commits a Merge, and Lance refuses a Merge
+        that leaves out a fragment it read; it drops a fragment with no live row when it commits. Lance's own
+        deletion writer will not write a file that deletes every row, so it is written here in the format's
+        `array` layout (an Arrow IPC file of the fragment's row offsets, `_deletions/<fragment>-<version>-<id>`)."""
+        file_id = random.getrandbits(63)      # a retry writes another file; only the committed one is named
+        rows = stored.metadata.physical_rows
+        schema = pa.schema([pa.field("row_id", pa.uint32(), nullable=False)])
+        path = f"{self._uri}/_deletions/{stored.fragment_id}-{self._read_version}-{file_id}.arrow"
+        data = pa.BufferOutputStream()
+        with pa.ipc.new_file(data, schema) as writer:
+            writer.write_table(pa.table({"row_id": pa.array(np.arange(rows, dtype=np.uint32))}, schema=schema))
+        with FileSystems.create(path) as handle:        # a put on an object store: the file whole or not at all
+            handle.write(data.getvalue().to_pybytes())
+        deletion = {"read_version": self._read_version, "id": file_id, "file_type": "array", "num_deleted_rows": rows,
+                    "base_id": None}
+        return FragmentMetadata.from_json(json.dumps(dict(stored.metadata.to_json(), deletion_file=deletion)))
 
     def _carry(self, stored: lance.LanceFragment, leaving: Sequence[str]) -> tuple[list[str], int]:
         """Write the fragment's rows that stay in the new schema: their ids read first, then only those rows, so

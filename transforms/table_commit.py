@@ -122,8 +122,8 @@ def _operation(dataset: lance.LanceDataset | None, change: TableChange) -> lance
     updated = {fragment_id: FragmentMetadata.from_json(kept) for fragment_id, kept in change.removals if kept}
     if change.reweigh:
         # The whole fragment list and the new schema in one Merge, which conflicts with any commit since the read.
-        return lance.LanceOperation.Merge(
-            [updated[f.fragment_id] for f in stored if f.fragment_id not in removed] + new, change.schema)
+        # It must name every fragment read: one whose rows all leave comes with every row deleted (lifecycle.py).
+        return lance.LanceOperation.Merge([updated[f.fragment_id] for f in stored] + new, change.schema)
     # Every fragment read is named, changed or not: a commit since then that touched any is a conflict.
     return lance.LanceOperation.Update(
         removed_fragment_ids=sorted(removed), new_fragments=new,
