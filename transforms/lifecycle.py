@@ -23,7 +23,6 @@ up twice, and the run's record holds both sides:
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
@@ -122,7 +121,7 @@ class RemoveRows(beam.DoFn):
         drops from the version it commits, by that count alone. So no deletion file is written (Lance's own writer
         will not write one that deletes every row): the committed version names neither the fragment nor the file,
         which tests/test_incremental.py checks."""
-        deletion = {"read_version": self._read_version, "id": random.getrandbits(63), "file_type": "array",
+        deletion = {"read_version": self._read_version, "id": 0, "file_type": "array",
                     "num_deleted_rows": stored.metadata.physical_rows, "base_id": None}
         return FragmentMetadata.from_json(json.dumps(dict(stored.metadata.to_json(), deletion_file=deletion)))
 
