@@ -36,10 +36,9 @@ from PIL import Image
 from tests.conftest import photo
 from tests.fault_proxy import FaultProxy
 from tests.servers import environment, s3_server
-from transforms.commit import COMMITTING
+from transforms.commit import settle
 from transforms.lance_sink import dataset_uri, table_metadata, vector_matrix
 from transforms.run_log import read_runs
-from transforms.table_commit import committed_version
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "china.jpg", "flower.jpg",
           "motorcycle_left.png", "retina.jpg")
@@ -316,7 +315,9 @@ def _check(report: Report, n: int, table: str, uri: str, held: list[str], listed
     ids = dataset.to_table(columns=["id"])["id"].to_pylist()
     if len(ids) != len(set(ids)):
         problem(f"ids appear twice: {sorted(i for i, c in Counter(ids).items() if c > 1)}")
-    runs = [_settled(dataset, r) for r in read_runs(uri, "shop")]
+    # A record a killed run left `committing` is read as the next run will settle it: committed, with the rows of
+    # the version, if the table holds its commit.
+    runs = [settle(r, table, "killed") for r in read_runs(uri, "shop")]
     committed = [r for r in runs if r["status"] in ("committed", "unchanged") and r["table_version"] is not None]
     last = max(committed, key=lambda r: r["table_version"])
     at_commit = lance.dataset(table, version=last["table_version"]).to_table(columns=["id"])["id"].to_pylist()
@@ -334,14 +335,6 @@ def _check(report: Report, n: int, table: str, uri: str, held: list[str], listed
         if record["read"] != (record["written"] + record["unchanged"] + record["kept"] + record["rejected"]
                               + record["deferred"]):
             problem(f"run {record['run_id']}'s counts of the catalog's rows do not add up: {record}")
-
-
-def _settled(dataset: lance.LanceDataset, run: dict) -> dict:
-    """A record a killed run left `committing`, as the next run will settle it: committed if the table has it."""
-    if run["status"] != COMMITTING:
-        return run
-    version = committed_version(dataset, run["run_id"], run["read_version"])
-    return dict(run, status="failed") if version is None else dict(run, status="committed", table_version=version)
 
 
 def _until_committed(night: Night, run_id: str, tries: int = 3) -> int:
